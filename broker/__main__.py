@@ -1,0 +1,101 @@
+"""`mempalace-broker`: run the broker, or `--ensure` one is running.
+
+Usage:
+  mempalace-broker                 serve in the foreground (launchd / systemd)
+  mempalace-broker --ensure        start one if needed; print ONE JSON line; exit 0
+  mempalace-broker --dial-stdio    bridge stdin/stdout to the broker socket (SSH fallback)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mempalace-broker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ensure", action="store_true", help="start a broker if none is healthy; print its endpoint as JSON")
+    p.add_argument("--palace", help="palace the engine opens (default: see MP_BRIDGE_PALACE)")
+    p.add_argument("--mempalace-path", dest="mempalace_path", help="state directory (default $MEMPALACE_PATH or ~/.mempalace)")
+    p.add_argument("--engine", help="engine command line (default $MP_BRIDGE_ENGINE or mempalace-mcp)")
+    p.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP with a token (off unless given)")
+    p.add_argument("--idle-exit-minutes", type=float, dest="idle_exit_minutes", help="exit after N idle minutes; 0 = never")
+    p.add_argument("--request-timeout", type=float, dest="request_timeout", help="per-request deadline, seconds")
+    p.add_argument("--stall-timeout", type=float, dest="stall_timeout", help="kill a silent engine after N seconds")
+    p.add_argument("--max-line-bytes", type=int, dest="max_line_bytes", help="largest accepted message line")
+    p.add_argument("--no-strip-root-combinators", dest="strip_root_combinators", action="store_const", const=False)
+    p.add_argument("--log-level", dest="log_level")
+    p.add_argument("--timeout", type=float, help="--ensure: how long to wait (default ensure_timeout)")
+    p.add_argument("--detach", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--version", action="store_true")
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> Any:
+    from mp_ssh_bridge.settings import load
+
+    inherited = os.environ.pop("MP_BRIDGE_SETTINGS_JSON", None)
+    overrides: dict[str, Any] = json.loads(inherited) if inherited else {}
+    for key in (
+        "palace", "mempalace_path", "engine", "tcp", "idle_exit_minutes", "request_timeout",
+        "stall_timeout", "max_line_bytes", "strip_root_combinators", "log_level",
+    ):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    return load(**overrides)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.version:
+        from broker import __version__
+
+        print(__version__)
+        return 0
+    try:
+        settings = settings_from(args)
+    except Exception as exc:  # noqa: BLE001 - a settings error is the user's to fix
+        print(f"mempalace-broker: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    if args.ensure:
+        from broker.ensure import EnsureError, ensure_broker
+
+        try:
+            info = ensure_broker(settings, args.timeout)
+        except EnsureError as exc:
+            print(f"mempalace-broker --ensure: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(info), flush=True)
+        return 0
+    if args.detach and os.fork() > 0:
+        os._exit(0)  # the parent returns to --ensure at once; the child is reparented
+    setup_logging(settings.log_level)
+    from broker.lifecycle import AlreadyRunning, BrokerProcess
+
+    try:
+        return asyncio.run(BrokerProcess(settings, args.lock_fd).run())
+    except AlreadyRunning as exc:
+        logging.getLogger("broker").warning("%s; exiting", exc)
+        return 3
+    except Exception as exc:  # noqa: BLE001
+        logging.getLogger("broker").error("broker failed: %s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The broker's life: lock, bind, broker.json, heartbeat, idle exit, signals.
+
+Order matters. `broker.lock` is flock'ed first and held until exit, so at
+most one broker serves a state directory (flock is coherent on one kernel;
+across a VM boundary the shim asks the host to run `--ensure` instead).
+Then the socket is bound, and only then `broker.json` is written — a
+reader that finds the file can connect. On SIGTERM/SIGINT: stop accepting,
+let the running request finish within a bound, stop the engine, remove the
+socket and broker.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from broker import __version__
+from broker.mux import Mux
+from broker.server import Server
+from mp_ssh_bridge import hostinfo, state
+from mp_ssh_bridge.settings import Settings
+
+log = logging.getLogger("broker.lifecycle")
+
+
+class AlreadyRunning(Exception):
+    """Another process holds broker.lock for this state directory."""
+
+
+def open_lock(paths: state.StatePaths) -> int:
+    return os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def try_lock(fd: int) -> bool:
+    """Non-blocking exclusive flock; False when someone else holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
+def acquire_lock(paths: state.StatePaths, inherited_fd: int | None = None) -> int:
+    """Take (or adopt, from the process that won the election) broker.lock."""
+    fd = inherited_fd if inherited_fd is not None else open_lock(paths)
+    if inherited_fd is not None:
+        os.set_inheritable(fd, False)
+    if not try_lock(fd):  # on an inherited fd this succeeds: same open file description
+        os.close(fd)
+        holder = state.read_broker_json(paths.json) or {}
+        raise AlreadyRunning(
+            f"another broker (pid {holder.get('pid', '?')}) already serves {paths.root}"
+        )
+    return fd
+
+
+class BrokerProcess:
+    """One broker run, from lock to clean exit."""
+
+    def __init__(self, settings: Settings, lock_fd: int | None = None) -> None:
+        self.settings = settings
+        self.paths = settings.paths
+        self._inherited_lock = lock_fd
+        self.mux = Mux(settings)
+        self.server = Server(self.mux, settings.max_line_bytes, auth_timeout=settings.connect_timeout)
+        self.stop_event = asyncio.Event()
+        self.socket_path: Path | None = None
+        self.record: dict[str, Any] = {}
+        self.exit_reason = ""
+
+    async def run(self) -> int:
+        state.ensure_private_dir(self.paths.root)
+        lock_fd = acquire_lock(self.paths, self._inherited_lock)
+        try:
+            return await self._serve()
+        finally:
+            os.close(lock_fd)  # releases the flock
+
+    async def _serve(self) -> int:
+        s = self.settings
+        palace_id = state.palace_id(self.paths)
+        self.socket_path = self.paths.socket()
+        await self.server.start_unix(self.socket_path)
+        endpoints = {"unix": f"unix://{self.socket_path}"}
+        token = None
+        if s.tcp:
+            host, _, port = s.tcp.rpartition(":")
+            token = secrets.token_urlsafe(32)
+            bound_host, bound_port = await self.server.start_tcp(host.strip("[]"), int(port), token)
+            endpoints["tcp"] = f"tcp://{bound_host}:{bound_port}"
+        started = time.time()
+        self.record = {
+            "version": state.BROKER_JSON_VERSION,
+            "pid": os.getpid(),
+            "host": hostinfo.host_name(),
+            "boot_id": hostinfo.boot_id(),
+            "endpoint": endpoints["unix"],
+            "endpoints": endpoints,
+            "palace": str(s.palace_path),
+            "palace_id": palace_id,
+            "state_dir": str(self.paths.root),
+            "engine": {"command": s.engine_argv, "pid": None, "version": None},
+            "broker_version": __version__,
+            "started_at": started,
+            "heartbeat": started,
+            "heartbeat_interval": s.heartbeat_interval,
+        }
+        if token:
+            self.record["tcp_token"] = token
+        self.mux.status_extra = {
+            "pid": os.getpid(),
+            "version": __version__,
+            "host": self.record["host"],
+            "started_at": started,
+            "palace": self.record["palace"],
+            "palace_id": palace_id,
+            "state_dir": str(self.paths.root),
+            "endpoints": endpoints,
+        }
+        self.mux.start()
+        self._write_record()
+        log.info("broker %s serving palace %s (id %s)", os.getpid(), s.palace_path, palace_id)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._request_stop, f"signal {sig.name}")
+        warm = asyncio.create_task(self._warm_engine(), name="engine-warmup")
+        beat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        try:
+            await self.stop_event.wait()
+        finally:
+            log.info("stopping: %s", self.exit_reason)
+            for task in (warm, beat):
+                task.cancel()
+            await self.server.close()
+            await self.mux.shutdown(s.shutdown_grace)
+            self._remove_state()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        return 0
+
+    def _request_stop(self, reason: str) -> None:
+        if not self.stop_event.is_set():
+            self.exit_reason = reason
+            self.stop_event.set()
+
+    async def _warm_engine(self) -> None:
+        """Start the engine now so the first client never pays the 0.6–1 s spawn."""
+        try:
+            await self.mux.engine.ensure_ready()
+            self.mux._refresh_init_cache()
+            self._write_record()
+        except Exception as exc:  # noqa: BLE001 - logged; requests will report it
+            log.error("engine warm-up failed: %s", exc)
+
+    async def _heartbeat_loop(self) -> None:
+        s = self.settings
+        tick = min(1.0, s.heartbeat_interval)
+        last_beat = time.monotonic()
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if now - last_beat >= s.heartbeat_interval:
+                last_beat = now
+                try:
+                    self._write_record()
+                except OSError as exc:
+                    log.error("cannot refresh broker.json: %s", exc)
+            if self._idle_for(now) is not None:
+                self._request_stop(f"idle for {s.idle_exit_minutes:g} min without clients")
+                return
+
+    def _idle_for(self, now: float) -> float | None:
+        limit = self.settings.idle_exit_minutes * 60
+        mux = self.mux
+        if limit <= 0 or mux.sessions or mux.in_flight is not None or len(mux.queue):
+            return None
+        idle = now - mux.idle_since
+        return idle if idle >= limit else None
+
+    def _write_record(self) -> None:
+        engine = self.mux.engine
+        self.record["heartbeat"] = time.time()
+        self.record["engine"] = dict(self.record["engine"], pid=engine.pid, version=engine.version)
+        state.write_json_atomic(self.paths.json, self.record)
+
+    def _remove_state(self) -> None:
+        current = state.read_broker_json(self.paths.json)
+        if current is not None and current.get("pid") == os.getpid():
+            _unlink(self.paths.json)
+        if self.socket_path is not None:
+            _unlink(self.socket_path)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,526 @@
+"""Client sessions multiplexed onto the one engine.
+
+Every client may use any JSON-RPC ids (each agent starts at 1), so ids are
+kept per session and the engine sees the broker's own; progress tokens are
+rewritten the same way. `initialize` is answered from a cache per protocol
+version (spawning an engine per session costs ~0.6 s; a cached answer costs
+nothing). Cancellation follows the MCP spec: a queued request is dropped
+with no reply, a running one has its late reply dropped. Deadlines and
+engine failures become JSON-RPC errors that say whether the request ran:
+"not executed", or "outcome unknown" — and nothing is ever retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker import tools
+from broker.engine import Engine, EngineExited, EngineUnavailable
+from broker.queue import FairQueue
+from mp_ssh_bridge import protocol
+from mp_ssh_bridge.settings import Settings
+
+log = logging.getLogger("broker.mux")
+
+OUTBOX_MAX_BYTES = 64 * 1024 * 1024
+
+
+def _id_key(value: Any) -> tuple[str, Any]:
+    return (type(value).__name__, value)  # 1 and "1" are different ids
+
+
+class ClientSession:
+    """One connected client: its outbox, its pending requests, its counters."""
+
+    _ids = 0
+
+    def __init__(self, peer: str, writer: asyncio.StreamWriter | None = None) -> None:
+        ClientSession._ids += 1
+        self.id = ClientSession._ids
+        self.peer = peer
+        self.connected_at = time.time()
+        self.pending: dict[tuple[str, Any], Job] = {}
+        self.requests = 0
+        self.authenticated = True
+        self.closed = False
+        self._writer = writer
+        self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._outbox_bytes = 0
+        self._writer_task: asyncio.Task[None] | None = None
+        if writer is not None:
+            self._writer_task = asyncio.create_task(self._write_loop(), name=f"client-{self.id}-writer")
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        data = protocol.encode(message)
+        self._outbox_bytes += len(data)
+        if self._outbox_bytes > OUTBOX_MAX_BYTES:
+            log.warning("client %s is not reading its replies; disconnecting it", self.id)
+            self.close()
+            return
+        self._outbox.put_nowait(data)
+
+    def close(self) -> None:
+        """Flush what is queued, then close (the writer task closes the socket)."""
+        if not self.closed:
+            self.closed = True
+            self._outbox.put_nowait(None)
+
+    async def _write_loop(self) -> None:
+        writer = self._writer
+        assert writer is not None
+        try:
+            while True:
+                data = await self._outbox.get()
+                if data is None:
+                    break
+                self._outbox_bytes -= len(data)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.closed = True
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - closing a broken transport
+                pass
+
+    async def wait_closed(self, timeout: float = 2.0) -> None:
+        if self._writer_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._writer_task), timeout)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+                self._writer_task.cancel()
+
+
+@dataclass(eq=False)
+class Job:
+    """One client request on its way through the queue to the engine."""
+
+    owner: ClientSession
+    client_id: Any
+    method: str
+    params: Any
+    deadline: float
+    created: float = field(default_factory=time.monotonic)
+    kind: str = "call"  # "call" | "initialize" | "event_wait"
+    event_wait_until: float | None = None
+    progress_token: str | None = None
+    state: str = "queued"  # queued -> running -> done
+    replied: bool = False
+    engine_id: int | None = None
+    timer: asyncio.TimerHandle | None = None
+    slices: int = 0
+
+    @property
+    def tool(self) -> str | None:
+        if self.method == "tools/call" and isinstance(self.params, dict):
+            name = self.params.get("name")
+            return name if isinstance(name, str) else None
+        return None
+
+
+class Mux:
+    """Routes client messages into the fair queue and engine replies back."""
+
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.engine = engine or Engine(settings, self._on_engine_notification)
+        self.queue: FairQueue[Job] = FairQueue()
+        self.sessions: dict[int, ClientSession] = {}
+        self.in_flight: Job | None = None
+        self.init_cache: dict[str, dict[str, Any]] = {}
+        self._cache_generation = -1
+        self._progress: dict[str, tuple[ClientSession, Any]] = {}
+        self._next_token = 0
+        self.totals: collections.Counter[str] = collections.Counter()
+        self.idle_since = time.monotonic()
+        self.accepting = True
+        self._dispatcher: asyncio.Task[None] | None = None
+        self.status_extra: dict[str, Any] = {}
+
+    # --- sessions ------------------------------------------------------------------
+    def attach(self, session: ClientSession) -> None:
+        self.sessions[session.id] = session
+        log.info("client %s connected (%s); %d clients", session.id, session.peer, len(self.sessions))
+
+    def detach(self, session: ClientSession) -> None:
+        """A client left: drop its queued work, orphan its running request."""
+        if self.sessions.pop(session.id, None) is None:
+            return
+        for job in self.queue.drop_owner(session):
+            self._finish(job)
+        for job in list(session.pending.values()):
+            job.replied = True  # a late reply has nowhere to go
+            if job.state != "running":
+                self._finish(job)
+        session.pending.clear()
+        session.close()
+        if not self.sessions:
+            self.idle_since = time.monotonic()
+        log.info("client %s disconnected; %d clients", session.id, len(self.sessions))
+
+    # --- inbound ---------------------------------------------------------------------
+    def handle(self, session: ClientSession, msg: Any) -> None:
+        """One parsed message from a client (shape not yet checked)."""
+        problem = protocol.check_request_shape(msg)
+        if problem is not None:
+            msg_id = msg.get("id") if isinstance(msg, dict) and protocol.valid_id(msg.get("id")) else None
+            self._error(session, msg_id, protocol.INVALID_REQUEST, f"Invalid Request: {problem}")
+            return
+        if protocol.is_response(msg):
+            log.debug("client %s sent a response; the engine never asks, dropping it", session.id)
+            return
+        method = msg["method"]
+        params = msg.get("params")
+        if protocol.is_notification(msg):
+            if method == "notifications/cancelled":
+                self._cancel(session, params)
+            # notifications/initialized and the rest: the engine ignores them, so do we.
+            return
+        msg_id = msg["id"]
+        session.requests += 1
+        self.totals["requests"] += 1
+        if method == "ping":
+            session.send(protocol.result(msg_id, {}))
+        elif method == "broker/status":
+            session.send(protocol.result(msg_id, self.status()))
+        elif method == "broker/auth":
+            session.send(protocol.result(msg_id, {"ok": True}))
+        elif method.startswith("broker/"):
+            self._error(session, msg_id, protocol.METHOD_NOT_FOUND, f"Unknown broker method: {method}")
+        elif not self.accepting:
+            self._error(session, msg_id, protocol.SHUTTING_DOWN, "broker is shutting down; request not executed")
+        elif _id_key(msg_id) in session.pending:
+            self._error(
+                session, msg_id, protocol.INVALID_REQUEST, f"id {msg_id!r} is already used by a pending request"
+            )
+        elif method == "initialize" and self._cached_initialize(params) is not None:
+            session.send(protocol.result(msg_id, self._cached_initialize(params)))
+        else:
+            self._enqueue(session, msg_id, method, params)
+
+    def _cached_initialize(self, params: Any) -> dict[str, Any] | None:
+        version = params.get("protocolVersion") if isinstance(params, dict) else None
+        if not isinstance(version, str):
+            version = protocol.LATEST_PROTOCOL_VERSION
+        cached = self.init_cache.get(version)
+        return copy.deepcopy(cached) if cached is not None else None
+
+    def _enqueue(self, session: ClientSession, msg_id: Any, method: str, params: Any) -> None:
+        now = time.monotonic()
+        job = Job(session, msg_id, method, params, deadline=now + self.settings.request_timeout)
+        if method == "initialize":
+            job.kind = "initialize"
+        wait_ms = tools.event_wait_timeout_ms(params) if method == "tools/call" else None
+        if wait_ms:
+            job.kind = "event_wait"
+            job.event_wait_until = now + wait_ms / 1000
+            job.deadline = job.event_wait_until + self.settings.request_timeout
+        self._rewrite_progress_token(job)
+        session.pending[_id_key(msg_id)] = job
+        loop = asyncio.get_running_loop()
+        job.timer = loop.call_at(loop.time() + (job.deadline - now), self._expire, job)
+        self.queue.put(job)
+
+    def _rewrite_progress_token(self, job: Job) -> None:
+        params = job.params
+        meta = params.get("_meta") if isinstance(params, dict) else None
+        if not isinstance(meta, dict) or "progressToken" not in meta:
+            return
+        self._next_token += 1
+        token = f"mpb-{self._next_token}"
+        self._progress[token] = (job.owner, meta["progressToken"])
+        job.progress_token = token
+        job.params = dict(params, _meta=dict(meta, progressToken=token))
+
+    def _cancel(self, session: ClientSession, params: Any) -> None:
+        request_id = params.get("requestId") if isinstance(params, dict) else None
+        job = session.pending.get(_id_key(request_id))
+        if job is None:
+            return  # unknown or already answered: the spec says ignore
+        self.totals["cancelled"] += 1
+        job.replied = True  # per spec, no reply to a cancelled request
+        self._unpend(job)
+        if job.state == "queued":
+            self.queue.remove(job)
+            self._finish(job)
+        elif job.state == "running" and job.engine_id is not None:
+            asyncio.create_task(self._forward_cancel(job.engine_id))
+
+    async def _forward_cancel(self, engine_id: int) -> None:
+        try:
+            await self.engine.send(
+                protocol.notification("notifications/cancelled", {"requestId": engine_id, "reason": "client cancelled"})
+            )
+        except EngineUnavailable:
+            pass
+
+    def _expire(self, job: Job) -> None:
+        if job.state == "done" or job.replied:
+            return
+        waited = time.monotonic() - job.created
+        self.totals["timeouts"] += 1
+        if job.state == "queued":
+            self.queue.remove(job)
+            self._reply_error(
+                job,
+                protocol.DEADLINE_EXCEEDED,
+                f"request timed out after {waited:.1f}s waiting for the engine; it was NOT executed",
+                {"outcome": "not_executed"},
+            )
+            self._finish(job)
+        else:
+            self._reply_error(
+                job,
+                protocol.DEADLINE_EXCEEDED,
+                f"request timed out after {waited:.1f}s; the engine is still running it, so its outcome is "
+                "unknown (not retried)",
+                {"outcome": "unknown"},
+            )
+
+    # --- engine side -------------------------------------------------------------------
+    def start(self) -> None:
+        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="dispatcher")
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            job = await self.queue.get()
+            if job.state != "queued":
+                continue
+            try:
+                await self._run(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - one bad job must not stop the broker
+                log.exception("internal error while serving %s", job.method)
+                self._reply_error(job, protocol.INTERNAL_ERROR, "internal broker error; outcome unknown")
+                self._finish(job)
+
+    async def _run(self, job: Job) -> None:
+        try:
+            await self.engine.ensure_ready()
+        except EngineUnavailable as exc:
+            if job.state == "queued":
+                self._reply_error(
+                    job, protocol.ENGINE_UNAVAILABLE, f"memory engine unavailable: {exc}; request NOT executed"
+                )
+                self._finish(job)
+            return
+        self._refresh_init_cache()
+        if job.state != "queued":  # expired or cancelled while the engine started
+            return
+        if job.kind == "initialize":
+            cached = self._cached_initialize(job.params)
+            if cached is not None:
+                self._reply(job, protocol.result(job.client_id, cached))
+                self._finish(job)
+                return
+        params = job.params
+        if job.kind == "event_wait":
+            assert job.event_wait_until is not None
+            remaining_ms = (job.event_wait_until - time.monotonic()) * 1000
+            params = tools.event_wait_slice(job.params, min(self.settings.event_wait_slice * 1000, remaining_ms))
+            job.slices += 1
+        job.state = "running"
+        self.in_flight = job
+        started = time.monotonic()
+        try:
+            job.engine_id, fut = await self.engine.request(job.method, params)
+            reply = await asyncio.wait_for(asyncio.shield(fut), self.settings.stall_timeout)
+        except EngineUnavailable as exc:
+            self._reply_error(
+                job, protocol.OUTCOME_UNKNOWN, f"engine failed while receiving the request ({exc}); outcome unknown"
+            )
+            self._finish(job)
+            return
+        except asyncio.TimeoutError:
+            stalled = time.monotonic() - started
+            if job.engine_id is not None:
+                self.engine.forget(job.engine_id)
+            await self.engine.kill(f"no answer for {stalled:.0f}s")
+            self.totals["outcome_unknown"] += 1
+            self._reply_error(
+                job,
+                protocol.OUTCOME_UNKNOWN,
+                f"the memory engine stalled ({stalled:.0f}s without an answer) and was restarted; this "
+                "request's outcome is unknown and it was NOT retried",
+                {"outcome": "unknown"},
+            )
+            self._finish(job)
+            return
+        except EngineExited as exc:
+            self.totals["outcome_unknown"] += 1
+            self._reply_error(
+                job,
+                protocol.OUTCOME_UNKNOWN,
+                f"the memory engine exited during this request ({exc}) and is being restarted; the "
+                "request's outcome is unknown and it was NOT retried",
+                {"outcome": "unknown", "stderr": exc.stderr_tail[-500:]},
+            )
+            self._finish(job)
+            return
+        finally:
+            self.in_flight = None
+        self._complete(job, reply)
+
+    def _complete(self, job: Job, reply: dict[str, Any]) -> None:
+        if job.replied:
+            self._finish(job)  # cancelled or timed out meanwhile: the late reply is dropped
+            return
+        res = reply.get("result")
+        if (
+            job.kind == "event_wait"
+            and tools.event_wait_timed_out(res)
+            and job.event_wait_until is not None
+            and job.event_wait_until - time.monotonic() > 0.005
+        ):
+            job.state = "queued"  # another slice, behind everyone else's turn
+            self.queue.put(job)
+            return
+        if job.kind == "initialize" and isinstance(res, dict):
+            version = (job.params or {}).get("protocolVersion") if isinstance(job.params, dict) else None
+            if isinstance(version, str):
+                self.init_cache[version] = copy.deepcopy(res)
+        if job.method == "tools/list" and self.settings.strip_root_combinators and res is not None:
+            reply = dict(reply, result=tools.strip_root_combinators(res))
+        out = dict(reply)
+        out["id"] = job.client_id
+        out["jsonrpc"] = protocol.JSONRPC
+        self._reply(job, out)
+        self._finish(job)
+
+    def _refresh_init_cache(self) -> None:
+        if self._cache_generation == self.engine.starts:
+            return
+        self._cache_generation = self.engine.starts
+        self.init_cache.clear()
+        result = self.engine.initialize_result
+        if result is not None:
+            self.init_cache[protocol.LATEST_PROTOCOL_VERSION] = copy.deepcopy(result)
+            version = result.get("protocolVersion")
+            if isinstance(version, str):
+                self.init_cache[version] = copy.deepcopy(result)
+
+    def _on_engine_notification(self, msg: dict[str, Any]) -> None:
+        params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
+        if msg.get("method") == "notifications/progress":
+            route = self._progress.get(params.get("progressToken"))
+            if route is not None:
+                session, original = route
+                session.send(dict(msg, params=dict(params, progressToken=original)))
+            return
+        job = self.in_flight
+        if job is not None and not job.replied:
+            job.owner.send(msg)  # e.g. a log message emitted while serving this client
+
+    # --- replies -------------------------------------------------------------------------
+    def _reply(self, job: Job, message: dict[str, Any]) -> None:
+        if job.replied:
+            return
+        job.replied = True
+        self._unpend(job)
+        if "error" in message:
+            self.totals["errors"] += 1
+        else:
+            self.totals["responses"] += 1
+        job.owner.send(message)
+
+    def _reply_error(self, job: Job, code: int, message: str, data: Any = None) -> None:
+        self._reply(job, protocol.error(job.client_id, code, message, data))
+
+    def _error(self, session: ClientSession, msg_id: Any, code: int, message: str) -> None:
+        self.totals["errors"] += 1
+        session.send(protocol.error(msg_id, code, message))
+
+    def _finish(self, job: Job) -> None:
+        job.state = "done"
+        if job.timer is not None:
+            job.timer.cancel()
+            job.timer = None
+        if job.progress_token is not None:
+            self._progress.pop(job.progress_token, None)
+        self._unpend(job)
+
+    @staticmethod
+    def _unpend(job: Job) -> None:
+        key = _id_key(job.client_id)
+        if job.owner.pending.get(key) is job:  # the id may already name a newer request
+            del job.owner.pending[key]
+
+    # --- shutdown --------------------------------------------------------------------------
+    async def shutdown(self, grace: float) -> None:
+        """Refuse new work, fail queued work, let the running request finish within `grace`."""
+        self.accepting = False
+        for job in self.queue.jobs():
+            self.queue.remove(job)
+            self._reply_error(job, protocol.SHUTTING_DOWN, "broker is shutting down; request NOT executed")
+            self._finish(job)
+        deadline = time.monotonic() + grace
+        while self.in_flight is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            try:
+                await self._dispatcher
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        job = self.in_flight
+        if job is not None:
+            self._reply_error(
+                job, protocol.OUTCOME_UNKNOWN, "broker shut down during this request; outcome unknown", {"outcome": "unknown"}
+            )
+            self._finish(job)
+        await self.engine.stop()
+        for session in list(self.sessions.values()):
+            session.close()
+        for session in list(self.sessions.values()):
+            await session.wait_closed(1.0)
+
+    # --- status ------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        mono = time.monotonic()
+        flight = self.in_flight
+        engine = self.engine
+        return {
+            "broker": dict(self.status_extra),
+            "engine": {
+                "pid": engine.pid,
+                "version": engine.version,
+                "state": engine.state,
+                "uptime_s": round(now - engine.started_at, 3) if engine.started_at and engine.pid else None,
+                "restarts": engine.restarts,
+                "starts": engine.starts,
+                "last_exit": engine.last_exit,
+            },
+            "clients": [
+                {
+                    "id": s.id,
+                    "peer": s.peer,
+                    "connected_s": round(now - s.connected_at, 3),
+                    "queued": self.queue.depth(s),
+                    "in_flight": flight is not None and flight.owner is s,
+                    "requests": s.requests,
+                }
+                for s in self.sessions.values()
+            ],
+            "queue_depth": len(self.queue),
+            "in_flight": None
+            if flight is None
+            else {
+                "client": flight.owner.id,
+                "method": flight.method,
+                "tool": flight.tool,
+                "running_s": round(mono - flight.created, 3),
+            },
+            "totals": {k: self.totals.get(k, 0) for k in ("requests", "responses", "errors", "cancelled", "timeouts", "outcome_unknown")},
+        }

@@ -1,0 +1,94 @@
+"""Fair scheduling: one request in flight, queued requests served round-robin.
+
+The engine is sequential, so the only question is who goes next. A plain
+FIFO lets one client's burst of 20 writes (~100–160 ms each) hold another
+client's 1 ms status read for seconds; round-robin across clients bounds
+that wait to about one request per other busy client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Generic, Hashable, Protocol, TypeVar
+
+
+class HasOwner(Protocol):
+    owner: Hashable
+
+
+J = TypeVar("J", bound=HasOwner)
+
+
+class FairQueue(Generic[J]):
+    """Per-owner FIFO queues, taken round-robin across owners."""
+
+    def __init__(self) -> None:
+        self._queues: dict[Hashable, collections.deque[J]] = {}
+        self._turns: collections.deque[Hashable] = collections.deque()
+        self._ready = asyncio.Event()
+
+    def put(self, job: J) -> None:
+        q = self._queues.get(job.owner)
+        if q is None:
+            q = self._queues[job.owner] = collections.deque()
+        if not q:
+            self._turns.append(job.owner)
+        q.append(job)
+        self._ready.set()
+
+    def remove(self, job: J) -> bool:
+        q = self._queues.get(job.owner)
+        if not q:
+            return False
+        try:
+            q.remove(job)
+        except ValueError:
+            return False
+        if not q:
+            self._drop_turn(job.owner)
+        return True
+
+    def drop_owner(self, owner: Hashable) -> list[J]:
+        q = self._queues.pop(owner, None)
+        self._drop_turn(owner)
+        return list(q or ())
+
+    def _drop_turn(self, owner: Hashable) -> None:
+        try:
+            self._turns.remove(owner)
+        except ValueError:
+            pass
+        if not self._turns:
+            self._ready.clear()
+
+    def get_nowait(self) -> J | None:
+        while self._turns:
+            owner = self._turns.popleft()
+            q = self._queues.get(owner)
+            if not q:
+                continue
+            job = q.popleft()
+            if q:
+                self._turns.append(owner)  # back of the line for its next one
+            if not self._turns:
+                self._ready.clear()
+            return job
+        self._ready.clear()
+        return None
+
+    async def get(self) -> J:
+        while True:
+            job = self.get_nowait()
+            if job is not None:
+                return job
+            await self._ready.wait()
+
+    def depth(self, owner: Hashable) -> int:
+        return len(self._queues.get(owner) or ())
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def jobs(self) -> list[J]:
+        return [job for q in self._queues.values() for job in q]

@@ -1,0 +1,76 @@
+"""Tool-specific handling: schema clean-up for tools/list, long-poll slicing.
+
+`mempalace_event_wait` blocks the sequential engine for up to its timeout
+(default 60 s, max 300 s). Served whole it would freeze every other client
+for that long; served as short slices that go back into the fair queue, the
+caller still sees one call with the documented result while others run
+between the slices.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+COMBINATORS = ("anyOf", "oneOf", "allOf")
+EVENT_WAIT_TOOL = "mempalace_event_wait"
+EVENT_WAIT_DEFAULT_MS = 60_000
+EVENT_WAIT_MAX_MS = 300_000
+
+
+def strip_root_combinators(list_result: Any) -> Any:
+    """Drop root-level anyOf/oneOf/allOf from each tool's inputSchema.
+
+    Removing a root combinator only relaxes the schema, so every argument set
+    valid before stays valid (the engine still checks what it needs).
+    """
+    if not isinstance(list_result, dict) or not isinstance(list_result.get("tools"), list):
+        return list_result
+    out = dict(list_result)
+    tools = []
+    for tool in list_result["tools"]:
+        schema = tool.get("inputSchema") if isinstance(tool, dict) else None
+        if isinstance(schema, dict) and any(k in schema for k in COMBINATORS):
+            tool = dict(tool)
+            tool["inputSchema"] = {k: v for k, v in schema.items() if k not in COMBINATORS}
+        tools.append(tool)
+    out["tools"] = tools
+    return out
+
+
+def event_wait_timeout_ms(params: Any) -> int | None:
+    """The wait a `tools/call` of event_wait asks for (ms), or None if it is another call."""
+    if not isinstance(params, dict) or params.get("name") != EVENT_WAIT_TOOL:
+        return None
+    args = params.get("arguments")
+    raw = args.get("timeout_ms") if isinstance(args, dict) else None
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        return EVENT_WAIT_DEFAULT_MS
+    return max(0, min(int(raw), EVENT_WAIT_MAX_MS))
+
+
+def event_wait_slice(params: dict[str, Any], slice_ms: int) -> dict[str, Any]:
+    out = copy.deepcopy(params)
+    args = out.get("arguments")
+    if not isinstance(args, dict):
+        args = out["arguments"] = {}
+    args["timeout_ms"] = max(1, int(slice_ms))
+    return out
+
+
+def event_wait_timed_out(call_result: Any) -> bool:
+    """True when a tools/call result is event_wait's `{timed_out: true, events: []}`."""
+    if not isinstance(call_result, dict) or call_result.get("isError"):
+        return False
+    structured = call_result.get("structuredContent")
+    if isinstance(structured, dict) and "timed_out" in structured:
+        return structured.get("timed_out") is True
+    for item in call_result.get("content") or ():
+        if isinstance(item, dict) and item.get("type") == "text":
+            try:
+                data = json.loads(item.get("text") or "")
+            except ValueError:
+                return False
+            return isinstance(data, dict) and data.get("timed_out") is True and not data.get("events")
+    return False

@@ -1,0 +1,140 @@
+"""JSON-RPC 2.0 framing and message helpers shared by the broker and the shim.
+
+Stdlib only: the shim's start-up path imports this module, and each extra
+import there is paid by every agent session. The wire format is the one
+`mempalace-mcp` speaks on stdio: one JSON object per line, UTF-8, `\\n` ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+JSONRPC = "2.0"
+
+# Standard JSON-RPC codes.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+
+# Broker / shim codes (the -32000..-32099 "server error" range; mempalace
+# itself uses -32001 for "Peer MCP writer active", so we stay clear of it).
+OUTCOME_UNKNOWN = -32060  # the call may or may not have taken effect; not retried
+DEADLINE_EXCEEDED = -32061  # no answer before the request's deadline
+ENGINE_UNAVAILABLE = -32062  # the engine could not be started / is restarting
+LINE_TOO_LONG = -32063  # a frame above the size cap; the connection is closed
+UNAUTHORIZED = -32064  # TCP client without the right token
+SHUTTING_DOWN = -32065  # the broker is stopping; the request was not executed
+BROKER_UNREACHABLE = -32066  # the shim has no broker to send the request to
+PALACE_MISMATCH = -32067  # the reachable broker serves another palace
+
+# MCP protocol versions the engine is known to speak (newest last).
+KNOWN_PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+LATEST_PROTOCOL_VERSION = KNOWN_PROTOCOL_VERSIONS[-1]
+
+DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
+
+
+class LineTooLong(Exception):
+    """A frame exceeded the configured size cap."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"message line exceeds {limit} bytes")
+        self.limit = limit
+
+
+def encode(message: Any) -> bytes:
+    """Serialize one message as a single newline-terminated frame."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def decode(line: bytes) -> Any:
+    """Parse one frame; raises ValueError (json.JSONDecodeError / UnicodeDecodeError)."""
+    return json.loads(line)
+
+
+def error(msg_id: Any, code: int, message: str, data: Any = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        err["data"] = data
+    return {"jsonrpc": JSONRPC, "id": msg_id, "error": err}
+
+
+def result(msg_id: Any, value: Any) -> dict[str, Any]:
+    return {"jsonrpc": JSONRPC, "id": msg_id, "result": value}
+
+
+def request(msg_id: Any, method: str, params: Any = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"jsonrpc": JSONRPC, "id": msg_id, "method": method}
+    if params is not None:
+        msg["params"] = params
+    return msg
+
+
+def notification(method: str, params: Any = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"jsonrpc": JSONRPC, "method": method}
+    if params is not None:
+        msg["params"] = params
+    return msg
+
+
+def is_request(msg: dict[str, Any]) -> bool:
+    return "method" in msg and "id" in msg
+
+
+def is_notification(msg: dict[str, Any]) -> bool:
+    return "method" in msg and "id" not in msg
+
+
+def is_response(msg: dict[str, Any]) -> bool:
+    return "method" not in msg and ("result" in msg or "error" in msg)
+
+
+def valid_id(value: Any) -> bool:
+    """JSON-RPC ids are strings or integers (null only in error replies)."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def check_request_shape(msg: Any) -> str | None:
+    """Return why `msg` is not a usable JSON-RPC message, or None when it is."""
+    if isinstance(msg, list):
+        return "JSON-RPC batches are not supported (MCP removed them in 2025-06-18)"
+    if not isinstance(msg, dict):
+        return "a message must be a JSON object"
+    if "method" in msg:
+        if not isinstance(msg["method"], str):
+            return "'method' must be a string"
+        if "id" in msg and not valid_id(msg["id"]):
+            return "'id' must be a string or an integer"
+        if "params" in msg and not isinstance(msg["params"], (dict, list)):
+            return "'params' must be an object or an array"
+        return None
+    if "result" in msg or "error" in msg:
+        return None
+    return "not a JSON-RPC request, notification or response"
+
+
+async def read_frame(reader: asyncio.StreamReader, limit: int) -> bytes | None:
+    """Read one frame (without its newline). None at a clean EOF.
+
+    The reader must have been created with a buffer `limit` of at least
+    `limit`; a longer frame raises LineTooLong and leaves the stream unusable,
+    so the caller should answer once and close. A final frame without its
+    newline is returned as is.
+    """
+    try:
+        line = await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None
+        line = exc.partial
+    except asyncio.LimitOverrunError as exc:
+        raise LineTooLong(limit) from exc
+    except ValueError as exc:  # older asyncio wraps the overrun in ValueError
+        raise LineTooLong(limit) from exc
+    if len(line) > limit + 1:
+        raise LineTooLong(limit)
+    return line.rstrip(b"\r\n")
