@@ -1,0 +1,130 @@
+"""Shared fixtures: a throwaway HOME with the offline embedding model, and real brokers.
+
+Tests never touch the real ~/.mempalace: every test gets its own HOME and
+MEMPALACE_PATH under pytest's tmp dir; `.cache` links to the model that
+`scripts/provision-model.sh` put in `.test-home` (provisioned here if missing).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from mp_ssh_bridge import state
+from tests.helpers import kill_pid, stop_process, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_HOME = REPO / ".test-home"
+MODEL_FILE = MODEL_HOME / ".cache/chroma/onnx_models/all-MiniLM-L6-v2/onnx/model.onnx"
+BIN = Path(sys.executable).parent
+
+# Variables of ours that must never leak from the developer's shell into a test.
+_SCRUB = ("MEMPALACE_BROKER", "MEMPALACE_BROKER_TOKEN", "MEMPALACE_MCP_TIMEOUT_MS", "MEMPALACE_PALACE_PATH", "MEMPALACE_PALACE")
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    if not MODEL_FILE.exists():
+        subprocess.run(["bash", str(REPO / "scripts/provision-model.sh"), str(MODEL_HOME)], check=True)
+    return MODEL_HOME / ".cache"
+
+
+@pytest.fixture
+def home(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh HOME (short path, so socket paths fit) with MEMPALACE_PATH inside it."""
+    root = Path(tempfile.mkdtemp(prefix="mpb-", dir="/tmp"))
+    h = root / "home"
+    h.mkdir()
+    (h / ".cache").symlink_to(model_cache)
+    for name in list(os.environ):
+        if name.startswith("MP_BRIDGE_") or name in _SCRUB:
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(h))
+    monkeypatch.setenv("MEMPALACE_PATH", str(h / ".mempalace"))
+    monkeypatch.setenv("MP_BRIDGE_CONFIG", str(h / "mp-bridge.toml"))  # never the developer's own
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}")
+    yield h
+    _kill_brokers(h / ".mempalace")
+    subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def _kill_brokers(state_dir: Path) -> None:
+    """Leave no broker (or its engine) behind, whatever the test did."""
+    record = state.read_broker_json(state_dir / "broker.json")
+    if record and isinstance(record.get("pid"), int):
+        kill_pid(record["pid"], signal.SIGTERM, timeout=10)
+
+
+class BrokerHandle:
+    """A broker started by a test in the foreground (not detached)."""
+
+    def __init__(self, proc: subprocess.Popen[Any], state_dir: Path) -> None:
+        self.proc = proc
+        self.state_dir = state_dir
+
+    @property
+    def record(self) -> dict[str, Any]:
+        rec = state.read_broker_json(self.state_dir / "broker.json")
+        assert rec is not None, "broker.json missing"
+        return rec
+
+    @property
+    def endpoint(self) -> str:
+        return self.record["endpoint"]
+
+    @property
+    def socket_path(self) -> str:
+        return self.endpoint[len("unix://") :]
+
+    def stop(self) -> int | None:
+        stop_process(self.proc, timeout=20)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def broker_factory(home: Path) -> Iterator[Callable[..., BrokerHandle]]:
+    """Start `mempalace-broker` (foreground) with extra env/flags; wait until it answers."""
+    handles: list[BrokerHandle] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, wait_engine: bool = True, timeout: float = 60) -> BrokerHandle:
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        log = open(home / f"broker-{len(handles)}.log", "ab")
+        proc = subprocess.Popen(
+            [str(BIN / "mempalace-broker"), *args], env=full_env, stdout=log, stderr=log, stdin=subprocess.DEVNULL
+        )
+        log.close()
+        handle = BrokerHandle(proc, Path(full_env["MEMPALACE_PATH"]))
+        handles.append(handle)
+        from broker.ensure import probe
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"broker exited with {proc.returncode}: {(home / f'broker-{len(handles) - 1}.log').read_text()[-2000:]}")
+            rec = state.read_broker_json(handle.state_dir / "broker.json")
+            if not rec or rec.get("pid") != proc.pid:
+                return False
+            status = probe(rec["endpoint"], 1.0)
+            if not status:
+                return False
+            return not wait_engine or status["engine"]["state"] == "ready"
+
+        wait_for(ready, timeout, what="broker ready")
+        return handle
+
+    yield start
+    for h in handles:
+        h.stop()
+
+
+@pytest.fixture
+def broker(broker_factory: Callable[..., BrokerHandle]) -> BrokerHandle:
+    """One real broker over the real mempalace-mcp, engine warm."""
+    return broker_factory()

@@ -1,0 +1,136 @@
+"""Test helpers: a raw newline-JSON client for the broker socket, and waiting utilities."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from mp_ssh_bridge import protocol
+
+
+class RawClient:
+    """A bare JSON-RPC client on the broker's socket, for tests that need to see every frame."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._next = 0
+        self.inbox: list[dict[str, Any]] = []
+
+    @classmethod
+    async def connect(cls, endpoint: str | Path, limit: int = 64 * 1024 * 1024) -> "RawClient":
+        path = str(endpoint)
+        if path.startswith("unix://"):
+            path = path[len("unix://") :]
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=limit), 5)
+        return cls(reader, writer)
+
+    def next_id(self) -> int:
+        self._next += 1
+        return self._next
+
+    async def send(self, message: Any) -> None:
+        self.writer.write(protocol.encode(message))
+        await self.writer.drain()
+
+    async def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self, timeout: float = 30.0) -> dict[str, Any] | None:
+        """Next frame, or None at EOF."""
+        line = await asyncio.wait_for(self.reader.readline(), timeout)
+        if not line:
+            return None
+        return json.loads(line)
+
+    async def recv_id(self, msg_id: Any, timeout: float = 30.0) -> dict[str, Any]:
+        """The reply with this id; other frames are kept in `inbox`."""
+        for i, msg in enumerate(self.inbox):
+            if msg.get("id") == msg_id and "method" not in msg:
+                return self.inbox.pop(i)
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = await self.recv(max(0.01, deadline - time.monotonic()))
+            if msg is None:
+                raise EOFError(f"connection closed while waiting for id {msg_id!r}")
+            if msg.get("id") == msg_id and "method" not in msg:
+                return msg
+            self.inbox.append(msg)
+
+    async def call(self, method: str, params: Any = None, msg_id: Any = None, timeout: float = 30.0) -> dict[str, Any]:
+        msg_id = self.next_id() if msg_id is None else msg_id
+        await self.send(protocol.request(msg_id, method, params))
+        return await self.recv_id(msg_id, timeout)
+
+    async def tool(self, name: str, arguments: dict[str, Any] | None = None, msg_id: Any = None, timeout: float = 30.0) -> dict[str, Any]:
+        return await self.call("tools/call", {"name": name, "arguments": arguments or {}}, msg_id, timeout)
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), 2)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def tool_json(reply: dict[str, Any]) -> Any:
+    """The JSON a mempalace tool returned in its first text content item."""
+    assert "result" in reply, reply
+    return json.loads(reply["result"]["content"][0]["text"])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie child still "exists": check /proc where available
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def kill_pid(pid: int, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
