@@ -29,6 +29,7 @@ from mp_ssh_bridge.settings import Settings
 log = logging.getLogger("broker.mux")
 
 OUTBOX_MAX_BYTES = 64 * 1024 * 1024
+TOTALS = ("requests", "responses", "errors", "cancelled", "timeouts", "outcome_unknown", "engine_requests")
 
 
 def _id_key(value: Any) -> tuple[str, Any]:
@@ -335,6 +336,7 @@ class Mux:
         started = time.monotonic()
         try:
             job.engine_id, fut = await self.engine.request(job.method, params)
+            self.totals["engine_requests"] += 1
             reply = await asyncio.wait_for(asyncio.shield(fut), self.settings.stall_timeout)
         except EngineUnavailable as exc:
             self._reply_error(
@@ -522,5 +524,5 @@ class Mux:
                 "tool": flight.tool,
                 "running_s": round(mono - flight.created, 3),
             },
-            "totals": {k: self.totals.get(k, 0) for k in ("requests", "responses", "errors", "cancelled", "timeouts", "outcome_unknown")},
+            "totals": {k: self.totals.get(k, 0) for k in TOTALS},
         }

@@ -168,8 +168,8 @@ class Settings(BaseSettings):
         if value is None or value == "":
             return None
         host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"tcp must be HOST:PORT, got {value!r}")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"tcp must be HOST:PORT (PORT 0 = any free port), got {value!r}")
         return value
 
     @classmethod

@@ -1,0 +1,38 @@
+# mp-ssh-bridge — set-up, tests and demo.
+#   make demo    set up .venv, then run 4 concurrent MCP sessions through one broker
+#   make test    set up .venv + test fixtures (model, sshd), then run pytest
+# Variables: PYTEST_ARGS="-k shim -x"   DEMO_ARGS="--raw --keep"
+
+SHELL   := /bin/bash
+VENV    := .venv
+PY      := $(VENV)/bin/python
+PYTEST_ARGS ?=
+DEMO_ARGS   ?=
+
+.PHONY: help setup setup-tests test demo demo-raw clean
+
+help:
+	@echo "make demo         set up and run the demo (4 sessions -> mp-shim -> one broker)"
+	@echo "make demo-raw     the same demo with raw socket clients instead of mp-shim"
+	@echo "make test         set up test fixtures and run pytest (PYTEST_ARGS=...)"
+	@echo "make setup        only create .venv and install (model into .demo/home)"
+	@echo "make setup-tests  only prepare tests (.venv, .test-home model, sshd)"
+	@echo "make clean        remove .demo/ and .test-home/ (keeps .venv)"
+
+setup:
+	bash scripts/setup.sh
+
+setup-tests:
+	bash scripts/setup-tests.sh
+
+test: setup-tests
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) scripts/demo.py $(DEMO_ARGS)
+
+demo-raw: setup
+	$(PY) scripts/demo.py --raw $(DEMO_ARGS)
+
+clean:
+	rm -rf .demo .test-home .pytest_cache
