@@ -1,0 +1,179 @@
+"""Unit tests of the small pieces: queue order, tool helpers, platform branches, state, settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from broker import tools
+from broker.queue import FairQueue
+from mp_ssh_bridge import hostinfo, protocol, state
+
+
+@dataclass(eq=False)
+class J:
+    owner: str
+    n: int
+
+
+def test_fair_queue_round_robin_and_removal():
+    async def main():
+        q: FairQueue[J] = FairQueue()
+        a = [J("a", i) for i in range(4)]
+        for j in a:
+            q.put(j)
+        q.put(J("b", 0))
+        q.put(J("c", 0))
+        assert q.remove(a[2]) and not q.remove(a[2])
+        order = [(j.owner, j.n) for j in [await q.get() for _ in range(5)]]
+        assert order == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("a", 3)]
+        assert len(q) == 0 and q.get_nowait() is None
+        q.put(J("x", 1))
+        q.put(J("x", 2))
+        assert [j.n for j in q.drop_owner("x")] == [1, 2] and len(q) == 0
+        waiter = asyncio.create_task(q.get())
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        q.put(J("y", 9))
+        assert (await asyncio.wait_for(waiter, 1)).n == 9
+
+    asyncio.run(main())
+
+
+def test_strip_root_combinators_keeps_everything_else():
+    listing = {"tools": [
+        {"name": "a", "inputSchema": {"type": "object", "properties": {"x": {"anyOf": [{}]}}, "anyOf": [{}], "oneOf": [{}]}},
+        {"name": "b", "inputSchema": {"type": "object"}},
+    ], "nextCursor": "n"}
+    out = tools.strip_root_combinators(listing)
+    assert out["tools"][0]["inputSchema"] == {"type": "object", "properties": {"x": {"anyOf": [{}]}}}
+    assert out["tools"][1] is listing["tools"][1] and out["nextCursor"] == "n"
+    assert "anyOf" in listing["tools"][0]["inputSchema"], "the input is not modified"
+    assert tools.strip_root_combinators({"oops": 1}) == {"oops": 1}
+
+
+def test_event_wait_helpers():
+    call = {"name": "mempalace_event_wait", "arguments": {"timeout_ms": 999_999, "topic": "t"}}
+    assert tools.event_wait_timeout_ms(call) == 300_000
+    assert tools.event_wait_timeout_ms({"name": "mempalace_event_wait"}) == 60_000
+    assert tools.event_wait_timeout_ms({"name": "mempalace_status"}) is None
+    sliced = tools.event_wait_slice(call, 500)
+    assert sliced["arguments"] == {"timeout_ms": 500, "topic": "t"} and call["arguments"]["timeout_ms"] == 999_999
+    timed_out = {"content": [{"type": "text", "text": json.dumps({"timed_out": True, "events": [], "count": 0})}]}
+    got = {"content": [{"type": "text", "text": json.dumps({"timed_out": False, "events": [{"id": 1}]})}]}
+    assert tools.event_wait_timed_out(timed_out) and not tools.event_wait_timed_out(got)
+    assert not tools.event_wait_timed_out({"isError": True, "content": timed_out["content"]})
+    assert tools.event_wait_timed_out({"structuredContent": {"timed_out": True}})
+
+
+def test_socket_path_limits_per_platform():
+    assert hostinfo.max_socket_path_bytes("darwin") == 103
+    assert hostinfo.max_socket_path_bytes("linux") == 107
+    assert hostinfo.max_socket_path_bytes("freebsd14") == 103
+    short = state.StatePaths(Path("/Users/jo/.mempalace"))
+    assert short.socket("darwin") == Path("/Users/jo/.mempalace/broker.sock")
+    deep = state.StatePaths(Path("/Users/jo/" + "d" * 90 + "/.mempalace"))
+    stand_in = deep.socket("darwin", uid=501)
+    assert stand_in.parent == Path("/tmp/mp-bridge-501") and len(os.fsencode(stand_in)) <= 103
+    assert stand_in == deep.socket("darwin", uid=501), "stable across calls"
+    assert deep.socket("linux", uid=501) == stand_in  # 108-byte limit is exceeded too
+    mid = state.StatePaths(Path("/home/" + "m" * 88))  # 106 bytes with /broker.sock: fits Linux, not macOS
+    assert mid.socket("linux") == mid.preferred_socket and mid.socket("darwin", uid=1) != mid.preferred_socket
+
+
+def test_boot_id_parsers_for_both_platforms():
+    assert hostinfo.parse_linux_boot_id("6999cce3-5591\n") == "6999cce3-5591"
+    assert hostinfo.parse_linux_boot_id("") is None
+    assert hostinfo.parse_macos_boot_id("A1B2-C3\n") == "A1B2-C3"
+    assert hostinfo.parse_macos_boot_id(None) is None
+    assert hostinfo.boot_id("sunos") is None
+    assert hostinfo.boot_id("linux")  # this CI machine is Linux
+
+
+def test_container_detection_by_marker_files():
+    assert hostinfo.in_container(lambda p: p == "/.dockerenv")
+    assert hostinfo.in_container(lambda p: p == "/run/.containerenv")
+    assert not hostinfo.in_container(lambda p: False)
+
+
+def test_broker_liveness_by_pid_or_heartbeat():
+    rec = {"pid": 42, "host": "h", "boot_id": "b", "heartbeat": 1000.0}
+    same = dict(this_host="h", this_boot="b")
+    assert state.broker_may_be_alive(rec, 30, pid_alive=lambda p: True, now=5000, **same)
+    assert not state.broker_may_be_alive(rec, 30, pid_alive=lambda p: False, now=1001, **same)
+    other = dict(this_host="container", this_boot="x", pid_alive=lambda p: False)
+    assert state.broker_may_be_alive(rec, 30, now=1010, **other), "fresh heartbeat across the boundary"
+    assert not state.broker_may_be_alive(rec, 30, now=1031, **other)
+    assert not state.broker_may_be_alive(None, 30)
+    assert state.broker_may_be_alive({"pid": 1, "host": "zz"}, 30, **other), "no heartbeat: assume alive"
+
+
+def test_atomic_json_and_private_dirs(tmp_path):
+    d = tmp_path / "state"
+    state.ensure_private_dir(d)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    state.write_json_atomic(d / "broker.json", {"pid": 1})
+    assert stat.S_IMODE((d / "broker.json").stat().st_mode) == 0o600
+    assert state.read_broker_json(d / "broker.json") == {"pid": 1}
+    assert [p.name for p in d.iterdir()] == ["broker.json"], "no temp file left behind"
+    (d / "bad.json").write_text("[1,2]")
+    assert state.read_broker_json(d / "bad.json") is None
+    os.chmod(d, 0o770)
+    with pytest.raises(state.UnsafeDirectory, match="chmod go-w"):
+        state.ensure_private_dir(d)
+
+
+def test_palace_id_is_created_once(tmp_path):
+    paths = state.StatePaths(tmp_path)
+    first = state.palace_id(paths)
+    assert state.palace_id(paths) == first == state.read_palace_id(paths)
+    assert stat.S_IMODE(paths.palace_id_file.stat().st_mode) == 0o600
+
+
+def test_default_palace_precedence(tmp_path):
+    assert state.default_palace(tmp_path, {}) == tmp_path / "palace"
+    (tmp_path / "config.json").write_text(json.dumps({"palace_path": "/srv/palace"}))
+    assert state.default_palace(tmp_path, {}) == Path("/srv/palace")
+    assert state.default_palace(tmp_path, {"MEMPALACE_PALACE_PATH": "/env/p"}) == Path("/env/p")
+
+
+def test_settings_sources_and_precedence(tmp_path, monkeypatch):
+    from mp_ssh_bridge.settings import load
+
+    for name in list(os.environ):
+        if name.startswith(("MP_BRIDGE_", "MEMPALACE_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    toml = tmp_path / "c.toml"
+    toml.write_text('request_timeout = 7\nidle_exit_minutes = 2\nengine = "/opt/mp/bin/mempalace-mcp --backend chroma"\n')
+    monkeypatch.setenv("MP_BRIDGE_CONFIG", str(toml))
+    s = load()
+    assert s.mempalace_path == tmp_path / ".mempalace" and s.palace_path == tmp_path / ".mempalace/palace"
+    assert s.request_timeout == 7 and s.idle_exit_minutes == 2
+    assert s.engine_argv == ["/opt/mp/bin/mempalace-mcp", "--backend", "chroma"]
+    monkeypatch.setenv("MP_BRIDGE_REQUEST_TIMEOUT", "9")
+    monkeypatch.setenv("MEMPALACE_PATH", "~/elsewhere")
+    monkeypatch.setenv("MEMPALACE_MCP_TIMEOUT_MS", "1234")
+    s = load()
+    assert s.request_timeout == 9 and s.mempalace_path == tmp_path / "elsewhere" and s.mcp_timeout_ms == 1234
+    assert load(request_timeout=11).request_timeout == 11  # CLI flags win
+    with pytest.raises(ValueError):
+        load(tcp="no-port")
+
+
+def test_protocol_shape_checks():
+    assert protocol.check_request_shape([]) and protocol.check_request_shape(3)
+    assert protocol.check_request_shape({"method": 1}) and protocol.check_request_shape({"method": "m", "id": 1.5})
+    assert protocol.check_request_shape({"method": "m", "id": True}), "booleans are not ids"
+    assert protocol.check_request_shape({"method": "m", "params": "x"})
+    assert protocol.check_request_shape({"method": "m", "id": "a", "params": {}}) is None
+    assert protocol.check_request_shape({"id": 1, "result": {}}) is None
+    assert protocol.decode(protocol.encode({"k": "ü"})) == {"k": "ü"}
+    assert protocol.encode({"a": 1}).count(b"\n") == 1
