@@ -62,6 +62,8 @@ def demo_env(home: Path) -> dict[str, str]:
     # the broker runs `mempalace-mcp` from PATH: make it the venv's
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
     env["PYTHONUNBUFFERED"] = "1"
+    # The demo palace is local: play the host side even inside a container.
+    env["MP_BRIDGE_ROLE"] = "host"
     return env
 
 

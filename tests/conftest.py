@@ -49,6 +49,9 @@ def home(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("HOME", str(h))
     monkeypatch.setenv("MEMPALACE_PATH", str(h / ".mempalace"))
     monkeypatch.setenv("MP_BRIDGE_CONFIG", str(h / "mp-bridge.toml"))  # never the developer's own
+    # This CI machine is itself a container (/.dockerenv): tests play the host side
+    # unless they say otherwise.
+    monkeypatch.setenv("MP_BRIDGE_ROLE", "host")
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}")
     yield h
     _kill_brokers(h / ".mempalace")
