@@ -59,6 +59,7 @@ class Engine:
         self.last_exit: str | None = None
         self.state = "stopped"
         self._stopping = False
+        self._restart_task: asyncio.Task[None] | None = None
 
     # --- facts for status / broker.json ------------------------------------------
     @property
@@ -282,12 +283,23 @@ class Engine:
             self.state = "stopped"
             self.last_exit = f"exit code {code}" if code >= 0 else f"signal {-code}"
             log.warning("engine pid %s exited: %s", proc.pid, self.last_exit)
+            if code != 0 and not self._stopping:
+                # A crash or a stall kill: bring a warm engine back now, so the next
+                # client does not pay the spawn. A clean exit (the engine's own idle
+                # timeout) is left alone until someone needs it.
+                self._restart_task = asyncio.create_task(self._restart_after_crash(), name="engine-restart")
         exc = EngineExited(code, self.stderr_tail())
         pending, self._pending = self._pending, {}
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(exc)
                 fut.exception()  # mark retrieved: a cancelled waiter must not log it
+
+    async def _restart_after_crash(self) -> None:
+        try:
+            await self.ensure_ready()
+        except EngineUnavailable as exc:
+            log.error("engine restart failed: %s", exc)
 
     # --- stop --------------------------------------------------------------------
     async def kill(self, reason: str) -> None:

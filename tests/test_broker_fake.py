@@ -97,3 +97,17 @@ def test_engine_that_cannot_start_gives_a_clear_error(broker_factory):
         await c.close()
 
     run(main())
+
+
+def test_large_messages_pass_both_ways_under_the_cap(broker_factory):
+    broker = broker_factory(env={"MP_BRIDGE_ENGINE": FAKE})
+
+    async def main():
+        c = await RawClient.connect(broker.endpoint)
+        big = "x" * (3 * 1024 * 1024)  # 3 MiB: far above asyncio's 64 KiB default line limit
+        r = await c.call("tools/call", {"name": "no_such_tool", "arguments": {"blob": big}}, timeout=30)
+        assert r["error"]["code"] == protocol.METHOD_NOT_FOUND  # the engine got it whole and answered
+        assert (await c.call("ping"))["result"] == {}
+        await c.close()
+
+    run(main())
