@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="--ensure: how long to wait (default ensure_timeout)")
     p.add_argument("--detach", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--dial-stdio", dest="dial_stdio", action="store_true", help="bridge stdin/stdout to the broker socket (SSH fallback)")
+    p.add_argument("--socket", help="--dial-stdio: socket path (default: from broker.json)")
     p.add_argument("--version", action="store_true")
     return p
 
@@ -67,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
+    if args.dial_stdio:  # before settings: with --socket it needs none (fast start over SSH)
+        from broker.dial import main as dial_main
+
+        return dial_main(args)
     try:
         settings = settings_from(args)
     except Exception as exc:  # noqa: BLE001 - a settings error is the user's to fix

@@ -340,7 +340,10 @@ class Engine:
 
     async def _join_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []
+        current = asyncio.current_task()
         for task in tasks:
+            if task is current:  # kill() called from the reader itself
+                continue
             try:
                 await asyncio.wait_for(task, 5)
             except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
