@@ -221,7 +221,7 @@ class Mux:
         job = Job(session, msg_id, method, params, deadline=now + self.settings.request_timeout)
         if method == "initialize":
             job.kind = "initialize"
-        wait_ms = tools.event_wait_timeout_ms(params) if method == "tools/call" else None
+        wait_ms = tools.event_wait_timeout_ms(method, params)
         if wait_ms:
             job.kind = "event_wait"
             job.event_wait_until = now + wait_ms / 1000

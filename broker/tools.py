@@ -13,10 +13,10 @@ import copy
 import json
 from typing import Any
 
+from mp_ssh_bridge.protocol import event_wait_timeout_ms
+
 COMBINATORS = ("anyOf", "oneOf", "allOf")
-EVENT_WAIT_TOOL = "mempalace_event_wait"
-EVENT_WAIT_DEFAULT_MS = 60_000
-EVENT_WAIT_MAX_MS = 300_000
+__all__ = ["strip_root_combinators", "event_wait_timeout_ms", "event_wait_slice", "event_wait_timed_out"]
 
 
 def strip_root_combinators(list_result: Any) -> Any:
@@ -37,17 +37,6 @@ def strip_root_combinators(list_result: Any) -> Any:
         tools.append(tool)
     out["tools"] = tools
     return out
-
-
-def event_wait_timeout_ms(params: Any) -> int | None:
-    """The wait a `tools/call` of event_wait asks for (ms), or None if it is another call."""
-    if not isinstance(params, dict) or params.get("name") != EVENT_WAIT_TOOL:
-        return None
-    args = params.get("arguments")
-    raw = args.get("timeout_ms") if isinstance(args, dict) else None
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-        return EVENT_WAIT_DEFAULT_MS
-    return max(0, min(int(raw), EVENT_WAIT_MAX_MS))
 
 
 def event_wait_slice(params: dict[str, Any], slice_ms: int) -> dict[str, Any]:

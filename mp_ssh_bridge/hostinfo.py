@@ -8,8 +8,6 @@ tested on either OS; the zero-argument wrappers read the real machine.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 
 # sun_path is 104 bytes on macOS/BSD, 108 on Linux, both counting the NUL.
@@ -46,6 +44,8 @@ def boot_id(platform: str | None = None) -> str | None:
         except OSError:
             return None
     if plat == "darwin":
+        import subprocess
+
         try:
             out = subprocess.run(
                 ["/usr/sbin/sysctl", "-n", "kern.bootsessionuuid"],
@@ -61,6 +61,8 @@ def boot_id(platform: str | None = None) -> str | None:
 
 
 def host_name() -> str:
+    import socket
+
     return socket.gethostname()
 
 

@@ -7,9 +7,12 @@ import there is paid by every agent session. The wire format is the one
 
 from __future__ import annotations
 
-import asyncio
 import json
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # asyncio costs the shim's fast path ~50 ms to import; only read_frame needs it
+    import asyncio
+    from typing import Any
 
 JSONRPC = "2.0"
 
@@ -36,6 +39,11 @@ KNOWN_PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25
 LATEST_PROTOCOL_VERSION = KNOWN_PROTOCOL_VERSIONS[-1]
 
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
+
+# mempalace's long poll: the broker slices it, the shim extends its deadline by it.
+EVENT_WAIT_TOOL = "mempalace_event_wait"
+EVENT_WAIT_DEFAULT_MS = 60_000
+EVENT_WAIT_MAX_MS = 300_000
 
 
 class LineTooLong(Exception):
@@ -79,6 +87,17 @@ def notification(method: str, params: Any = None) -> dict[str, Any]:
     if params is not None:
         msg["params"] = params
     return msg
+
+
+def event_wait_timeout_ms(method: str, params: Any) -> int | None:
+    """The wait (ms) a `tools/call` of mempalace_event_wait asks for; None for any other message."""
+    if method != "tools/call" or not isinstance(params, dict) or params.get("name") != EVENT_WAIT_TOOL:
+        return None
+    args = params.get("arguments")
+    raw = args.get("timeout_ms") if isinstance(args, dict) else None
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        return EVENT_WAIT_DEFAULT_MS
+    return max(0, min(int(raw), EVENT_WAIT_MAX_MS))
 
 
 def is_request(msg: dict[str, Any]) -> bool:
@@ -125,6 +144,8 @@ async def read_frame(reader: asyncio.StreamReader, limit: int) -> bytes | None:
     so the caller should answer once and close. A final frame without its
     newline is returned as is.
     """
+    import asyncio
+
     try:
         line = await reader.readuntil(b"\n")
     except asyncio.IncompleteReadError as exc:

@@ -157,6 +157,11 @@ class Settings(BaseSettings):
 
     log_level: str = Field(default="INFO", description="Logging level for broker and shim (stderr / log file).")
 
+    @field_validator("mempalace_path", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: Any) -> Any:
+        return state.DEFAULT_STATE_DIR if value in ("", None) else value  # MEMPALACE_PATH="" as unset
+
     @field_validator("mempalace_path", "palace", "ssh_config", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:

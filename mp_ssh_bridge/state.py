@@ -10,15 +10,10 @@ though the paths differ). Stdlib only: the shim's fast path reads
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import stat
-import tempfile
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +32,22 @@ def state_dir_from_env(environ: dict[str, str] | os._Environ[str] = os.environ) 
     return expand(environ.get("MEMPALACE_PATH") or DEFAULT_STATE_DIR)
 
 
-@dataclass(frozen=True)
 class StatePaths:
     """Every file the broker keeps in one state directory."""
 
-    root: Path
+    __slots__ = ("root",)
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StatePaths) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    def __repr__(self) -> str:
+        return f"StatePaths({str(self.root)!r})"
 
     @property
     def lock(self) -> Path:
@@ -73,6 +79,8 @@ class StatePaths:
         preferred = self.preferred_socket
         if len(os.fsencode(preferred)) <= hostinfo.max_socket_path_bytes(platform):
             return preferred
+        import hashlib
+
         digest = hashlib.sha256(os.fsencode(self.root)).hexdigest()[:20]
         user = os.getuid() if uid is None else uid
         return Path("/tmp") / f"mp-bridge-{user}" / f"{digest}.sock"
@@ -122,6 +130,8 @@ def ensure_private_dir(path: Path) -> None:
 
 def write_json_atomic(path: Path, data: dict[str, Any], mode: int = 0o600) -> None:
     """temp file in the same directory, fsync, chmod, rename: readers see old or new, never half."""
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)
@@ -151,6 +161,9 @@ def read_broker_json(path: Path) -> dict[str, Any] | None:
 
 def palace_id(paths: StatePaths) -> str:
     """The palace's identity: a UUID kept in `palace.id`, created once (race-safe)."""
+    import errno
+    import uuid
+
     try:
         existing = paths.palace_id_file.read_text(encoding="ascii").strip()
         if existing:

@@ -61,7 +61,7 @@ def home(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 def _kill_brokers(state_dir: Path) -> None:
     """Leave no broker (or its engine) behind, whatever the test did."""
     record = state.read_broker_json(state_dir / "broker.json")
-    if record and isinstance(record.get("pid"), int):
+    if record and isinstance(record.get("pid"), int) and record["pid"] != os.getpid():
         kill_pid(record["pid"], signal.SIGTERM, timeout=10)
 
 

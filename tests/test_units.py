@@ -61,9 +61,10 @@ def test_strip_root_combinators_keeps_everything_else():
 
 def test_event_wait_helpers():
     call = {"name": "mempalace_event_wait", "arguments": {"timeout_ms": 999_999, "topic": "t"}}
-    assert tools.event_wait_timeout_ms(call) == 300_000
-    assert tools.event_wait_timeout_ms({"name": "mempalace_event_wait"}) == 60_000
-    assert tools.event_wait_timeout_ms({"name": "mempalace_status"}) is None
+    assert tools.event_wait_timeout_ms("tools/call", call) == 300_000
+    assert tools.event_wait_timeout_ms("tools/call", {"name": "mempalace_event_wait"}) == 60_000
+    assert tools.event_wait_timeout_ms("tools/call", {"name": "mempalace_status"}) is None
+    assert tools.event_wait_timeout_ms("tools/list", call) is None
     sliced = tools.event_wait_slice(call, 500)
     assert sliced["arguments"] == {"timeout_ms": 500, "topic": "t"} and call["arguments"]["timeout_ms"] == 999_999
     timed_out = {"content": [{"type": "text", "text": json.dumps({"timed_out": True, "events": [], "count": 0})}]}

@@ -1,0 +1,327 @@
+"""The shim's slow path: find or elect a broker, or, as a last resort, run the engine directly.
+
+Loaded only when the fast path (broker.json -> socket) did not give a
+connection, so it may import the settings model and `broker.ensure`.
+DESIGN §3, in order:
+
+1. `MEMPALACE_BROKER` set: that endpoint, verbatim (`endpoints.dial`), no election.
+2. `broker.json`: connect, `broker/status` round trip, palace identity.
+3. Host role: `broker.ensure.ensure_broker()` — the flock election (the winner
+   spawns a detached broker, the rest wait), bounded by `ensure_timeout`.
+   Container role: the socket in broker.json if it happens to work, else
+   `mp_ssh_bridge.ssh.connect_container(settings)`.
+4. Degraded mode, only after proving no broker can be alive (pid dead on this
+   host and boot, or a stale heartbeat across hosts; and nobody holds
+   broker.lock): the real engine as our own child. When a broker may be alive
+   but does not answer, refuse (BROKER_UNREACHABLE) — never a second writer.
+
+Runs in the shim's `connect` thread; everything here is blocking.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from mp_ssh_bridge import endpoints, shim, state
+from mp_ssh_bridge.settings import Settings, load
+from mp_ssh_bridge.shim import BROKER_UNREACHABLE, Config, Link, PalaceMismatch, ShimError
+
+CONTAINER_DIRECT_TIMEOUT = 0.5  # the socket in broker.json from a container: works on a plain bind mount, or not at all
+
+
+def load_settings(palace_flag: str | None) -> Settings:
+    return load(palace=palace_flag)
+
+
+def config_from_settings(palace_flag: str | None, settings: Settings | None = None) -> Config:
+    """The shim's Config from the settings model (used when the fast reader is not sure)."""
+    s = settings or load_settings(palace_flag)
+    cfg = Config()
+    cfg.state_dir = str(s.mempalace_path)
+    cfg.timeout_ms = s.mcp_timeout_ms
+    cfg.connect_timeout = s.connect_timeout
+    cfg.max_line_bytes = s.max_line_bytes
+    cfg.role = s.role
+    cfg.broker_url = s.broker or None
+    cfg.palace_flag = palace_flag
+    if s.palace is not None:
+        cfg.palace = str(s.palace)
+    else:
+        env = os.environ.get("MEMPALACE_PALACE_PATH") or os.environ.get("MEMPALACE_PALACE")
+        cfg.palace = str(state.expand(env)) if env else None
+    cfg.log_level = s.log_level if "log_level" in s.model_fields_set else None
+    return cfg
+
+
+def discover(cfg: Config, fast_failure: str = "") -> Link:
+    """A Link to the broker for our palace, or to a degraded-mode engine; raises ShimError."""
+    settings = load_settings(cfg.palace_flag)
+    if settings.broker:
+        return endpoints.dial_checked(cfg, settings.broker, settings=settings, role=settings.resolved_role())
+    if settings.resolved_role() == "container":
+        return _container(cfg, settings)
+    return _host(cfg, settings, fast_failure)
+
+
+# --------------------------------------------------------------------------- host
+def _direct(cfg: Config, settings: Settings, timeout: float, role: str) -> Link:
+    """The broker broker.json names (and, in a container, `<state dir>/broker.sock`)."""
+    record = state.read_broker_json(settings.paths.json)
+    candidates = []
+    if record and isinstance(record.get("endpoint"), str) and record["endpoint"].startswith("unix://"):
+        candidates.append(record["endpoint"])
+    if role == "container":
+        local = f"unix://{settings.paths.socket()}"
+        if local not in candidates:
+            candidates.append(local)
+    if not candidates:
+        raise ConnectionError(f"no broker.json in {settings.paths.root}")
+    problems = []
+    for url in candidates:
+        try:
+            link = endpoints.dial(cfg, url, settings=settings, timeout=timeout)
+        except (OSError, ShimError) as exc:
+            problems.append(str(exc))
+            continue
+        try:
+            status = shim.broker_status(link, max(timeout, min(settings.connect_timeout, 2.0)))
+            shim.check_identity(status, cfg, url, role)
+        except PalaceMismatch:
+            link.close()
+            raise
+        except (OSError, ShimError, ValueError) as exc:
+            link.close()
+            problems.append(f"{url} does not answer: {exc}")
+            continue
+        return link
+    raise ConnectionError("; ".join(problems))
+
+
+def _host(cfg: Config, settings: Settings, fast_failure: str) -> Link:
+    first = fast_failure
+    if not first:  # the fast path did not run (settings-only configuration): try broker.json now
+        try:
+            return _direct(cfg, settings, settings.connect_timeout, "host")
+        except PalaceMismatch:
+            raise
+        except (OSError, ShimError, ValueError) as exc:
+            first = str(exc)
+    shim.log(20, f"no broker answered ({first}); electing one (bounded by {settings.ensure_timeout:g}s)")
+    from broker.ensure import EnsureError, ensure_broker
+
+    try:
+        info = ensure_broker(settings)
+    except EnsureError as exc:
+        return degraded_or_refuse(cfg, settings, f"no broker could be started: {exc}", "host")
+    try:
+        return _direct(cfg, settings, settings.connect_timeout, "host")
+    except PalaceMismatch:
+        raise
+    except (OSError, ShimError, ValueError) as exc:
+        raise ShimError(
+            BROKER_UNREACHABLE,
+            f"a broker was ensured at {info.get('endpoint')} (pid {info.get('pid')}) but this session could not "
+            f"use it: {exc}",
+        ) from exc
+
+
+# --------------------------------------------------------------------------- container
+def _container(cfg: Config, settings: Settings) -> Link:
+    try:
+        return _direct(cfg, settings, CONTAINER_DIRECT_TIMEOUT, "container")
+    except PalaceMismatch:
+        raise
+    except (OSError, ShimError, ValueError) as exc:
+        direct = str(exc)
+    try:
+        from mp_ssh_bridge import ssh
+
+        connect = ssh.connect_container
+    except (ImportError, AttributeError) as exc:
+        raise ShimError(
+            BROKER_UNREACHABLE,
+            f"container role: the broker socket is not reachable from here ({direct}) and the SSH transport "
+            f"(mp_ssh_bridge.ssh.connect_container) is not available in this version yet ({exc}); set "
+            "MEMPALACE_BROKER=tcp://HOST:PORT for a broker started with --tcp, or MP_BRIDGE_ROLE=host if this "
+            "is not a container",
+        ) from exc
+    try:
+        conn = endpoints.run_async(connect(settings), settings.connect_timeout + settings.ensure_timeout + 10)
+    except Exception as exc:  # noqa: BLE001 - ssh.py's exceptions carry the user-actionable message
+        return degraded_or_refuse(cfg, settings, f"cannot reach the host broker over SSH: {exc}", "container")
+    link = endpoints.AsyncLink(conn)
+    try:
+        status = shim.broker_status(link, settings.connect_timeout)
+        shim.check_identity(status, cfg, link.endpoint, "container")
+    except ShimError:
+        link.close()
+        raise
+    except (OSError, ValueError) as exc:
+        link.close()
+        raise ShimError(BROKER_UNREACHABLE, f"{link.endpoint} does not answer as a broker: {exc}") from exc
+    return link
+
+
+# --------------------------------------------------------------------------- degraded mode
+def hold_lock(paths: state.StatePaths) -> tuple[int | None, bool]:
+    """(fd holding broker.lock, held_by_someone_else). (None, False) when the lock file cannot be used."""
+    try:
+        fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None, False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None, True
+        return None, False
+    return fd, False
+
+
+def is_shim_command(argv: list[str], resolved: str) -> bool:
+    """Would running `argv` start mp-shim again (e.g. the shim installed as `mempalace-mcp`)?"""
+    real = os.path.realpath(resolved)
+    ours = set()
+    if sys.argv and sys.argv[0]:
+        ours.add(os.path.realpath(sys.argv[0]))
+    script = shutil.which("mp-shim")
+    if script:
+        ours.add(os.path.realpath(script))
+    if real in ours:
+        return True
+    if any("mp_ssh_bridge.shim" in arg for arg in argv[1:]):
+        return True
+    try:
+        with open(real, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return b"mp_ssh_bridge.shim" in head
+
+
+def resolve_engine(settings: Settings) -> list[str]:
+    """The real engine's argv (MP_BRIDGE_ENGINE), never the shim itself."""
+    argv = settings.engine_argv
+    exe = argv[0]
+    path = exe if os.sep in exe else shutil.which(exe)
+    if not path or not os.access(path, os.X_OK):
+        raise ShimError(
+            BROKER_UNREACHABLE,
+            f"the memory engine {exe!r} was not found on PATH; set MP_BRIDGE_ENGINE to the real mempalace-mcp",
+        )
+    if is_shim_command(argv, path):
+        raise ShimError(
+            BROKER_UNREACHABLE,
+            f"the memory engine {exe!r} resolves to {os.path.realpath(path)}, which is mp-shim itself (is the "
+            "shim installed under the name mempalace-mcp?); refusing to start it recursively — set "
+            "MP_BRIDGE_ENGINE to the real engine, e.g. /path/to/venv/bin/mempalace-mcp",
+        )
+    return [path, *argv[1:]]
+
+
+class ProcessLink(Link):
+    """Degraded mode: the engine as our own child, over its stdio; holds broker.lock while it runs."""
+
+    transport = "engine"
+    degraded = True
+
+    def __init__(self, proc: subprocess.Popen, reason: str, lock_fd: int | None, max_line_bytes: int) -> None:
+        self.proc = proc
+        self.reason = reason
+        self.lock_fd = lock_fd
+        self.max_line_bytes = max_line_bytes
+        self.endpoint = f"engine pid {proc.pid}"
+        self._send_lock = threading.Lock()
+        self._closed = False
+
+    def recv(self, timeout: float | None = None) -> bytes | None:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline(self.max_line_bytes + 2)
+        if not line:
+            return None
+        return line.rstrip(b"\r\n")
+
+    def send(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        with self._send_lock:
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()  # the engine exits at EOF
+        except OSError:
+            pass
+        try:
+            self.proc.wait(3)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(3)
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def degraded_or_refuse(cfg: Config, settings: Settings, reason: str, role: str) -> Link:
+    """Run the engine directly — only when no broker can be alive; otherwise refuse."""
+    paths = settings.paths
+    record = state.read_broker_json(paths.json)
+    alive = state.broker_may_be_alive(record, settings.heartbeat_stale_after)
+    lock_fd, held = hold_lock(paths)
+    if alive or held:
+        if lock_fd is not None:
+            os.close(lock_fd)
+        if alive and record is not None:
+            age = state.heartbeat_age(record)
+            who = (
+                f"broker.json names broker pid {record.get('pid')} on {record.get('host')} "
+                f"(heartbeat {age:.0f}s ago)" if age is not None else f"broker.json names broker pid {record.get('pid')}"
+            )
+        else:
+            who = f"another process holds {paths.lock} (a broker starting, or a session already in degraded mode)"
+        raise ShimError(
+            BROKER_UNREACHABLE,
+            f"{reason}; {who}, which may still be alive but does not answer, so this session will NOT start its own "
+            f"memory engine (that would make a second writer on the palace). Check it with `mp-bridge status`, "
+            f"or stop it (its log: {paths.log})",
+        )
+    try:
+        argv = resolve_engine(settings) + ["--palace", str(settings.palace_path)]
+    except ShimError as exc:
+        if lock_fd is not None:
+            os.close(lock_fd)
+        raise ShimError(exc.code, f"{reason}; and degraded mode is impossible: {exc}") from exc
+    env = dict(os.environ)
+    env["MEMPALACE_HUB_FORWARD"] = "0"  # a stdio server, never a proxy of some hub
+    env[shim.ENGINE_CHILD_ENV] = "1"  # a shim started as this engine refuses instead of recursing
+    for name in list(env):
+        if name.startswith("MP_BRIDGE_SETTINGS"):
+            env.pop(name)
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=2, env=env, bufsize=-1, close_fds=True
+        )
+    except OSError as exc:
+        if lock_fd is not None:
+            os.close(lock_fd)
+        raise ShimError(BROKER_UNREACHABLE, f"{reason}; and the engine {argv[0]} could not be started: {exc}") from exc
+    shim.log(30, f"{reason}; no broker is alive, so this session runs its own engine (pid {proc.pid}): {' '.join(argv)}")
+    time.sleep(0)  # let the child start before the first request
+    return ProcessLink(proc, reason, lock_fd, cfg.max_line_bytes)

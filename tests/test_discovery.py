@@ -1,0 +1,125 @@
+"""Discovery pieces: endpoint URLs, tcp+token, engine resolution (no recursion), the degraded-mode decision."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mp_ssh_bridge import discovery, endpoints, protocol, shim, state
+from mp_ssh_bridge.settings import load
+from tests.test_shim_support import SHIM, ShimProc
+
+
+def test_parse_urls() -> None:
+    assert endpoints.parse("unix:///run/b.sock") == ("unix", "", None, "/run/b.sock")
+    assert endpoints.parse("tcp://127.0.0.1:7000") == ("tcp", "127.0.0.1", 7000, "")
+    assert endpoints.parse("ssh://host/Users/me/.mempalace/broker.sock")[:2] == ("ssh", "host")
+    for bad in ("http://x", "unix://", "tcp://host", "/just/a/path"):
+        with pytest.raises(endpoints.EndpointError):
+            endpoints.parse(bad)
+
+
+def test_ssh_url_without_ssh_module_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "mp_ssh_bridge.ssh", None)  # as if ssh.py did not exist
+    with pytest.raises(endpoints.EndpointError, match="ssh:// endpoints are not supported yet"):
+        endpoints._ssh_opener()
+
+
+def test_tcp_endpoint_with_token(home: Path, monkeypatch: pytest.MonkeyPatch, broker_factory, tmp_path: Path) -> None:
+    monkeypatch.setenv("MP_BRIDGE_ROLE", "host")
+    b = broker_factory("--tcp", "127.0.0.1:0", wait_engine=False)
+    url = b.record["endpoints"]["tcp"]
+    s = ShimProc(env={"MEMPALACE_BROKER": url}, stderr_path=tmp_path / "ok.err")  # token from broker.json
+    try:
+        assert s.call("ping", timeout=60)["result"] == {}
+    finally:
+        s.close()
+    bad = ShimProc(env={"MEMPALACE_BROKER": url, "MEMPALACE_BROKER_TOKEN": "wrong"}, stderr_path=tmp_path / "bad.err")
+    try:
+        r = bad.call("ping", timeout=60)
+        assert r["error"]["code"] == protocol.UNAUTHORIZED, r
+    finally:
+        bad.close()
+
+
+def test_engine_that_is_the_shim_is_refused(home: Path, tmp_path: Path) -> None:
+    with pytest.raises(shim.ShimError, match="mp-shim itself"):
+        discovery.resolve_engine(load(engine=SHIM))
+    # the shim installed under the name mempalace-mcp (a copy of the console script)
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    impostor = fake_bin / "mempalace-mcp"
+    impostor.write_bytes(Path(SHIM).read_bytes())
+    impostor.chmod(0o755)
+    with pytest.raises(shim.ShimError, match="refusing to start it recursively"):
+        discovery.resolve_engine(load(engine=str(impostor)))
+    with pytest.raises(shim.ShimError, match="mp-shim itself"):
+        discovery.resolve_engine(load(engine=f"{sys.executable} -m mp_ssh_bridge.shim"))
+    real = discovery.resolve_engine(load())
+    assert real[0].endswith("mempalace-mcp") and not discovery.is_shim_command(real, real[0])
+
+
+def test_degraded_mode_never_recurses_into_the_shim(home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """MP_BRIDGE_ENGINE names the shim and no broker can start: a clear error, no child shim."""
+    monkeypatch.setenv("MP_BRIDGE_ROLE", "host")
+    sd = home / ".mempalace"
+    sd.mkdir(mode=0o700)
+    os.chmod(sd, 0o775)  # unsafe: ensure refuses
+    s = ShimProc(env={"MP_BRIDGE_ENGINE": SHIM}, stderr_path=tmp_path / "err")
+    try:
+        r = s.call("ping", timeout=60)
+        assert r["error"]["code"] == protocol.BROKER_UNREACHABLE
+        assert "mp-shim itself" in r["error"]["message"] and "writable by group" in r["error"]["message"]
+    finally:
+        s.close()
+
+
+def test_engine_child_marker_refuses(home: Path) -> None:
+    import subprocess
+
+    out = subprocess.run([SHIM], input=b"", capture_output=True, timeout=30,
+                         env=dict(os.environ, **{shim.ENGINE_CHILD_ENV: "1"}))
+    assert out.returncode == 3 and b"MP_BRIDGE_ENGINE" in out.stderr and out.stdout == b""
+
+
+def _settings(home: Path):
+    sd = home / ".mempalace"
+    sd.mkdir(mode=0o700, exist_ok=True)
+    return load(heartbeat_stale_after=30)
+
+
+def test_degraded_decision_refuses_when_the_record_may_be_alive(home: Path) -> None:
+    s = _settings(home)
+    cfg = discovery.config_from_settings(None, s)
+    record = {"pid": os.getpid(), "host": "elsewhere", "boot_id": "other-boot", "heartbeat": time.time(),
+              "endpoint": "unix:///nonexistent"}
+    state.write_json_atomic(s.paths.json, record)
+    try:  # (the record names this very process: remove it before the home fixture "stops" that broker)
+        with pytest.raises(shim.ShimError, match="second writer") as info:
+            discovery.degraded_or_refuse(cfg, s, "test", "container")
+        assert info.value.code == protocol.BROKER_UNREACHABLE
+        # a stale heartbeat from another machine means nobody: degraded mode may start (only the decision here)
+        record["heartbeat"] = time.time() - 3600
+        assert not state.broker_may_be_alive(record, s.heartbeat_stale_after)
+    finally:
+        s.paths.json.unlink()
+
+
+def test_degraded_decision_refuses_while_someone_holds_the_lock(home: Path) -> None:
+    s = _settings(home)
+    cfg = discovery.config_from_settings(None, s)
+    fd, held = discovery.hold_lock(s.paths)
+    assert fd is not None and not held
+    try:
+        fd2, held2 = discovery.hold_lock(s.paths)  # flock is per open file description: a second open conflicts
+        assert fd2 is None and held2
+        with pytest.raises(shim.ShimError, match="holds"):
+            discovery.degraded_or_refuse(cfg, s, "test", "host")
+    finally:
+        os.close(fd)
+    assert stat.S_IMODE(s.paths.lock.stat().st_mode) == 0o600

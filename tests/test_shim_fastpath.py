@@ -1,0 +1,266 @@
+"""The shim's fast path: what it imports, that it agrees with the settings model, and the pump's rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mp_ssh_bridge import protocol, shim, state
+from mp_ssh_bridge.settings import config_file, load
+from tests.test_shim_support import FakeBroker, ShimProc
+
+FORBIDDEN = ("pydantic", "pydantic_settings", "rich", "asyncssh", "broker", "asyncio", "platformdirs")
+# protocol is allowed: it is json-only at import (asyncio is imported inside read_frame).
+FORBIDDEN_OURS = ("mp_ssh_bridge.settings", "mp_ssh_bridge.ssh", "mp_ssh_bridge.discovery", "mp_ssh_bridge.state",
+                  "mp_ssh_bridge.connection")
+
+
+def _heavy(modules: list[str]) -> list[str]:
+    return sorted(m for m in modules if m.split(".")[0] in FORBIDDEN or m in FORBIDDEN_OURS)
+
+
+def test_fast_path_imports_nothing_heavy(home: Path, monkeypatch: pytest.MonkeyPatch, broker) -> None:
+    """Run the real fast path (config, broker.json, socket, broker/status) in a fresh interpreter."""
+    monkeypatch.setenv("MP_BRIDGE_ROLE", "host")
+    code = (
+        "import json, sys\n"
+        "from mp_ssh_bridge import shim\n"
+        "cfg = shim.fast_config(None)\n"
+        "link = shim.fast_connect(cfg)\n"
+        "link.send(shim.encode({'jsonrpc': '2.0', 'id': 7, 'method': 'ping'}))\n"
+        "assert json.loads(link.recv(30))['id'] == 7\n"
+        "link.close()\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr
+    modules = json.loads(out.stdout)
+    assert "mp_ssh_bridge.shim" in modules and "socket" in modules
+    assert _heavy(modules) == []
+
+
+def test_shim_process_stays_light(home: Path, monkeypatch: pytest.MonkeyPatch, broker, tmp_path: Path) -> None:
+    """The same, for the real mp-shim process after a call: no heavy module was loaded (checked via -X importtime)."""
+    env = dict(os.environ, MP_BRIDGE_ROLE="host", PYTHONPROFILEIMPORTTIME="1")
+    s = ShimProc(env=env, stderr_path=tmp_path / "err")
+    try:
+        assert "result" in s.call("ping", timeout=60)
+    finally:
+        s.close()
+    imported = [line.rsplit("|", 1)[-1].strip() for line in (tmp_path / "err").read_text().splitlines()
+                if line.startswith("import time:") and "|" in line]
+    assert "mp_ssh_bridge.shim" in imported
+    assert _heavy(imported) == []
+
+
+CASES = [
+    {},
+    {"MEMPALACE_PATH": "/tmp/some/where/.mp"},
+    {"MEMPALACE_PATH": "~/elsewhere"},
+    {"MEMPALACE_MCP_TIMEOUT_MS": "1234"},
+    {"MEMPALACE_MCP_TIMEOUT_MS": "0", "MEMPALACE_PATH": "rel/dir"},
+    {"MP_BRIDGE_ROLE": "container", "MP_BRIDGE_CONNECT_TIMEOUT": "2.5", "MP_BRIDGE_MAX_LINE_BYTES": "4096"},
+    {"MEMPALACE_BROKER": "tcp://127.0.0.1:9999", "MP_BRIDGE_PALACE": "/p/q"},
+    {"MEMPALACE_PALACE_PATH": "/palaces/a"},
+]
+TOML = 'mempalace_path = "/from/toml"\nmcp_timeout_ms = 4321\nrole = "host"\npalace = "/toml/palace"\n'
+
+
+def _compare(palace_flag: str | None = None) -> None:
+    fast = shim.fast_config(palace_flag)
+    s = load(palace=palace_flag)
+    assert fast.state_dir == str(s.mempalace_path)
+    assert fast.timeout_ms == s.mcp_timeout_ms
+    assert fast.connect_timeout == s.connect_timeout
+    assert fast.max_line_bytes == s.max_line_bytes
+    assert fast.role == s.role
+    assert fast.broker_url == s.broker
+    # the palace the engine would open agrees too
+    assert (fast.palace or os.path.join(fast.state_dir, "palace")) == str(s.palace_path)
+    # and the model-built config is the same as the fast one
+    from mp_ssh_bridge.discovery import config_from_settings
+
+    slow = config_from_settings(palace_flag, s)
+    for attr in ("state_dir", "timeout_ms", "connect_timeout", "max_line_bytes", "role", "broker_url", "palace"):
+        assert getattr(slow, attr) == getattr(fast, attr), attr
+
+
+@pytest.mark.parametrize("env", CASES, ids=lambda e: ",".join(e) or "bare")
+@pytest.mark.parametrize("with_toml", [False, True], ids=["env", "env+toml"])
+@pytest.mark.parametrize("palace_flag", [None, "/flag/palace"], ids=["noflag", "flag"])
+def test_fast_path_agrees_with_settings(home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                        env: dict[str, str], with_toml: bool, palace_flag: str | None) -> None:
+    monkeypatch.chdir(tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    if with_toml:
+        (home / "mp-bridge.toml").write_text(TOML)  # MP_BRIDGE_CONFIG points here (conftest)
+    _compare(palace_flag)
+    if "MEMPALACE_PATH" in env or not with_toml:
+        assert shim.fast_config(None).state_dir == str(state.state_dir_from_env())
+
+
+def test_config_file_location_agrees(home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert shim.config_file_path() == str(config_file())
+    monkeypatch.delenv("MP_BRIDGE_CONFIG")
+    assert shim.config_file_path() == str(config_file())
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert shim.config_file_path() == str(config_file())
+    cfg = tmp_path / "xdg" / "mp-ssh-bridge" / "config.toml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text('mcp_timeout_ms = 777\n')
+    assert shim.fast_config(None).timeout_ms == load().mcp_timeout_ms == 777
+
+
+def test_unsure_values_defer_to_the_model(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMPALACE_MCP_TIMEOUT_MS", "soon")
+    with pytest.raises(shim.NeedSettings):
+        shim.fast_config(None)
+    with pytest.raises(Exception):  # the model rejects it too: mp-shim reports it and exits 2
+        load()
+    out = subprocess.run([str(Path(sys.executable).parent / "mp-shim")], input=b"", capture_output=True, timeout=60)
+    assert out.returncode == 2 and b"invalid settings" in out.stderr and out.stdout == b""
+
+
+def test_fast_path_defaults_match_the_settings_model() -> None:
+    from mp_ssh_bridge.settings import APP_NAME, Settings
+
+    fields = Settings.model_fields
+    assert shim.DEFAULT_STATE_DIR == state.DEFAULT_STATE_DIR
+    assert shim.DEFAULT_TIMEOUT_MS == fields["mcp_timeout_ms"].default
+    assert shim.DEFAULT_CONNECT_TIMEOUT == fields["connect_timeout"].default
+    assert shim.APP_NAME == APP_NAME
+    assert shim.encode is protocol.encode, "framing has one home: mp_ssh_bridge.protocol"
+
+
+def test_deadline_rules() -> None:
+    assert shim.deadline_ms(60000, "tools/call", {"name": "mempalace_status"}) == 60000
+    assert shim.deadline_ms(0, "tools/call", {"name": "mempalace_status"}) is None
+    wait = {"name": "mempalace_event_wait", "arguments": {"timeout_ms": 5000}}
+    assert shim.deadline_ms(1000, "tools/call", wait) == 6000
+    assert shim.deadline_ms(1000, "tools/call", {"name": "mempalace_event_wait"}) == 61000
+    assert shim.deadline_ms(1000, "tools/call", {"name": "mempalace_event_wait", "arguments": {"timeout_ms": 10**9}}) == 301000
+
+
+def test_parse_args_accepts_mempalace_mcp_arguments() -> None:
+    a = shim.parse_args(["--palace", "/p", "--backend", "chroma", "--read-only", "--port=1", "--weird"])
+    assert a["palace"] == "/p"
+    assert "--read-only" in a["ignored"] and "--weird" in a["ignored"] and "--backend=chroma" in a["ignored"]
+    assert shim.parse_args(["--palace=/x"])["palace"] == "/x"
+
+
+# --------------------------------------------------------------------------- the pump, against a fake broker
+@pytest.fixture
+def fake_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MP_BRIDGE_ROLE", "host")
+    return home / ".mempalace"
+
+
+def test_deadline_error_and_late_reply_dropped(fake_home: Path, tmp_path: Path) -> None:
+    held: list = []
+
+    def handler(no, msg):
+        if msg.get("method") == "tools/call" and msg["params"]["name"] == "slow":
+            held.append((no, msg))  # answered late, below
+            return None
+        if "id" in msg:
+            return {"jsonrpc": "2.0", "id": msg["id"], "result": {"echo": msg["method"]}}
+        return None
+
+    fake = FakeBroker(fake_home, handler)
+    s = ShimProc(env={"MEMPALACE_MCP_TIMEOUT_MS": "400"}, stderr_path=tmp_path / "err")
+    try:
+        slow = s.request("tools/call", {"name": "slow", "arguments": {}})
+        reply = s.wait_reply(slow, timeout=30)
+        assert reply["error"]["code"] == protocol.DEADLINE_EXCEEDED
+        # the shim told the broker to drop it
+        deadline = time.monotonic() + 10
+        while ("notifications/cancelled" not in [m for _, m in fake.methods()]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "notifications/cancelled" in [m for _, m in fake.methods()]
+        # a late answer is dropped, and the session goes on
+        conn = fake.connections[-1]
+        FakeBroker.send(conn, {"jsonrpc": "2.0", "id": held[0][1]["id"], "result": {"late": True}})
+        after = s.call("ping", timeout=30)
+        assert after["result"] == {"echo": "ping"}
+        assert all(m.get("id") != slow for m in s.inbox)
+    finally:
+        s.close()
+        fake.close()
+
+
+def test_event_wait_extends_the_deadline(fake_home: Path, tmp_path: Path) -> None:
+    def handler(no, msg):
+        if "id" in msg:
+            if msg.get("method") == "tools/call":
+                time.sleep(1.0)  # longer than MEMPALACE_MCP_TIMEOUT_MS, shorter than it plus timeout_ms
+            return {"jsonrpc": "2.0", "id": msg["id"], "result": {"content": []}}
+        return None
+
+    fake = FakeBroker(fake_home, handler)
+    s = ShimProc(env={"MEMPALACE_MCP_TIMEOUT_MS": "300"}, stderr_path=tmp_path / "err")
+    try:
+        reply = s.tool("mempalace_event_wait", {"timeout_ms": 30000}, timeout=60)
+        assert "result" in reply, reply
+    finally:
+        s.close()
+        fake.close()
+
+
+def test_lost_connection_outcome_unknown_then_replayed_initialize(fake_home: Path, tmp_path: Path) -> None:
+    """The connection drops mid-call: that call gets OUTCOME_UNKNOWN; the next call reconnects and the
+    client's initialize (and notifications/initialized) are replayed first, their reply swallowed."""
+
+    def handler(no, msg):
+        if msg.get("method") == "tools/call" and msg["params"]["name"] == "crash":
+            return "close"
+        if "id" in msg:
+            return {"jsonrpc": "2.0", "id": msg["id"], "result": {"conn": no, "method": msg["method"]}}
+        return None
+
+    fake = FakeBroker(fake_home, handler)
+    s = ShimProc(stderr_path=tmp_path / "err")
+    try:
+        init = s.initialize()
+        assert init["result"]["method"] == "initialize"
+        lost = s.tool("crash", timeout=30)
+        assert lost["error"]["code"] == protocol.OUTCOME_UNKNOWN
+        assert "connection to the broker was lost; outcome unknown; not retried" in lost["error"]["message"]
+        nxt = s.tool("fine", timeout=60)
+        assert nxt["result"]["method"] == "tools/call" and nxt["result"]["conn"] >= 2
+        second = [m for no, m in fake.received if no == nxt["result"]["conn"]]
+        methods = [m.get("method") for m in second]
+        assert methods[:4] == ["broker/status", "initialize", "notifications/initialized", "tools/call"], methods
+        assert second[1]["params"] == shim_init_params()
+        assert not any(m.get("id", "").startswith("mp-shim/") for m in s.inbox if isinstance(m.get("id"), str))
+    finally:
+        s.close()
+        fake.close()
+
+
+def shim_init_params() -> dict:
+    from tests.test_shim_support import INIT_PARAMS
+
+    return INIT_PARAMS
+
+
+def test_palace_mismatch_with_a_fake_broker_forwards_nothing(fake_home: Path, tmp_path: Path) -> None:
+    def handler(no, msg):
+        return {"jsonrpc": "2.0", "id": msg["id"], "result": {}} if "id" in msg else None
+
+    fake = FakeBroker(fake_home, handler, palace="/somewhere/else")
+    s = ShimProc("--palace", "/the/one/i/want", stderr_path=tmp_path / "err")
+    try:
+        r = s.call("ping", timeout=60)
+        assert r["error"]["code"] == protocol.PALACE_MISMATCH
+        assert "/somewhere/else" in r["error"]["message"] and "/the/one/i/want" in r["error"]["message"]
+        assert fake.methods() and all(m == "broker/status" for _, m in fake.methods())  # nothing was forwarded
+    finally:
+        s.close()
+        fake.close()
