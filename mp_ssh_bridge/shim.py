@@ -265,24 +265,28 @@ class SocketLink(Link):
         self.endpoint = endpoint
         self.transport = transport
         self.max_line_bytes = max_line_bytes
-        self._buf = b""
+        self._buf = bytearray()
         self._send_lock = threading.Lock()
         self._closed = False
 
     def recv(self, timeout: float | None = None) -> bytes | None:
         self.sock.settimeout(timeout)
+        scanned = 0  # big frames arrive in many chunks: never rescan or recopy what we have
         try:
             while True:
-                nl = self._buf.find(b"\n")
+                nl = self._buf.find(b"\n", scanned)
                 if nl >= 0:
-                    line, self._buf = self._buf[:nl], self._buf[nl + 1 :]
+                    line = bytes(self._buf[:nl])
+                    del self._buf[: nl + 1]
                     return line.rstrip(b"\r")
-                if len(self._buf) > self.max_line_bytes:
+                scanned = len(self._buf)
+                if scanned > self.max_line_bytes:
                     raise ShimError(LINE_TOO_LONG, f"broker sent a line above {self.max_line_bytes} bytes")
                 chunk = self.sock.recv(262144)
                 if not chunk:
                     if self._buf:
-                        line, self._buf = self._buf, b""
+                        line = bytes(self._buf)
+                        self._buf.clear()
                         return line
                     return None
                 self._buf += chunk
