@@ -154,7 +154,7 @@ def _container(cfg: Config, settings: Settings) -> Link:
             "is not a container",
         ) from exc
     try:
-        conn = endpoints.run_async(connect(settings), settings.connect_timeout + settings.ensure_timeout + 10)
+        conn = endpoints.run_async(connect(settings), settings.connect_timeout + settings.ensure_timeout + 30)  # room for every SSH fallback
     except Exception as exc:  # noqa: BLE001 - ssh.py's exceptions carry the user-actionable message
         return degraded_or_refuse(cfg, settings, f"cannot reach the host broker over SSH: {exc}", "container")
     link = endpoints.AsyncLink(conn)

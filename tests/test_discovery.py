@@ -25,6 +25,9 @@ def test_parse_urls() -> None:
 
 
 def test_ssh_url_without_ssh_module_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mp_ssh_bridge
+
+    monkeypatch.delattr(mp_ssh_bridge, "ssh", raising=False)  # an earlier import left the attribute
     monkeypatch.setitem(sys.modules, "mp_ssh_bridge.ssh", None)  # as if ssh.py did not exist
     with pytest.raises(endpoints.EndpointError, match="ssh:// endpoints are not supported yet"):
         endpoints._ssh_opener()

@@ -1,0 +1,516 @@
+"""The container path: asyncssh to the host, remote `--ensure`, the broker socket over SSH.
+
+Only the container role (and `ssh://` endpoints) load this module: `import
+asyncssh` costs ~130 ms and ~40 MB, which the host shim must never pay, so
+asyncssh is imported here and nowhere else.
+
+What `connect_container(settings)` does, every step bounded:
+
+1. connect to `settings.ssh_host` reading the user's OpenSSH config (HostName,
+   Port, User, IdentityFile, ProxyJump, UserKnownHostsFile, ...; ControlMaster
+   lines are ignored by asyncssh — we hold our own connection). Host keys are
+   always verified. Keepalive on, so a hung host is dropped within ~4 s.
+2. fast path: when broker.json, seen through the shared mount, has a fresh
+   heartbeat and names this side's palace.id, open its socket at once (one
+   channel open) and skip step 3.
+3. run `<remote_broker> --ensure [--palace P]` on the host (every argument
+   quoted), parse its one JSON line, and check the palace identity: the host
+   broker's `palace_id` against the container's own `$MEMPALACE_PATH/palace.id`
+   (the same file seen through the mount) — paths differ across the mount,
+   identities do not.
+4. open the broker socket: direct-streamlocal (`open_unix_connection`); when
+   the server refuses that, a remote `mempalace-broker --dial-stdio` bridging
+   its stdio to the socket; when that fails too, TCP + token if broker.json
+   (visible through the shared mount) advertises a TCP listener.
+
+Everything a user can get wrong becomes an `SSHBridgeError` whose message
+says what to fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import asyncssh
+
+from mp_ssh_bridge import protocol, state
+from mp_ssh_bridge.connection import Connection
+
+if TYPE_CHECKING:
+    from mp_ssh_bridge.settings import Settings
+
+log = logging.getLogger("mp_ssh_bridge.ssh")
+
+# How long the stdio bridge may take to answer its first ping (python start-up
+# on the host, plus the connect to the socket).
+DIAL_PROBE_TIMEOUT = 10.0
+_PROBE_ID = "mp-ssh-bridge-dial-probe"
+_DEFAULT_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
+
+
+class SSHBridgeError(Exception):
+    """The SSH path to the host broker failed; the message says what to do about it.
+
+    `code` is a JSON-RPC error code from `mp_ssh_bridge.protocol` the shim can
+    hand on (BROKER_UNREACHABLE unless something more precise applies).
+    """
+
+    def __init__(self, message: str, code: int = protocol.BROKER_UNREACHABLE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Target:
+    """What the SSH config says about one alias (for connecting and for error messages)."""
+
+    def __init__(self, alias: str, options: Any, config_path: Path) -> None:
+        self.alias = alias
+        self.options = options
+        self.config_path = config_path
+        cfg = options.config
+        self.host: str = options.host or alias
+        self.port: int = int(options.port or 22)
+        self.user: str = options.username
+        self.known_hosts: Any = options.known_hosts
+        self.identity_files: list[str] = [str(p) for p in (cfg.get("IdentityFile") or [])]
+        self.proxy_jump = cfg.get("ProxyJump")
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}" + (f" (via ProxyJump {self.proxy_jump})" if self.proxy_jump else "")
+
+    def known_hosts_files(self) -> list[str]:
+        kh = self.known_hosts
+        if kh in ((), None, []):
+            return [str(state.expand("~/.ssh/known_hosts"))]
+        if isinstance(kh, (str, os.PathLike)):
+            return [str(kh)]
+        return [str(p) for p in kh]
+
+    def key_files(self) -> list[str]:
+        return self.identity_files or [str(state.expand(k)) for k in _DEFAULT_KEYS] + ["(and ssh-agent keys)"]
+
+
+def _options(settings: "Settings", alias: str, username: str | None, port: int | None) -> _Target:
+    """Read the OpenSSH config for `alias` the way asyncssh.connect will (keys included)."""
+    config_path = settings.ssh_config_path
+    if not config_path.is_file():
+        raise SSHBridgeError(
+            f"SSH config {config_path} not found: write a `Host {alias}` entry there (HostName, User, "
+            f"IdentityFile, UserKnownHostsFile) or point MP_BRIDGE_SSH_CONFIG at one"
+        )
+    kwargs: dict[str, Any] = {
+        "config": [str(config_path)],
+        "host": alias,
+        "keepalive_interval": settings.keepalive_interval,
+        "keepalive_count_max": settings.keepalive_count_max,
+        "connect_timeout": settings.connect_timeout,
+        "encoding": None,
+    }
+    if username:
+        kwargs["username"] = username
+    if port:
+        kwargs["port"] = port
+    try:
+        options = asyncssh.SSHClientConnectionOptions(**kwargs)
+    except FileNotFoundError as exc:
+        raise SSHBridgeError(
+            f"SSH config {config_path}, Host {alias}: cannot read {exc.filename or exc} "
+            f"(an IdentityFile that does not exist is fatal for asyncssh, unlike OpenSSH)"
+        ) from exc
+    except (OSError, ValueError, asyncssh.Error) as exc:
+        raise SSHBridgeError(f"SSH config {config_path}, Host {alias}: {exc}") from exc
+    target = _Target(alias, options, config_path)
+    if target.known_hosts is None:
+        raise SSHBridgeError(
+            f"SSH config {config_path}, Host {alias}: `UserKnownHostsFile none` turns off host key "
+            f"verification, which mp-ssh-bridge refuses; point it at a known_hosts file holding {target.where}'s key"
+        )
+    return target
+
+
+async def connect(
+    settings: "Settings", host: str | None = None, *, username: str | None = None, port: int | None = None
+) -> asyncssh.SSHClientConnection:
+    """An SSH connection to `host` (default `settings.ssh_host`), per the user's OpenSSH config.
+
+    Host keys are always verified; keepalive is on. Raises SSHBridgeError.
+    """
+    alias = host or settings.ssh_host
+    loop = asyncio.get_running_loop()
+    target = await loop.run_in_executor(None, _options, settings, alias, username, port)
+    bound = settings.connect_timeout
+    try:
+        # asyncssh's connect_timeout covers TCP connect, key exchange and auth;
+        # the outer wait_for is a belt for anything it does not (e.g. ProxyJump set-up).
+        return await asyncio.wait_for(asyncssh.connect(alias, options=target.options), bound + 2)
+    except asyncssh.HostKeyNotVerifiable as exc:
+        files = ", ".join(target.known_hosts_files())
+        name = f"[{target.host}]:{target.port}" if target.port != 22 else target.host
+        raise SSHBridgeError(
+            f"SSH host key of {target.where} could not be verified against known_hosts file(s) {files} "
+            f"({exc.reason}). The key is missing or differs from the one recorded for {name}: "
+            f"compare with the host's own key (on the host: `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`), "
+            f"then record it in {target.known_hosts_files()[0]} (`ssh -F {target.config_path} {alias} true` once "
+            f"asks to), or fix UserKnownHostsFile in {target.config_path} (Host {alias})"
+        ) from exc
+    except asyncssh.PermissionDenied as exc:
+        raise SSHBridgeError(
+            f"SSH login to {target.where} as user {target.user!r} was refused ({exc.reason}); "
+            f"keys offered: {', '.join(target.key_files())}. Add the public key to the host's "
+            f"~/.ssh/authorized_keys, or fix User/IdentityFile in {target.config_path} (Host {alias})"
+        ) from exc
+    except (asyncio.TimeoutError, TimeoutError) as exc:
+        raise SSHBridgeError(
+            f"SSH connection to {target.where} did not complete within {bound:g}s "
+            f"(MP_BRIDGE_CONNECT_TIMEOUT): the host is unreachable or hung"
+        ) from exc
+    except ConnectionRefusedError as exc:
+        raise SSHBridgeError(
+            f"SSH connection to {target.where} refused: no sshd listens there; check HostName/Port "
+            f"for Host {alias} in {target.config_path} and that sshd runs on the host"
+        ) from exc
+    except asyncssh.DisconnectError as exc:
+        raise SSHBridgeError(f"SSH connection to {target.where} failed: {exc.reason}") from exc
+    except OSError as exc:
+        raise SSHBridgeError(
+            f"SSH connection to {target.where} failed: {exc.strerror or exc}; check HostName/Port "
+            f"for Host {alias} in {target.config_path}"
+        ) from exc
+
+
+def remote_argv(settings: "Settings", *args: str) -> str:
+    """`settings.remote_broker` (shell-split) plus `args`, every word quoted for the remote shell."""
+    words = shlex.split(settings.remote_broker)
+    if not words:
+        raise SSHBridgeError("MP_BRIDGE_REMOTE_BROKER is empty")
+    return " ".join(shlex.quote(w) for w in [*words, *args])
+
+
+def ensure_command(settings: "Settings") -> str:
+    """The remote --ensure command. The container's own palace path is NOT passed:
+    paths differ across the mount; the host side's settings decide."""
+    extra = ["--palace", settings.remote_palace] if settings.remote_palace else []
+    return remote_argv(settings, "--ensure", *extra)
+
+
+def parse_ensure_output(stdout: str) -> dict[str, Any]:
+    lines = [ln.strip() for ln in stdout.splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError("no output")
+    info = json.loads(lines[-1])  # shell rc files on the host may print before it
+    if not isinstance(info, dict) or not isinstance(info.get("endpoint"), str):
+        raise ValueError(f"not an --ensure record: {lines[-1][:200]}")
+    return info
+
+
+def _text(data: Any) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, bytes):
+        return data.decode("utf-8", "replace")
+    return str(data)
+
+
+async def remote_ensure(settings: "Settings", conn: asyncssh.SSHClientConnection) -> dict[str, Any]:
+    """Run `mempalace-broker --ensure` on the host; its parsed JSON line."""
+    command = ensure_command(settings)
+    bound = settings.ensure_timeout + 5  # the host side bounds its own wait by ensure_timeout
+    try:
+        res = await conn.run(command, check=False, timeout=bound)
+    except asyncssh.TimeoutError as exc:
+        raise SSHBridgeError(f"`{command}` on the SSH host did not finish within {bound:g}s") from exc
+    except (asyncssh.Error, OSError) as exc:
+        raise SSHBridgeError(f"cannot run `{command}` on the SSH host: {exc}") from exc
+    out, err = _text(res.stdout), _text(res.stderr).strip()
+    if res.exit_status == 127:
+        raise SSHBridgeError(
+            f"`{shlex.split(settings.remote_broker)[0]}` was not found on the SSH host ({err[-300:] or 'exit 127'}). "
+            f"Non-interactive SSH sessions get a minimal PATH: set MP_BRIDGE_REMOTE_BROKER to the absolute path "
+            f"of mempalace-broker on the host (e.g. /Users/<you>/.local/bin/mempalace-broker)"
+        )
+    if res.exit_status == 126:
+        raise SSHBridgeError(f"`{command}` on the SSH host is not executable: {err[-300:]}")
+    if res.exit_status != 0:
+        raise SSHBridgeError(
+            f"`{command}` on the SSH host failed (exit {res.exit_status}): {err[-800:] or out[-800:]}"
+        )
+    try:
+        return parse_ensure_output(out)
+    except ValueError as exc:
+        raise SSHBridgeError(f"`{command}` on the SSH host printed no endpoint record ({exc}): {out[-300:]!r}") from exc
+
+
+def check_palace_identity(settings: "Settings", info: dict[str, Any]) -> None:
+    """The host broker must serve the palace this container's state dir belongs to."""
+    local = state.read_palace_id(settings.paths)
+    remote = info.get("palace_id")
+    if local is None:
+        log.warning(
+            "%s has no palace.id; cannot check that the host broker (palace %s, id %s) serves the same palace",
+            settings.paths.palace_id_file, info.get("palace"), remote,
+        )
+        return
+    if remote and remote != local:
+        raise SSHBridgeError(
+            f"palace mismatch: this side's {settings.paths.palace_id_file} says {local}, but the host broker "
+            f"serves palace {info.get('palace')} (state dir {info.get('state_dir')}) with id {remote}. "
+            f"Is {settings.paths.root} really a mount of the host's {info.get('state_dir')}? "
+            f"Set MP_BRIDGE_REMOTE_PALACE / the host's MEMPALACE_PATH accordingly",
+            code=protocol.PALACE_MISMATCH,
+        )
+
+
+def _socket_path(endpoint: str) -> str:
+    if not endpoint.startswith("unix://"):
+        raise SSHBridgeError(f"the host broker's endpoint {endpoint!r} is not a unix:// socket")
+    return endpoint[len("unix://") :]
+
+
+class _Channel:
+    """Owns what must be closed with a Connection: an optional process and the SSH connection."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, process: Any = None) -> None:
+        self.conn = conn
+        self.process = process
+
+    async def close(self) -> None:
+        if self.process is not None:
+            try:
+                self.process.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self.conn.close()
+        try:
+            await asyncio.wait_for(self.conn.wait_closed(), 3)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+async def _open_streamlocal(conn: asyncssh.SSHClientConnection, path: str, bound: float) -> tuple[Any, Any]:
+    return await asyncio.wait_for(conn.open_unix_connection(path, encoding=None), bound)
+
+
+async def _open_dial_stdio(settings: "Settings", conn: asyncssh.SSHClientConnection, path: str) -> Any:
+    """A remote `--dial-stdio` process; proven with one broker `ping` before it is handed out."""
+    command = remote_argv(settings, "--dial-stdio", "--socket", path)
+    process = await asyncio.wait_for(conn.create_process(command, encoding=None), settings.connect_timeout)
+    try:
+        process.stdin.write(protocol.encode(protocol.request(_PROBE_ID, "ping")))
+        line = await asyncio.wait_for(process.stdout.readuntil(b"\n"), DIAL_PROBE_TIMEOUT)
+        reply = json.loads(line)
+        if not (isinstance(reply, dict) and reply.get("id") == _PROBE_ID and "result" in reply):
+            raise ValueError(f"unexpected first reply {line[:200]!r}")
+    except (asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, asyncssh.Error, OSError) as exc:
+        err = ""
+        try:  # a process that failed has exited: its stderr is complete; a hung one gets 1 s
+            err = _text(await asyncio.wait_for(process.stderr.read(), 1)).strip()
+        except Exception:  # noqa: BLE001
+            pass
+        process.close()
+        status = process.exit_status
+        raise SSHBridgeError(
+            f"`{command}` on the SSH host did not bridge to the broker"
+            + (f" (exit {status})" if status is not None else "")
+            + (f": {err[-500:]}" if err else f": {exc}")
+        ) from exc
+    return process
+
+
+async def open_tcp_token(
+    endpoint: str, token: str, *, timeout: float = 5.0, max_line_bytes: int = protocol.DEFAULT_MAX_LINE_BYTES
+) -> Connection:
+    """TCP + token (PROTOCOL.md): connect, send broker/auth first, require `{"ok": true}`."""
+    parts = urlsplit(endpoint)
+    if parts.scheme != "tcp" or not parts.hostname or not parts.port:
+        raise SSHBridgeError(f"not a tcp://host:port endpoint: {endpoint!r}")
+    where = f"{parts.hostname}:{parts.port}"
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, parts.port, limit=max_line_bytes + 2), timeout
+        )
+    except (asyncio.TimeoutError, TimeoutError) as exc:
+        raise SSHBridgeError(f"TCP connection to the broker at {where} timed out after {timeout:g}s") from exc
+    except OSError as exc:
+        raise SSHBridgeError(f"TCP connection to the broker at {where} failed: {exc.strerror or exc}") from exc
+    try:
+        writer.write(protocol.encode(protocol.request("auth", "broker/auth", {"token": token})))
+        await writer.drain()
+        line = await asyncio.wait_for(protocol.read_frame(reader, 64 * 1024), timeout)
+        reply = protocol.decode(line) if line else None
+    except (asyncio.TimeoutError, ConnectionError, OSError, ValueError, protocol.LineTooLong) as exc:
+        writer.close()
+        raise SSHBridgeError(f"broker at {where} did not answer broker/auth: {exc!r}") from exc
+    if not isinstance(reply, dict) or (reply.get("result") or {}).get("ok") is not True:
+        writer.close()
+        err = (reply or {}).get("error") if isinstance(reply, dict) else None
+        code = err.get("code") if isinstance(err, dict) else None
+        msg = err.get("message") if isinstance(err, dict) else repr(reply)
+        raise SSHBridgeError(
+            f"broker at {where} refused the token ({code}: {msg}); the token is `tcp_token` in the host's "
+            f"broker.json (or MEMPALACE_BROKER_TOKEN)",
+            code=code if isinstance(code, int) else protocol.UNAUTHORIZED,
+        )
+    return Connection(
+        reader, writer, transport="tcp", endpoint=endpoint, max_line_bytes=max_line_bytes, info={"transport_detail": "tcp+token"}
+    )
+
+
+def _tcp_from_broker_json(settings: "Settings") -> tuple[str, str] | None:
+    record = state.read_broker_json(settings.paths.json) or {}
+    tcp = (record.get("endpoints") or {}).get("tcp") if isinstance(record.get("endpoints"), dict) else None
+    token = settings.broker_token or record.get("tcp_token")
+    if isinstance(tcp, str) and isinstance(token, str) and token:
+        return tcp, token
+    return None
+
+
+async def _open_to_socket(
+    settings: "Settings",
+    conn: asyncssh.SSHClientConnection,
+    path: str,
+    *,
+    alias: str,
+    info: dict[str, Any],
+    allow_tcp: bool,
+) -> Connection:
+    """Socket at `path` on the SSH host: streamlocal, else stdio bridge, else TCP + token."""
+    endpoint = f"ssh://{alias}{path}"
+    refusals: list[str] = []
+    try:
+        reader, writer = await _open_streamlocal(conn, path, settings.connect_timeout)
+    except asyncssh.ChannelOpenError as exc:
+        refusals.append(f"direct-streamlocal refused ({exc.reason})")
+        log.info("SSH host refused direct-streamlocal to %s (%s); trying the stdio bridge", path, exc.reason)
+    except asyncio.TimeoutError as exc:
+        raise SSHBridgeError(f"opening {path} through SSH took over {settings.connect_timeout:g}s") from exc
+    else:
+        info["transport_detail"] = "ssh-streamlocal"
+        return Connection(
+            reader, writer, transport="ssh", endpoint=endpoint, max_line_bytes=settings.max_line_bytes,
+            on_close=_Channel(conn).close, info=info,
+        )
+    try:
+        process = await _open_dial_stdio(settings, conn, path)
+    except (SSHBridgeError, asyncssh.Error, asyncio.TimeoutError) as exc:
+        refusals.append(f"stdio bridge failed ({exc})")
+        log.info("stdio bridge failed: %s", exc)
+    else:
+        info["transport_detail"] = "ssh-stdio"
+        return Connection(
+            process.stdout, process.stdin, transport="ssh", endpoint=endpoint, max_line_bytes=settings.max_line_bytes,
+            on_close=_Channel(conn, process).close, info=info,
+        )
+    tcp = _tcp_from_broker_json(settings) if allow_tcp else None
+    if tcp is not None:
+        try:
+            c = await open_tcp_token(tcp[0], tcp[1], timeout=settings.connect_timeout, max_line_bytes=settings.max_line_bytes)
+        except SSHBridgeError as exc:
+            refusals.append(f"TCP {tcp[0]}: {exc}")
+        else:
+            await _Channel(conn).close()  # the TCP connection stands on its own
+            info["transport_detail"] = "tcp+token"
+            c.info.update(info)
+            return c
+    raise SSHBridgeError(
+        f"cannot reach the broker socket {path} through SSH host {alias}: " + "; ".join(refusals)
+        + ("" if tcp else "; no TCP listener advertised in broker.json (start the broker with --tcp HOST:PORT)"
+           if allow_tcp else "")
+        + f". Allow it in the host's sshd_config (AllowStreamLocalForwarding yes) or make sure "
+        f"`{remote_argv(settings, '--dial-stdio')}` works there"
+    )
+
+
+def _fresh_record(settings: "Settings") -> dict[str, Any] | None:
+    """broker.json as seen through the mount, if it can skip the remote --ensure:
+    a fresh heartbeat, a unix endpoint, and the palace.id this side holds."""
+    record = state.read_broker_json(settings.paths.json)
+    if record is None or not isinstance(record.get("endpoint"), str) or not record["endpoint"].startswith("unix://"):
+        return None
+    age = state.heartbeat_age(record)
+    if age is None or not -settings.heartbeat_stale_after < age < settings.heartbeat_stale_after:
+        return None
+    local = state.read_palace_id(settings.paths)
+    if local is None or record.get("palace_id") != local:
+        return None
+    if settings.remote_palace and record.get("palace") != settings.remote_palace:
+        return None
+    return record
+
+
+async def connect_container(settings: "Settings", *, fast: bool = True) -> Connection:
+    """The container role's way to the host broker (see the module docstring). Raises SSHBridgeError.
+
+    With `fast` (the default), when broker.json seen through the shared mount has
+    a fresh heartbeat and this side's palace.id, its socket is opened first over
+    the same SSH connection, skipping the remote `--ensure` (a Python start-up on
+    the host, ~0.5 s); if that channel is refused, the full path runs.
+    """
+    t0 = time.monotonic()
+    conn = await connect(settings)
+    try:
+        t_conn = time.monotonic()
+        info: dict[str, Any] = {"ssh_host": settings.ssh_host, "ssh_connect_s": round(t_conn - t0, 4)}
+        record = _fresh_record(settings) if fast else None
+        if record is not None:
+            path = record["endpoint"][len("unix://") :]
+            try:
+                reader, writer = await _open_streamlocal(conn, path, settings.connect_timeout)
+            except (asyncssh.ChannelOpenError, asyncio.TimeoutError) as exc:
+                log.info("broker.json names %s, which did not open through SSH (%s); running --ensure", path, exc)
+            else:
+                info.update(
+                    transport_detail="ssh-streamlocal", ensure=None, via="broker.json",
+                    palace_id=record.get("palace_id"), setup_s=round(time.monotonic() - t0, 4),
+                )
+                return Connection(
+                    reader, writer, transport="ssh", endpoint=f"ssh://{settings.ssh_host}{path}",
+                    max_line_bytes=settings.max_line_bytes, on_close=_Channel(conn).close, info=info,
+                )
+        t_ens = time.monotonic()
+        ensured = await remote_ensure(settings, conn)
+        check_palace_identity(settings, ensured)
+        path = _socket_path(ensured["endpoint"])
+        info.update(ensure=ensured, via="ensure", palace_id=ensured.get("palace_id"), ensure_s=round(time.monotonic() - t_ens, 4))
+        c = await _open_to_socket(settings, conn, path, alias=settings.ssh_host, info=info, allow_tcp=True)
+        c.info["setup_s"] = round(time.monotonic() - t0, 4)
+        return c
+    except BaseException:
+        await _Channel(conn).close()
+        raise
+
+
+def parse_ssh_url(url: str) -> tuple[str, str | None, int | None, str]:
+    """`ssh://[user@]alias[:port]/abs/path/broker.sock` → (alias, user, port, path)."""
+    parts = urlsplit(url)
+    if parts.scheme != "ssh" or not parts.hostname or not parts.path or parts.path == "/":
+        raise SSHBridgeError(f"MEMPALACE_BROKER={url!r}: expected ssh://alias/absolute/path/to/broker.sock")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise SSHBridgeError(f"MEMPALACE_BROKER={url!r}: bad port") from exc
+    return parts.hostname, (unquote(parts.username) if parts.username else None), port, unquote(parts.path)
+
+
+async def open_ssh_url(settings: "Settings", url: str) -> Connection:
+    """`MEMPALACE_BROKER=ssh://alias/path/to/broker.sock`: that socket, no --ensure, no palace check."""
+    alias, user, port, path = parse_ssh_url(url)
+    t0 = time.monotonic()
+    conn = await connect(settings, alias, username=user, port=port)
+    try:
+        info: dict[str, Any] = {"ssh_host": alias, "ssh_connect_s": round(time.monotonic() - t0, 4)}
+        c = await _open_to_socket(settings, conn, path, alias=alias, info=info, allow_tcp=False)
+        c.endpoint = url
+        c.info["setup_s"] = round(time.monotonic() - t0, 4)
+        return c
+    except BaseException:
+        await _Channel(conn).close()
+        raise
