@@ -17,7 +17,7 @@ import signal
 import time
 from typing import Any, Callable
 
-from mp_ssh_bridge import protocol
+from mp_ssh_bridge import enginecmd, protocol
 from mp_ssh_bridge.settings import Settings
 
 log = logging.getLogger("broker.engine")
@@ -136,7 +136,11 @@ class Engine:
         return max(0.0, delay - (now - self._restart_times[-1]))
 
     async def _start(self) -> None:
-        argv = self.settings.engine_argv + ["--palace", str(self.settings.palace_path)]
+        try:
+            argv = enginecmd.resolve(self.settings.engine_argv) + ["--palace", str(self.settings.palace_path)]
+        except enginecmd.EngineNotFound as exc:
+            self.state = "failed"
+            raise EngineUnavailable(str(exc)) from None
         env = dict(os.environ)
         env["MEMPALACE_HUB_FORWARD"] = "0"  # 3.8+ would otherwise proxy to a registered hub
         if self.settings.engine_eager_warmup:

@@ -23,12 +23,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
 import subprocess
-import sys
 import threading
 import time
-from typing import Any
 
 from mp_ssh_bridge import endpoints, shim, state
 from mp_ssh_bridge.settings import Settings, load
@@ -187,45 +184,14 @@ def hold_lock(paths: state.StatePaths) -> tuple[int | None, bool]:
     return fd, False
 
 
-def is_shim_command(argv: list[str], resolved: str) -> bool:
-    """Would running `argv` start mp-shim again (e.g. the shim installed as `mempalace-mcp`)?"""
-    real = os.path.realpath(resolved)
-    ours = set()
-    if sys.argv and sys.argv[0]:
-        ours.add(os.path.realpath(sys.argv[0]))
-    script = shutil.which("mp-shim")
-    if script:
-        ours.add(os.path.realpath(script))
-    if real in ours:
-        return True
-    if any("mp_ssh_bridge.shim" in arg for arg in argv[1:]):
-        return True
-    try:
-        with open(real, "rb") as fh:
-            head = fh.read(4096)
-    except OSError:
-        return False
-    return b"mp_ssh_bridge.shim" in head
-
-
 def resolve_engine(settings: Settings) -> list[str]:
     """The real engine's argv (MP_BRIDGE_ENGINE), never the shim itself."""
-    argv = settings.engine_argv
-    exe = argv[0]
-    path = exe if os.sep in exe else shutil.which(exe)
-    if not path or not os.access(path, os.X_OK):
-        raise ShimError(
-            BROKER_UNREACHABLE,
-            f"the memory engine {exe!r} was not found on PATH; set MP_BRIDGE_ENGINE to the real mempalace-mcp",
-        )
-    if is_shim_command(argv, path):
-        raise ShimError(
-            BROKER_UNREACHABLE,
-            f"the memory engine {exe!r} resolves to {os.path.realpath(path)}, which is mp-shim itself (is the "
-            "shim installed under the name mempalace-mcp?); refusing to start it recursively — set "
-            "MP_BRIDGE_ENGINE to the real engine, e.g. /path/to/venv/bin/mempalace-mcp",
-        )
-    return [path, *argv[1:]]
+    from mp_ssh_bridge.enginecmd import EngineNotFound, resolve
+
+    try:
+        return resolve(settings.engine_argv)
+    except EngineNotFound as exc:
+        raise ShimError(BROKER_UNREACHABLE, str(exc)) from None
 
 
 class ProcessLink(Link):

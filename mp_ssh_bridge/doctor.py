@@ -8,9 +8,7 @@ is usually the cause of the rest.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,17 +73,13 @@ def run_checks(settings: Settings) -> list[Check]:
         if local_id and record.get("palace_id") not in (None, local_id):
             checks.append(Check("fail", "palace id", f"palace.id {local_id} != broker's {record.get('palace_id')}"))
 
-    # Engine command.
-    argv = settings.engine_argv
-    found = shutil.which(argv[0])
-    if not found:
-        checks.append(Check("fail", "engine command", f"{argv[0]!r} not found on PATH", "pip install mempalace, or set MP_BRIDGE_ENGINE to its absolute path"))
-    else:
-        me = {os.path.realpath(p) for p in (shutil.which("mp-shim") or "", sys.argv[0]) if p}
-        if os.path.realpath(found) in me:
-            checks.append(Check("fail", "engine command", f"{found} is mp-shim itself", "set MP_BRIDGE_ENGINE to the real mempalace-mcp"))
-        else:
-            checks.append(Check("ok", "engine command", found))
+    # Engine command (the broker resolves it the same way).
+    from mp_ssh_bridge.enginecmd import EngineNotFound, resolve
+
+    try:
+        checks.append(Check("ok", "engine command", " ".join(resolve(settings.engine_argv))))
+    except EngineNotFound as exc:
+        checks.append(Check("fail", "engine command", str(exc), "pip install mempalace, or set MP_BRIDGE_ENGINE"))
 
     # Container role: SSH.
     if role == "container":

@@ -26,7 +26,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from mp_ssh_bridge import shim
-from mp_ssh_bridge.shim import BROKER_UNREACHABLE, UNAUTHORIZED, Config, Link, ShimError, SocketLink
+from mp_ssh_bridge.protocol import BROKER_UNREACHABLE, UNAUTHORIZED
+from mp_ssh_bridge.shim import Config, Link, ShimError, SocketLink
 
 SCHEMES = ("unix", "tcp", "ssh")
 

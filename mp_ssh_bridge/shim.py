@@ -49,7 +49,6 @@ from mp_ssh_bridge.protocol import (  # stdlib-only and light: json, nothing els
     OUTCOME_UNKNOWN,
     PALACE_MISMATCH,
     PARSE_ERROR,
-    UNAUTHORIZED,
     encode,
     error,
     event_wait_timeout_ms,

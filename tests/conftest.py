@@ -20,6 +20,8 @@ import pytest
 from mp_ssh_bridge import state
 from tests.helpers import kill_pid, stop_process, wait_for
 
+pytest_plugins = ("tests.sshd",)  # the throwaway OpenSSH server fixtures
+
 REPO = Path(__file__).resolve().parent.parent
 MODEL_HOME = REPO / ".test-home"
 MODEL_FILE = MODEL_HOME / ".cache/chroma/onnx_models/all-MiniLM-L6-v2/onnx/model.onnx"

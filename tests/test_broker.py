@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from mp_ssh_bridge import protocol, state
-from tests.helpers import RawClient, kill_pid, pid_alive, tool_json, wait_for
+from tests.helpers import RawClient, pid_alive, tool_json, wait_for
 
 BIN = Path(sys.executable).parent
 
@@ -425,6 +424,23 @@ def test_tcp_listener_requires_the_token(broker_factory):
         # the unix socket is unaffected
         c = await RawClient.connect(broker.endpoint)
         assert (await c.call("ping"))["result"] == {}
+        await c.close()
+
+    run(main())
+
+
+def test_broker_skips_a_shim_installed_as_mempalace_mcp(broker_factory, tmp_path):
+    impostor_dir = tmp_path / "shim-as-engine"
+    impostor_dir.mkdir()
+    impostor = impostor_dir / "mempalace-mcp"
+    impostor.write_bytes((BIN / "mp-shim").read_bytes())
+    impostor.chmod(0o755)
+    broker = broker_factory(env={"PATH": f"{impostor_dir}{os.pathsep}{os.environ['PATH']}"})
+
+    async def main():
+        c = await RawClient.connect(broker.endpoint)
+        st = (await c.call("broker/status"))["result"]
+        assert st["engine"]["version"] == "3.11.0"  # the real engine, not the shim talking to itself
         await c.close()
 
     run(main())

@@ -50,7 +50,9 @@ def test_tcp_endpoint_with_token(home: Path, monkeypatch: pytest.MonkeyPatch, br
         bad.close()
 
 
-def test_engine_that_is_the_shim_is_refused(home: Path, tmp_path: Path) -> None:
+def test_engine_that_is_the_shim_is_refused_or_skipped(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mp_ssh_bridge import enginecmd
+
     with pytest.raises(shim.ShimError, match="mp-shim itself"):
         discovery.resolve_engine(load(engine=SHIM))
     # the shim installed under the name mempalace-mcp (a copy of the console script)
@@ -59,12 +61,19 @@ def test_engine_that_is_the_shim_is_refused(home: Path, tmp_path: Path) -> None:
     impostor = fake_bin / "mempalace-mcp"
     impostor.write_bytes(Path(SHIM).read_bytes())
     impostor.chmod(0o755)
-    with pytest.raises(shim.ShimError, match="refusing to start it recursively"):
+    with pytest.raises(shim.ShimError, match="mp-shim itself"):
         discovery.resolve_engine(load(engine=str(impostor)))
     with pytest.raises(shim.ShimError, match="mp-shim itself"):
         discovery.resolve_engine(load(engine=f"{sys.executable} -m mp_ssh_bridge.shim"))
+    # A bare name skips the impostor that comes first on PATH and finds the real engine.
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
     real = discovery.resolve_engine(load())
-    assert real[0].endswith("mempalace-mcp") and not discovery.is_shim_command(real, real[0])
+    assert real[0] != str(impostor) and real[0].endswith("mempalace-mcp") and not enginecmd.is_shim(real[0])
+    # Only impostors on PATH: a clear refusal that names them.
+    with pytest.raises(enginecmd.EngineNotFound, match="is mp-shim itself"):
+        enginecmd.resolve(["mempalace-mcp"], path_env=str(fake_bin))
+    with pytest.raises(enginecmd.EngineNotFound, match="not found on PATH"):
+        enginecmd.resolve(["mempalace-mcp"], path_env=str(tmp_path))
 
 
 def test_degraded_mode_never_recurses_into_the_shim(home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from mp_ssh_bridge.connection import Connection
 from mp_ssh_bridge.settings import Settings
 from tests.conftest import BIN, BrokerHandle
 from tests.helpers import pid_alive
-from tests.sshd import SSHServer, keygen, sshd, sshd_factory, write_broker_wrapper  # noqa: F401
+from tests.sshd import SSHServer, keygen, write_broker_wrapper
 
 
 
@@ -605,3 +605,41 @@ def test_mcp_sdk_client_through_shim_over_ssh(
             await c.close()
 
     assert asyncio.run(status())["totals"]["requests"] >= 3
+
+
+def test_shim_over_ssh_survives_sshd_restart(
+    sshd: SSHServer, broker: BrokerHandle, ctr_state: Path, wrapper: Path, tmp_path: Path
+) -> None:
+    """The shim's contract over SSH: an in-flight call gets a clear error when sshd dies, then
+    (once sshd is back) the next call works without restarting the agent."""
+    from tests.test_shim_support import ShimProc
+
+    env = {
+        "MP_BRIDGE_ROLE": "container",
+        "MEMPALACE_PATH": str(ctr_state),
+        "MP_BRIDGE_SSH_CONFIG": str(sshd.client_config),
+        "MP_BRIDGE_SSH_HOST": "host",
+        "MP_BRIDGE_REMOTE_BROKER": str(wrapper),
+        "MEMPALACE_MCP_TIMEOUT_MS": "60000",
+    }
+    s = ShimProc(env=env, stderr_path=tmp_path / "shim.err")
+    try:
+        init = s.call("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}, timeout=60)
+        assert init["result"]["serverInfo"]["name"] == "mempalace", init
+        first = s.tool("mempalace_add_drawer", {"wing": "ssh", "room": "r", "content": "before the outage"}, timeout=60)
+        assert "result" in first, first
+        # A long poll is in flight when the host's sshd dies with all its sessions.
+        wait_id = s.request("tools/call", {"name": "mempalace_event_wait", "arguments": {"timeout_ms": 20000}})
+        time.sleep(0.5)
+        sshd.kill()
+        lost = s.wait_reply(wait_id, timeout=30)
+        assert lost["error"]["code"] in (protocol.OUTCOME_UNKNOWN, protocol.BROKER_UNREACHABLE), lost
+        sshd.start()
+        after = s.tool("mempalace_add_drawer", {"wing": "ssh", "room": "r", "content": "after the outage"}, timeout=90)
+        assert "result" in after and "success" in after["result"]["content"][0]["text"], after
+        assert broker.proc.poll() is None  # the host broker outlived sshd
+    except BaseException:
+        print((tmp_path / "shim.err").read_text()[-3000:])
+        raise
+    finally:
+        s.close()

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import stat
-import time
 from dataclasses import dataclass
 from pathlib import Path
 

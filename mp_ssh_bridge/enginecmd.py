@@ -1,0 +1,63 @@
+"""Find the real engine command, never mp-shim itself.
+
+A user may install the shim under the name `mempalace-mcp` so every agent
+config keeps working unchanged. Then the first `mempalace-mcp` on PATH is the
+shim, and a broker (or a degraded shim) that ran it would be talking to
+itself. So a bare command name is looked up along the whole PATH, skipping
+any candidate that is the shim; `MP_BRIDGE_ENGINE` can always name the real
+one by absolute path. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+SHIM_MARKER = b"mp_ssh_bridge.shim"
+
+
+class EngineNotFound(Exception):
+    """No runnable engine that is not the shim (the message says what to set)."""
+
+
+def is_shim(path: str, extra_argv: list[str] | None = None) -> bool:
+    """Would running `path` start mp-shim (the console script, a copy, or a link to it)?"""
+    real = os.path.realpath(path)
+    ours = {os.path.realpath(p) for p in (shutil.which("mp-shim"),) if p}
+    if sys.argv and sys.argv[0] and os.path.basename(sys.argv[0]) in ("mp-shim", "mempalace-mcp"):
+        ours.add(os.path.realpath(sys.argv[0]))
+    if real in ours or any(SHIM_MARKER.decode() in arg for arg in extra_argv or ()):
+        return True
+    try:
+        with open(real, "rb") as fh:
+            return SHIM_MARKER in fh.read(4096)  # a console script names its module
+    except OSError:
+        return False
+
+
+def candidates(exe: str, path_env: str | None = None) -> list[str]:
+    if os.sep in exe:
+        return [exe]
+    found = []
+    for folder in (path_env if path_env is not None else os.environ.get("PATH", os.defpath)).split(os.pathsep):
+        full = os.path.join(folder or ".", exe)
+        if os.path.isfile(full) and os.access(full, os.X_OK) and full not in found:
+            found.append(full)
+    return found
+
+
+def resolve(argv: list[str], path_env: str | None = None) -> list[str]:
+    """argv with argv[0] replaced by the first candidate that is the real engine."""
+    exe = argv[0]
+    found = candidates(exe, path_env)
+    for path in found:
+        if not is_shim(path, argv[1:]):
+            return [path, *argv[1:]]
+    if found:
+        raise EngineNotFound(
+            f"every {exe!r} found ({', '.join(found)}) is mp-shim itself (the shim installed as mempalace-mcp?); "
+            "set MP_BRIDGE_ENGINE to the real engine, e.g. /path/to/venv/bin/mempalace-mcp"
+        )
+    raise EngineNotFound(f"the memory engine {exe!r} was not found on PATH; pip install mempalace, or set "
+                         "MP_BRIDGE_ENGINE to its absolute path")
