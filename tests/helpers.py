@@ -134,3 +134,44 @@ def kill_pid(pid: int, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# --- Linux /proc scans (tests only; CI is Linux) ---------------------------------------------
+def _stat_fields(pid: str) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()  # [state, ppid, ...]
+    except (OSError, IndexError):
+        return None
+
+
+def children_of(pid: int) -> list[int]:
+    """Live (non-zombie) child processes of `pid`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(entry)
+            if fields and fields[0] != "Z" and int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def broker_pids(state_dir: Path) -> list[int]:
+    """Live broker processes (not `--ensure` callers) whose MEMPALACE_PATH is `state_dir`."""
+    found = []
+    want = f"MEMPALACE_PATH={state_dir}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        fields = _stat_fields(entry)
+        if not fields or fields[0] == "Z" or b"--ensure" in cmd:
+            continue
+        is_broker = cmd[1:3] == [b"-m", b"broker"] or any(c.endswith(b"mempalace-broker") for c in cmd[:2])
+        if is_broker and want in env:
+            found.append(int(entry))
+    return found

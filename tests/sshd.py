@@ -33,6 +33,8 @@ from typing import Callable, Iterator
 
 import pytest
 
+from tests.helpers import children_of
+
 SSHD = shutil.which("sshd", path="/usr/sbin:/usr/local/sbin:/sbin:" + os.environ.get("PATH", "")) or "/usr/sbin/sshd"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
 ALIAS = "host"
@@ -53,25 +55,10 @@ def public_key(path: Path) -> str:
     return " ".join(Path(f"{path}.pub").read_text().split()[:2])
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid:
-            kids.append(int(entry))
-    return kids
-
-
 def descendants(pid: int) -> list[int]:
     out, todo = [], [pid]
     while todo:
-        for kid in _children(todo.pop()):
+        for kid in children_of(todo.pop()):
             out.append(kid)
             todo.append(kid)
     return out

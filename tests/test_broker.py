@@ -15,7 +15,7 @@ from typing import Any
 
 
 from mp_ssh_bridge import protocol, state
-from tests.helpers import RawClient, pid_alive, tool_json, wait_for
+from tests.helpers import RawClient, broker_pids, pid_alive, tool_json, wait_for
 
 BIN = Path(sys.executable).parent
 
@@ -241,23 +241,6 @@ def test_stopped_engine_hits_deadline_then_is_killed_and_restarted(broker_factor
     run(main())
 
 
-def _brokers_for(state_dir: Path) -> list[int]:
-    """Broker processes whose environment names this state dir (Linux /proc scan)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        is_broker = any(part.endswith(b"mempalace-broker") for part in cmd[:2]) or cmd[1:3] == [b"-m", b"broker"]
-        if is_broker and b"--ensure" not in cmd and f"MEMPALACE_PATH={state_dir}".encode() in env and pid_alive(int(entry)):
-            found.append(int(entry))
-    return found
-
-
 def test_ten_concurrent_ensure_leave_exactly_one_broker(home):
     state_dir = home / ".mempalace"
     procs = [
@@ -272,7 +255,7 @@ def test_ten_concurrent_ensure_leave_exactly_one_broker(home):
     assert infos[0]["endpoint"].startswith("unix://") and infos[0]["palace"] == str(state_dir / "palace")
     assert all(len(o[0].decode().strip().splitlines()) == 1 for o in outs), "stdout is ONE JSON line"
     time.sleep(1.0)  # let any losing broker finish exiting
-    assert _brokers_for(state_dir) == [infos[0]["pid"]]
+    assert broker_pids(state_dir) == [infos[0]["pid"]]
     record = state.read_broker_json(state_dir / "broker.json")
     assert record and record["pid"] == infos[0]["pid"]
     assert (state_dir / "broker.json").stat().st_mode & 0o777 == 0o600

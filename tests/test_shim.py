@@ -16,7 +16,8 @@ import pytest
 
 from mp_ssh_bridge import protocol, state
 from tests.helpers import kill_pid, pid_alive, wait_for
-from tests.test_shim_support import SHIM, ShimProc, broker_pids, children_of
+from tests.helpers import broker_pids, children_of
+from tests.test_shim_support import SHIM, ShimProc
 
 pytestmark = pytest.mark.slow
 

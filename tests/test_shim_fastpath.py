@@ -258,8 +258,9 @@ def test_palace_mismatch_with_a_fake_broker_forwards_nothing(fake_home: Path, tm
     s = ShimProc("--palace", "/the/one/i/want", stderr_path=tmp_path / "err")
     try:
         r = s.call("ping", timeout=60)
-        assert r["error"]["code"] == protocol.PALACE_MISMATCH
-        assert "/somewhere/else" in r["error"]["message"] and "/the/one/i/want" in r["error"]["message"]
+        assert r["error"]["code"] == protocol.PALACE_MISMATCH, (r, s.stderr())
+        assert "/somewhere/else" in r["error"]["message"] and "/the/one/i/want" in r["error"]["message"], (
+            r["error"]["message"], s.stderr(), fake.received)
         assert fake.methods() and all(m == "broker/status" for _, m in fake.methods())  # nothing was forwarded
     finally:
         s.close()

@@ -108,41 +108,6 @@ class ShimProc:
             return self.proc.wait(5)
 
 
-def children_of(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.append(int(entry))
-    return out
-
-
-def broker_pids(state_dir: Path) -> list[int]:
-    """Live `python -m broker` processes whose MEMPALACE_PATH is `state_dir` (from /proc)."""
-    found = []
-    want = f"MEMPALACE_PATH={state_dir}".encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
-                st = fh.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if st == "Z":
-            continue
-        is_broker = (b"-m" in cmd and b"broker" in cmd) or any(c.endswith(b"mempalace-broker") for c in cmd[:2])
-        if is_broker and want in env:
-            found.append(int(entry))
-    return found
 
 
 class FakeBroker:
@@ -166,7 +131,8 @@ class FakeBroker:
         self.sock.bind(self.path)
         self.sock.listen(16)
         self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
         record = {"version": 1, "pid": os.getpid(), "host": socket.gethostname(), "endpoint": f"unix://{self.path}",
                   "palace": self.palace, "palace_id": self.palace_id, "heartbeat": time.time()}
         (state_dir / "broker.json").write_text(json.dumps(record))
@@ -176,6 +142,9 @@ class FakeBroker:
             try:
                 conn, _ = self.sock.accept()
             except OSError:
+                return
+            if self._stop:
+                conn.close()
                 return
             self.connections.append(conn)
             threading.Thread(target=self._serve, args=(len(self.connections), conn), daemon=True).start()
@@ -217,9 +186,16 @@ class FakeBroker:
         except FileNotFoundError:
             pass
         self._stop = True
-        self.sock.close()
-        for c in self.connections:
+        # shutdown() wakes the accept() thread; a bare close() would leave it blocked, and its fd
+        # number could be handed to the next test's socket while the thread still uses it.
+        for sock in (self.sock, *self.connections):
             try:
-                c.close()
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._acceptor.join(5)
+        for sock in (self.sock, *self.connections):
+            try:
+                sock.close()
             except OSError:
                 pass
