@@ -36,21 +36,29 @@ def is_shim(path: str, extra_argv: list[str] | None = None) -> bool:
         return False
 
 
-def candidates(exe: str, path_env: str | None = None) -> list[str]:
+def candidates(exe: str, path_env: str | None = None, beside: list[str] | None = None) -> list[str]:
+    """Every executable `exe` along PATH, then beside our own interpreter.
+
+    MCP clients often spawn servers with only HOME and PATH=/usr/bin:/bin, so
+    the venv (or pipx) bin directory that holds both us and mempalace-mcp is
+    searched last, after whatever the user's PATH says.
+    """
     if os.sep in exe:
         return [exe]
     found = []
-    for folder in (path_env if path_env is not None else os.environ.get("PATH", os.defpath)).split(os.pathsep):
+    folders = (path_env if path_env is not None else os.environ.get("PATH", os.defpath)).split(os.pathsep)
+    folders += [os.path.dirname(sys.executable)] if beside is None else beside
+    for folder in folders:
         full = os.path.join(folder or ".", exe)
         if os.path.isfile(full) and os.access(full, os.X_OK) and full not in found:
             found.append(full)
     return found
 
 
-def resolve(argv: list[str], path_env: str | None = None) -> list[str]:
+def resolve(argv: list[str], path_env: str | None = None, beside: list[str] | None = None) -> list[str]:
     """argv with argv[0] replaced by the first candidate that is the real engine."""
     exe = argv[0]
-    found = candidates(exe, path_env)
+    found = candidates(exe, path_env, beside)
     for path in found:
         if not is_shim(path, argv[1:]):
             return [path, *argv[1:]]

@@ -427,3 +427,20 @@ def test_broker_skips_a_shim_installed_as_mempalace_mcp(broker_factory, tmp_path
         await c.close()
 
     run(main())
+
+
+def test_bare_environment_still_finds_the_engine(home, tmp_path):
+    """MCP clients spawn servers with little more than HOME and PATH=/usr/bin:/bin."""
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "MP_BRIDGE_CONFIG": str(home / "none.toml")}
+    out = subprocess.run([str(BIN / "mempalace-broker"), "--ensure"], env=env, capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr.decode()
+    info = json.loads(out.stdout)
+    assert info["state_dir"] == str(home / ".mempalace")  # the default, from HOME alone
+
+    async def main():
+        c = await RawClient.connect(info["endpoint"])
+        r = await c.tool("mempalace_add_drawer", add("bare", "from a bare environment")["arguments"], timeout=60)
+        assert tool_json(r)["success"] is True
+        await c.close()
+
+    run(main())

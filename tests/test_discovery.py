@@ -71,9 +71,10 @@ def test_engine_that_is_the_shim_is_refused_or_skipped(home: Path, tmp_path: Pat
     assert real[0] != str(impostor) and real[0].endswith("mempalace-mcp") and not enginecmd.is_shim(real[0])
     # Only impostors on PATH: a clear refusal that names them.
     with pytest.raises(enginecmd.EngineNotFound, match="is mp-shim itself"):
-        enginecmd.resolve(["mempalace-mcp"], path_env=str(fake_bin))
+        enginecmd.resolve(["mempalace-mcp"], path_env=str(fake_bin), beside=[])
+    assert enginecmd.resolve(["mempalace-mcp"], path_env="/usr/bin:/bin")[0] == str(Path(sys.executable).parent / "mempalace-mcp")
     with pytest.raises(enginecmd.EngineNotFound, match="not found on PATH"):
-        enginecmd.resolve(["mempalace-mcp"], path_env=str(tmp_path))
+        enginecmd.resolve(["mempalace-mcp"], path_env=str(tmp_path), beside=[])
 
 
 def test_degraded_mode_never_recurses_into_the_shim(home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
