@@ -111,3 +111,23 @@ def test_large_messages_pass_both_ways_under_the_cap(broker_factory):
         await c.close()
 
     run(main())
+
+
+def test_an_engine_that_keeps_crashing_is_not_respawned_in_a_loop(broker_factory):
+    broker = broker_factory(env={"MP_BRIDGE_ENGINE": "/bin/false"}, wait_engine=False)
+
+    async def main():
+        c = await RawClient.connect(broker.endpoint)
+        errors = []
+        for _ in range(3):
+            r = await c.call("tools/call", {"name": "mempalace_status", "arguments": {}}, timeout=60)
+            errors.append(r["error"])
+        assert all(e["code"] == protocol.ENGINE_UNAVAILABLE for e in errors), errors
+        assert "exited during start-up" in errors[0]["message"] or "failed to start" in errors[0]["message"]
+        await asyncio.sleep(2)
+        st = (await c.call("broker/status"))["result"]
+        assert st["engine"]["starts"] <= 6, st["engine"]  # backoff and a cool-down, not a spin
+        assert (await c.call("ping"))["result"] == {}
+        await c.close()
+
+    run(main())
