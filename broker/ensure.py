@@ -142,6 +142,9 @@ def ensure_broker(settings: Settings, timeout: float | None = None) -> dict[str,
         if record is not None:
             check_palace(settings, record)
             return describe(record, spawned)
+        other = state.live_degraded_writer(paths, settings.heartbeat_stale_after)
+        if other is not None:
+            raise EnsureError(state.describe_degraded(other, paths))
         fd = open_lock(paths)
         try:
             if try_lock(fd):

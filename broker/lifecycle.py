@@ -88,6 +88,9 @@ class BrokerProcess:
 
     async def _serve(self) -> int:
         s = self.settings
+        other = state.live_degraded_writer(self.paths, s.heartbeat_stale_after)
+        if other is not None:
+            raise AlreadyRunning(state.describe_degraded(other, self.paths))
         palace_id = state.palace_id(self.paths)
         self.socket_path = self.paths.socket()
         await self.server.start_unix(self.socket_path)

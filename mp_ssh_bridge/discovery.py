@@ -200,11 +200,15 @@ class ProcessLink(Link):
     transport = "engine"
     degraded = True
 
-    def __init__(self, proc: subprocess.Popen, reason: str, lock_fd: int | None, max_line_bytes: int) -> None:
+    def __init__(
+        self, proc: subprocess.Popen, reason: str, lock_fd: int | None, max_line_bytes: int,
+        beacon: "DegradedBeacon | None" = None,
+    ) -> None:
         self.proc = proc
         self.reason = reason
         self.lock_fd = lock_fd
         self.max_line_bytes = max_line_bytes
+        self.beacon = beacon
         self.endpoint = f"engine pid {proc.pid}"
         self._send_lock = threading.Lock()
         self._closed = False
@@ -240,9 +244,54 @@ class ProcessLink(Link):
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(3)
+        if self.beacon is not None:
+            self.beacon.stop()
         if self.lock_fd is not None:
             os.close(self.lock_fd)
             self.lock_fd = None
+
+
+class DegradedBeacon:
+    """Keeps `degraded.json` fresh while this session's own engine runs, and removes it after.
+
+    flock does not reach across a VM boundary; this heartbeat does, so a broker
+    (or another session) on the other side will not become a second writer.
+    Best effort: an unwritable state directory only costs the warning.
+    """
+
+    def __init__(self, settings: Settings, engine_pid: int) -> None:
+        from mp_ssh_bridge import hostinfo
+
+        self.path = settings.paths.degraded
+        self.interval = settings.heartbeat_interval
+        self.record = {
+            "pid": os.getpid(), "engine_pid": engine_pid, "host": hostinfo.host_name(),
+            "boot_id": hostinfo.boot_id(), "palace": str(settings.palace_path), "heartbeat": time.time(),
+        }
+        self._stop = threading.Event()
+        self._beat()
+        threading.Thread(target=self._run, name="degraded-beacon", daemon=True).start()
+
+    def _beat(self) -> None:
+        self.record["heartbeat"] = time.time()
+        try:
+            state.write_json_atomic(self.path, self.record)
+        except OSError as exc:
+            shim.log(30, f"cannot write {self.path} ({exc}): a broker on the other side of a VM boundary "
+                         "would not know this session writes the palace")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._beat()
+
+    def stop(self) -> None:
+        self._stop.set()
+        current = state.read_broker_json(self.path)
+        if current is not None and current.get("pid") == self.record["pid"]:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
 
 
 def degraded_or_refuse(cfg: Config, settings: Settings, reason: str, role: str) -> Link:
@@ -250,6 +299,9 @@ def degraded_or_refuse(cfg: Config, settings: Settings, reason: str, role: str) 
     paths = settings.paths
     record = state.read_broker_json(paths.json)
     alive = state.broker_may_be_alive(record, settings.heartbeat_stale_after)
+    other = state.live_degraded_writer(paths, settings.heartbeat_stale_after)
+    if other is not None and other.get("pid") != os.getpid():
+        raise ShimError(BROKER_UNREACHABLE, f"{reason}; and {state.describe_degraded(other, paths)}")
     lock_fd, held = hold_lock(paths)
     if alive or held:
         if lock_fd is not None:
@@ -290,4 +342,4 @@ def degraded_or_refuse(cfg: Config, settings: Settings, reason: str, role: str) 
         raise ShimError(BROKER_UNREACHABLE, f"{reason}; and the engine {argv[0]} could not be started: {exc}") from exc
     shim.log(30, f"{reason}; no broker is alive, so this session runs its own engine (pid {proc.pid}): {' '.join(argv)}")
     time.sleep(0)  # let the child start before the first request
-    return ProcessLink(proc, reason, lock_fd, cfg.max_line_bytes)
+    return ProcessLink(proc, reason, lock_fd, cfg.max_line_bytes, DegradedBeacon(settings, proc.pid))

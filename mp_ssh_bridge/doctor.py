@@ -73,6 +73,10 @@ def run_checks(settings: Settings) -> list[Check]:
         if local_id and record.get("palace_id") not in (None, local_id):
             checks.append(Check("fail", "palace id", f"palace.id {local_id} != broker's {record.get('palace_id')}"))
 
+    other = state.live_degraded_writer(paths, settings.heartbeat_stale_after)
+    if other is not None:
+        checks.append(Check("warn", "degraded mode", state.describe_degraded(other, paths)))
+
     # Engine command (the broker resolves it the same way).
     from mp_ssh_bridge.enginecmd import EngineNotFound, resolve
 

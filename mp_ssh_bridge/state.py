@@ -58,6 +58,11 @@ class StatePaths:
         return self.root / "broker.json"
 
     @property
+    def degraded(self) -> Path:
+        """Written by a session that runs the engine itself (degraded mode), heartbeat kept fresh."""
+        return self.root / "degraded.json"
+
+    @property
     def log(self) -> Path:
         return self.root / "broker.log"
 
@@ -230,3 +235,26 @@ def broker_may_be_alive(
     if age is None:
         return True
     return age < stale_after
+
+
+def live_degraded_writer(paths: StatePaths, stale_after: float, **liveness: Any) -> dict[str, Any] | None:
+    """The record of a degraded-mode session that may still be writing the palace, or None.
+
+    Across a VM boundary flock does not hold, so this file (and its heartbeat)
+    is how a container session running its own engine keeps a host broker
+    from becoming a second writer, and the other way round.
+    """
+    record = read_broker_json(paths.degraded)
+    if record is None or not broker_may_be_alive(record, stale_after, **liveness):
+        return None
+    return record
+
+
+def describe_degraded(record: dict[str, Any], paths: StatePaths) -> str:
+    age = heartbeat_age(record)
+    beat = f", heartbeat {age:.0f}s ago" if age is not None else ""
+    return (
+        f"a session on {record.get('host')} (pid {record.get('pid')}{beat}) runs its own memory engine on this "
+        f"palace (degraded mode, recorded in {paths.degraded}); starting a broker now would make a second writer. "
+        "End that session (or let its heartbeat go stale) and try again"
+    )

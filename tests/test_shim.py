@@ -151,8 +151,11 @@ def test_degraded_mode_when_no_broker_can_start(host_role: Path, tmp_path: Path)
         assert not (state_dir / "broker.json").exists()
         assert broker_pids(state_dir) == []
         assert "degraded mode" in shim.stderr()
+        beacon = json.loads((state_dir / "degraded.json").read_text())  # seen across a VM boundary too
+        assert beacon["pid"] == shim.proc.pid and beacon["engine_pid"] == engines[0]
     finally:
         shim.close()
+    assert not (state_dir / "degraded.json").exists()
     wait_for(lambda: all(not pid_alive(p) for p in engines), 20, what="engine exit with the shim")
 
 
