@@ -21,18 +21,25 @@ J = TypeVar("J", bound=HasOwner)
 
 
 class FairQueue(Generic[J]):
-    """Per-owner FIFO queues, taken round-robin across owners."""
+    """Per-owner FIFO queues, taken round-robin across owners.
+
+    The owner whose job was just taken goes to the back of the line only at the
+    next `get`, so a client that shows up while that job runs is served right
+    after it: one running job is all it waits for.
+    """
 
     def __init__(self) -> None:
         self._queues: dict[Hashable, collections.deque[J]] = {}
         self._turns: collections.deque[Hashable] = collections.deque()
+        self._held: Hashable | None = None  # had the last turn; rejoins the line at the next get
+        self._has_held = False
         self._ready = asyncio.Event()
 
     def put(self, job: J) -> None:
         q = self._queues.get(job.owner)
         if q is None:
             q = self._queues[job.owner] = collections.deque()
-        if not q:
+        if not q and not (self._has_held and self._held == job.owner):
             self._turns.append(job.owner)
         q.append(job)
         self._ready.set()
@@ -55,14 +62,20 @@ class FairQueue(Generic[J]):
         return list(q or ())
 
     def _drop_turn(self, owner: Hashable) -> None:
+        if self._has_held and self._held == owner:
+            self._held, self._has_held = None, False
         try:
             self._turns.remove(owner)
         except ValueError:
             pass
-        if not self._turns:
+        if not self._turns and not self._has_held:
             self._ready.clear()
 
     def get_nowait(self) -> J | None:
+        if self._has_held:
+            if self._queues.get(self._held):
+                self._turns.append(self._held)
+            self._held, self._has_held = None, False
         while self._turns:
             owner = self._turns.popleft()
             q = self._queues.get(owner)
@@ -70,8 +83,8 @@ class FairQueue(Generic[J]):
                 continue
             job = q.popleft()
             if q:
-                self._turns.append(owner)  # back of the line for its next one
-            if not self._turns:
+                self._held, self._has_held = owner, True
+            if not self._turns and not self._has_held:
                 self._ready.clear()
             return job
         self._ready.clear()

@@ -37,6 +37,17 @@ def test_fair_queue_round_robin_and_removal():
         q.put(J("x", 1))
         q.put(J("x", 2))
         assert [j.n for j in q.drop_owner("x")] == [1, 2] and len(q) == 0
+        # A newcomer arriving while the busy owner's job runs goes next, before that owner's next job.
+        for i in range(3):
+            q.put(J("busy", i))
+        assert (await q.get()).n == 0  # "running"
+        q.put(J("new", 0))
+        assert [(j.owner, j.n) for j in [await q.get() for _ in range(3)]] == [("new", 0), ("busy", 1), ("busy", 2)]
+        # The owner holding the last turn can still be cancelled out entirely.
+        q.put(J("h", 0))
+        q.put(J("h", 1))
+        assert (await q.get()).n == 0
+        assert [j.n for j in q.drop_owner("h")] == [1] and q.get_nowait() is None
         waiter = asyncio.create_task(q.get())
         await asyncio.sleep(0.01)
         assert not waiter.done()
