@@ -122,7 +122,9 @@ class Config:
     def resolved_role(self) -> str:
         if self.role != "auto":
             return self.role
-        return "container" if os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv") else "host"
+        from mp_ssh_bridge.hostinfo import in_container  # os and sys only
+
+        return "container" if in_container() else "host"
 
 
 def config_file_path(environ=os.environ) -> str:
