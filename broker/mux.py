@@ -20,10 +20,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker import tools
+from broker import readonly, tools
 from broker.engine import Engine, EngineExited, EngineUnavailable
 from broker.queue import FairQueue
-from mp_ssh_bridge import protocol
+from mp_ssh_bridge import enginecmd, protocol
 from mp_ssh_bridge.settings import Settings
 
 log = logging.getLogger("broker.mux")
@@ -49,6 +49,7 @@ class ClientSession:
         self.pending: dict[tuple[str, Any], Job] = {}
         self.requests = 0
         self.authenticated = True
+        self.read_only = False  # the tool surface of `mempalace-mcp --read-only` (broker/status readOnly)
         self.closed = False
         self._writer = writer
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -147,6 +148,7 @@ class Mux:
         self.accepting = True
         self._dispatcher: asyncio.Task[None] | None = None
         self.status_extra: dict[str, Any] = {}
+        self._read_only_probe: asyncio.Task[frozenset[str] | None] | None = None
 
     # --- sessions ------------------------------------------------------------------
     def attach(self, session: ClientSession) -> None:
@@ -193,6 +195,9 @@ class Mux:
         if method == "ping":
             session.send(protocol.result(msg_id, {}))
         elif method == "broker/status":
+            if isinstance(params, dict) and params.get("readOnly") is True:
+                session.read_only = True  # sticky: a session never widens its own surface
+                self._start_read_only_probe()
             session.send(protocol.result(msg_id, self.status()))
         elif method == "broker/auth":
             session.send(protocol.result(msg_id, {"ok": True}))
@@ -319,6 +324,15 @@ class Mux:
         self._refresh_init_cache()
         if job.state != "queued":  # expired or cancelled while the engine started
             return
+        allowed: frozenset[str] | None = None
+        if job.owner.read_only and job.method in ("tools/list", "tools/call"):
+            allowed = await self._read_only_tools()
+            if job.state != "queued":
+                return
+            if job.method == "tools/call" and (allowed is None or job.tool not in allowed):
+                self._reply(job, readonly.refusal(job.client_id, job.tool, allowed is not None))
+                self._finish(job)
+                return
         if job.kind == "initialize":
             cached = self._cached_initialize(job.params)
             if cached is not None:
@@ -372,9 +386,25 @@ class Mux:
             return
         finally:
             self.in_flight = None
-        self._complete(job, reply)
+        self._complete(job, reply, allowed)
 
-    def _complete(self, job: Job, reply: dict[str, Any]) -> None:
+    def _start_read_only_probe(self) -> asyncio.Task[frozenset[str] | None]:
+        """Learn the engine's own --read-only tool surface, once, when the first read-only client shows up."""
+        if self._read_only_probe is None:
+            async def probe() -> frozenset[str] | None:
+                try:
+                    argv = enginecmd.resolve(self.settings.engine_argv)
+                except enginecmd.EngineNotFound:
+                    return None
+                return await readonly.probe_read_only_tools(argv, self.settings.engine_start_timeout)
+
+            self._read_only_probe = asyncio.create_task(probe(), name="read-only-probe")
+        return self._read_only_probe
+
+    async def _read_only_tools(self) -> frozenset[str] | None:
+        return await asyncio.shield(self._start_read_only_probe())
+
+    def _complete(self, job: Job, reply: dict[str, Any], allowed: frozenset[str] | None = None) -> None:
         if job.replied:
             self._finish(job)  # cancelled or timed out meanwhile: the late reply is dropped
             return
@@ -392,8 +422,12 @@ class Mux:
             version = (job.params or {}).get("protocolVersion") if isinstance(job.params, dict) else None
             if isinstance(version, str):
                 self.init_cache[version] = copy.deepcopy(res)
-        if job.method == "tools/list" and self.settings.strip_root_combinators and res is not None:
-            reply = dict(reply, result=tools.strip_root_combinators(res))
+        if job.method == "tools/list" and res is not None:
+            if self.settings.strip_root_combinators:
+                res = tools.strip_root_combinators(res)
+            if job.owner.read_only:
+                res = readonly.filter_tools(res, allowed or frozenset())
+            reply = dict(reply, result=res)
         out = dict(reply)
         out["id"] = job.client_id
         out["jsonrpc"] = protocol.JSONRPC
@@ -512,6 +546,7 @@ class Mux:
                     "queued": self.queue.depth(s),
                     "in_flight": flight is not None and flight.owner is s,
                     "requests": s.requests,
+                    "read_only": s.read_only,
                 }
                 for s in self.sessions.values()
             ],

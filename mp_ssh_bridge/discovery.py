@@ -55,6 +55,7 @@ def config_from_settings(palace_flag: str | None, settings: Settings | None = No
         env = os.environ.get("MEMPALACE_PALACE_PATH") or os.environ.get("MEMPALACE_PALACE")
         cfg.palace = str(state.expand(env)) if env else None
     cfg.log_level = s.log_level if "log_level" in s.model_fields_set else None
+    cfg.read_only = s.read_only
     return cfg
 
 
@@ -89,7 +90,7 @@ def _direct(cfg: Config, settings: Settings, timeout: float, role: str) -> Link:
             problems.append(str(exc))
             continue
         try:
-            status = shim.broker_status(link, max(timeout, min(settings.connect_timeout, 2.0)))
+            status = shim.broker_status(link, max(timeout, min(settings.connect_timeout, 2.0)), cfg.read_only)
             shim.check_identity(status, cfg, url, role)
         except PalaceMismatch:
             link.close()
@@ -156,7 +157,7 @@ def _container(cfg: Config, settings: Settings) -> Link:
         return degraded_or_refuse(cfg, settings, f"cannot reach the host broker over SSH: {exc}", "container")
     link = endpoints.AsyncLink(conn)
     try:
-        status = shim.broker_status(link, settings.connect_timeout)
+        status = shim.broker_status(link, settings.connect_timeout, cfg.read_only)
         shim.check_identity(status, cfg, link.endpoint, "container")
     except ShimError:
         link.close()
@@ -322,6 +323,8 @@ def degraded_or_refuse(cfg: Config, settings: Settings, reason: str, role: str) 
         )
     try:
         argv = resolve_engine(settings) + ["--palace", str(settings.palace_path)]
+        if cfg.read_only:
+            argv.append("--read-only")  # the engine enforces it itself here
     except ShimError as exc:
         if lock_fd is not None:
             os.close(lock_fd)

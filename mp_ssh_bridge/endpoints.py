@@ -230,7 +230,7 @@ def dial_checked(cfg: Config, url: str, *, settings: Any = None, role: str | Non
     """`dial()`, then prove it is a broker for our palace (broker/status + identity)."""
     link = dial(cfg, url, settings=settings)
     try:
-        status = shim.broker_status(link, cfg.connect_timeout)
+        status = shim.broker_status(link, cfg.connect_timeout, cfg.read_only)
         shim.check_identity(status, cfg, url, role or cfg.resolved_role())
     except ShimError:
         link.close()

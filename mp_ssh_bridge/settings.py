@@ -137,6 +137,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("MEMPALACE_MCP_TIMEOUT_MS", "mcp_timeout_ms"),
         description="Shim per-request deadline in ms (env MEMPALACE_MCP_TIMEOUT_MS, as the pi extension); 0 = none.",
     )
+    read_only: bool = Field(
+        default=False,
+        validation_alias=AliasChoices("MEMPALACE_MCP_READ_ONLY", "read_only"),
+        description="Shim: this session gets the tool surface of `mempalace-mcp --read-only` (env "
+        "MEMPALACE_MCP_READ_ONLY, as the engine; the --read-only flag sets it too).",
+    )
     role: Literal["auto", "host", "container"] = Field(
         default="auto", description="host, container, or auto (container when /.dockerenv or /run/.containerenv exists)."
     )

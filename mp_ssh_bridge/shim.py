@@ -118,6 +118,7 @@ class Config:
         self.palace_flag: str | None = None  # --palace on our command line
         self.palace: str | None = None  # explicitly requested palace (flag, MP_BRIDGE_PALACE, config, MEMPALACE_PALACE_PATH)
         self.log_level: str | None = None
+        self.read_only = False  # `--read-only` / MEMPALACE_MCP_READ_ONLY: the engine's read-only tool surface
 
     def resolved_role(self) -> str:
         if self.role != "auto":
@@ -151,6 +152,18 @@ def _int(value: object) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         return int(value.strip())
     raise NeedSettings(f"not an integer: {value!r}")
+
+
+def _bool(value: object) -> bool:
+    """pydantic's bool rule for the spellings people use; anything else: ask the model."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on", "y", "t"):
+        return True
+    if text in ("0", "false", "no", "off", "n", "f"):
+        return False
+    raise NeedSettings(f"not a boolean: {value!r}")
 
 
 def _float(value: object) -> float:
@@ -222,6 +235,9 @@ def fast_config(palace_flag: str | None, environ=os.environ) -> Config:
         if not isinstance(value, str):
             raise NeedSettings("broker must be a string")
         cfg.broker_url = value or None
+    value = pick(("MEMPALACE_MCP_READ_ONLY",), ("mempalace_mcp_read_only", "read_only"))
+    if value is not None:
+        cfg.read_only = _bool(value)
     value = pick(("MP_BRIDGE_LOG_LEVEL",), ("log_level",))
     if isinstance(value, str):
         cfg.log_level = value
@@ -330,12 +346,18 @@ def connect_unix(path: str, timeout: float, max_line_bytes: int, endpoint: str |
 _status_seq = 0
 
 
-def broker_status(link: Link, timeout: float) -> dict:
-    """One `broker/status` round trip before the pump starts; raises OSError/ShimError/TimeoutError."""
+def broker_status(link: Link, timeout: float, read_only: bool = False) -> dict:
+    """One `broker/status` round trip before the pump starts; raises OSError/ShimError/TimeoutError.
+
+    With `read_only` it also makes this connection a read-only session (the broker keeps it).
+    """
     global _status_seq
     _status_seq += 1
     req_id = f"mp-shim/status/{os.getpid()}/{_status_seq}"
-    link.send(encode({"jsonrpc": JSONRPC, "id": req_id, "method": "broker/status"}))
+    msg: dict = {"jsonrpc": JSONRPC, "id": req_id, "method": "broker/status"}
+    if read_only:
+        msg["params"] = {"readOnly": True}
+    link.send(encode(msg))
     deadline = time.monotonic() + timeout
     while True:
         remaining = deadline - time.monotonic()
@@ -402,7 +424,7 @@ def fast_connect(cfg: Config) -> Link:
         raise ConnectionError(f"broker.json names no unix endpoint ({endpoint!r})")
     link = connect_unix(endpoint[len("unix://") :], cfg.connect_timeout, cfg.max_line_bytes, endpoint)
     try:
-        status = broker_status(link, cfg.connect_timeout)
+        status = broker_status(link, cfg.connect_timeout, cfg.read_only)
         check_identity(status, cfg, endpoint, "host")
     except BaseException:
         link.close()
@@ -862,7 +884,7 @@ _VALUE_FLAGS = ("--palace", "--backend", "--transport", "--host", "--port", "--t
 
 def parse_args(argv: list[str]) -> dict:
     """mempalace-mcp's arguments; unknown ones are ignored with a warning (stderr)."""
-    out: dict = {"palace": None, "ignored": [], "help": False, "version": False}
+    out: dict = {"palace": None, "ignored": [], "help": False, "version": False, "read_only": False}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -871,6 +893,8 @@ def parse_args(argv: list[str]) -> dict:
             out["help"] = True
         elif arg == "--version":
             out["version"] = True
+        elif arg == "--read-only":
+            out["read_only"] = True
         elif name in _VALUE_FLAGS:
             if not eq:
                 i += 1
@@ -903,8 +927,6 @@ def main(argv: list[str] | None = None) -> int:
     for item in args["ignored"]:
         if item.startswith("--transport=") and item != "--transport=stdio":
             log(30, f"{item} ignored: mp-shim always speaks stdio")
-        elif item == "--read-only":
-            log(30, "--read-only ignored: the broker serves the full tool surface")
         else:
             log(20, f"argument {item} ignored")
     try:
@@ -918,6 +940,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - invalid settings are the user's to fix
             log(50, f"invalid settings: {exc}")
             return 2
+    cfg.read_only = cfg.read_only or args["read_only"]
     set_log_level(cfg.log_level or os.environ.get("MP_BRIDGE_LOG_LEVEL") or "WARNING")
     # Protocol only on the real stdout: keep it privately, send fd 1 (and sys.stdout) to stderr.
     out_fd = os.dup(1)

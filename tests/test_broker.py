@@ -462,3 +462,25 @@ def test_no_broker_while_a_degraded_session_writes_across_the_boundary(home, bro
     state.write_json_atomic(state_dir / "degraded.json", dict(record, heartbeat=time.time() - 3600))
     out = subprocess.run([str(BIN / "mempalace-broker"), "--ensure"], capture_output=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_read_only_session_gets_the_engines_read_only_surface(broker):
+    async def main():
+        ro = await RawClient.connect(broker.endpoint)
+        rw = await RawClient.connect(broker.endpoint)
+        st = (await ro.call("broker/status", {"readOnly": True}))["result"]
+        assert any(c["read_only"] for c in st["clients"])
+        ro_tools = {t["name"] for t in (await ro.call("tools/list", timeout=90))["result"]["tools"]}
+        rw_tools = {t["name"] for t in (await rw.call("tools/list"))["result"]["tools"]}
+        assert len(rw_tools) == 47 and len(ro_tools) == 25, (len(rw_tools), len(ro_tools))
+        assert "mempalace_search" in ro_tools and "mempalace_add_drawer" not in ro_tools
+        refused = await ro.tool("mempalace_add_drawer", add("ro", "must not be stored")["arguments"])
+        assert refused["error"]["code"] == -32003 and "read-only" in refused["error"]["message"]
+        assert "results" in tool_json(await ro.tool("mempalace_search", {"query": "anything"}))
+        # The other client is untouched, and the refused write never reached the palace.
+        assert tool_json(await rw.tool("mempalace_add_drawer", add("rw", "stored by the writer")["arguments"]))["success"]
+        assert await drawer_count(rw) == 1
+        await ro.close()
+        await rw.close()
+
+    run(main())

@@ -239,3 +239,26 @@ def test_stdout_is_protocol_only_and_args_are_accepted(host_role: Path, broker, 
     assert by_id[2]["result"] == {}
     assert b"connected to" in proc.stderr  # logs go to stderr
     assert proc.returncode == 0
+
+
+def test_read_only_flag_keeps_its_meaning_through_the_shared_broker(host_role: Path, broker, tmp_path: Path) -> None:
+    """`mempalace-mcp --read-only` refuses writes; so must `mp-shim --read-only`, although it shares the
+    broker's one writable engine with other sessions."""
+    ro = ShimProc("--read-only", stderr_path=tmp_path / "ro.err")
+    env_ro = ShimProc(env={"MEMPALACE_MCP_READ_ONLY": "1"}, stderr_path=tmp_path / "env.err")
+    rw = ShimProc(stderr_path=tmp_path / "rw.err")
+    try:
+        for s in (ro, env_ro, rw):
+            assert "result" in s.initialize()
+        names = {t["name"] for t in ro.call("tools/list", timeout=90)["result"]["tools"]}
+        assert "mempalace_add_drawer" not in names and "mempalace_search" in names and len(names) == 25
+        for s in (ro, env_ro):
+            refused = s.tool("mempalace_add_drawer", {"wing": "w", "room": "r", "content": "read-only write"})
+            assert refused["error"]["code"] == -32003, refused
+        assert "result" in ro.tool("mempalace_search", {"query": "write"})
+        wrote = rw.tool("mempalace_add_drawer", {"wing": "w", "room": "r", "content": "the writer's write"})
+        assert "success" in wrote["result"]["content"][0]["text"]
+        assert len(rw.call("tools/list")["result"]["tools"]) == 47
+    finally:
+        for s in (ro, env_ro, rw):
+            s.close()

@@ -68,6 +68,8 @@ CASES = [
     {"MP_BRIDGE_ROLE": "container", "MP_BRIDGE_CONNECT_TIMEOUT": "2.5", "MP_BRIDGE_MAX_LINE_BYTES": "4096"},
     {"MEMPALACE_BROKER": "tcp://127.0.0.1:9999", "MP_BRIDGE_PALACE": "/p/q"},
     {"MEMPALACE_PALACE_PATH": "/palaces/a"},
+    {"MEMPALACE_MCP_READ_ONLY": "1"},
+    {"MEMPALACE_MCP_READ_ONLY": "off", "MEMPALACE_PATH": "/x"},
 ]
 TOML = 'mempalace_path = "/from/toml"\nmcp_timeout_ms = 4321\nrole = "host"\npalace = "/toml/palace"\n'
 
@@ -81,13 +83,15 @@ def _compare(palace_flag: str | None = None) -> None:
     assert fast.max_line_bytes == s.max_line_bytes
     assert fast.role == s.role
     assert fast.broker_url == s.broker
+    assert fast.read_only == s.read_only
     # the palace the engine would open agrees too
     assert (fast.palace or os.path.join(fast.state_dir, "palace")) == str(s.palace_path)
     # and the model-built config is the same as the fast one
     from mp_ssh_bridge.discovery import config_from_settings
 
     slow = config_from_settings(palace_flag, s)
-    for attr in ("state_dir", "timeout_ms", "connect_timeout", "max_line_bytes", "role", "broker_url", "palace"):
+    for attr in ("state_dir", "timeout_ms", "connect_timeout", "max_line_bytes", "role", "broker_url", "palace",
+                 "read_only"):
         assert getattr(slow, attr) == getattr(fast, attr), attr
 
 
@@ -151,7 +155,9 @@ def test_deadline_rules() -> None:
 def test_parse_args_accepts_mempalace_mcp_arguments() -> None:
     a = shim.parse_args(["--palace", "/p", "--backend", "chroma", "--read-only", "--port=1", "--weird"])
     assert a["palace"] == "/p"
-    assert "--read-only" in a["ignored"] and "--weird" in a["ignored"] and "--backend=chroma" in a["ignored"]
+    assert a["read_only"] is True and "--read-only" not in a["ignored"]
+    assert "--weird" in a["ignored"] and "--backend=chroma" in a["ignored"]
+    assert shim.parse_args([])["read_only"] is False
     assert shim.parse_args(["--palace=/x"])["palace"] == "/x"
 
 
