@@ -643,3 +643,60 @@ def test_shim_over_ssh_survives_sshd_restart(
         raise
     finally:
         s.close()
+
+
+def test_host_and_container_sessions_write_at_once_and_nothing_is_lost(
+    sshd: SSHServer, broker: BrokerHandle, host_state: Path, ctr_state: Path, wrapper: Path, tmp_path: Path
+) -> None:
+    """The reason the project exists: a session on the host and one in a "container" (another HOME, another
+    path to the palace, reaching the host over SSH) write at the same time; every acknowledged write is
+    stored and found again by its vector."""
+    import threading
+
+    from tests.test_shim_support import ShimProc
+
+    ctr_home = tmp_path / "ctr-home"
+    ctr_home.mkdir()
+    host = ShimProc(env={"MP_BRIDGE_ROLE": "host"}, stderr_path=tmp_path / "host.err")
+    ctr = ShimProc(
+        env={
+            "HOME": str(ctr_home),
+            "MP_BRIDGE_ROLE": "container",
+            "MEMPALACE_PATH": str(ctr_state),
+            "MP_BRIDGE_SSH_CONFIG": str(sshd.client_config),
+            "MP_BRIDGE_REMOTE_BROKER": str(wrapper),
+        },
+        stderr_path=tmp_path / "ctr.err",
+    )
+    n = 30
+    acked: dict[str, list[str]] = {"host": [], "ctr": []}
+
+    def writer(name: str, s: ShimProc) -> None:
+        for i in range(n):
+            content = f"{name} note {i}: {uuid.uuid4().hex} about the shared palace"
+            r = s.tool("mempalace_add_drawer", {"wing": f"w_{name}", "room": "r", "content": content}, timeout=120)
+            if "result" in r and '"success": true' in r["result"]["content"][0]["text"]:
+                acked[name].append(content)
+
+    try:
+        for s in (host, ctr):
+            assert "result" in s.initialize()
+        threads = [threading.Thread(target=writer, args=(k, s)) for k, s in (("host", host), ("ctr", ctr))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        assert len(acked["host"]) == n and len(acked["ctr"]) == n, {k: len(v) for k, v in acked.items()}
+        total = json.loads(host.tool("mempalace_status")["result"]["content"][0]["text"])["total_drawers"]
+        assert total == 2 * n
+        missing = []
+        for content in acked["host"] + acked["ctr"]:
+            found = ctr.tool("mempalace_search", {"query": content, "limit": 3}, timeout=60)
+            if content not in found["result"]["content"][0]["text"]:
+                missing.append(content)
+        assert missing == [], f"{len(missing)} of {2 * n} acknowledged writes not found by search"
+        assert "connected to ssh://" in ctr.stderr() and "connected to ssh://" not in host.stderr()
+        assert broker.record["pid"] == broker.proc.pid  # one broker, one engine served both sides
+    finally:
+        host.close()
+        ctr.close()
