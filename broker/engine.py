@@ -202,8 +202,14 @@ class Engine:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[engine_id] = fut
         fut.engine_id = engine_id  # type: ignore[attr-defined]
-        asyncio.create_task(self.send(protocol.request(engine_id, method, params)))
+        asyncio.create_task(self._send_quietly(protocol.request(engine_id, method, params)))
         return fut
+
+    async def _send_quietly(self, message: dict[str, Any]) -> None:
+        try:
+            await self.send(message)
+        except EngineUnavailable:
+            pass  # the engine died; its exit fails the pending future with the reason
 
     async def request(self, method: str, params: Any) -> tuple[int, asyncio.Future[dict[str, Any]]]:
         """Send one request; returns its engine id and a future of the raw reply."""
