@@ -143,6 +143,9 @@ class Engine:
             raise EngineUnavailable(str(exc)) from None
         env = dict(os.environ)
         env["MEMPALACE_HUB_FORWARD"] = "0"  # 3.8+ would otherwise proxy to a registered hub
+        # The broker's engine is the palace's one writer; read-only is per session (broker/readonly.py).
+        # A read-only shim that elected this broker must not make the engine read-only for everyone.
+        env.pop("MEMPALACE_MCP_READ_ONLY", None)
         if self.settings.engine_eager_warmup:
             env.setdefault("MEMPALACE_EAGER_WARMUP", "1")
         self._restart_times.append(time.monotonic())

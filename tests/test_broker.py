@@ -484,3 +484,16 @@ def test_read_only_session_gets_the_engines_read_only_surface(broker):
         await rw.close()
 
     run(main())
+
+
+def test_a_read_only_environment_does_not_make_the_shared_engine_read_only(broker_factory):
+    """A read-only shim may be the one that starts the broker: its MEMPALACE_MCP_READ_ONLY is per session."""
+    broker = broker_factory(env={"MEMPALACE_MCP_READ_ONLY": "1"})
+
+    async def main():
+        c = await RawClient.connect(broker.endpoint)
+        assert len((await c.call("tools/list"))["result"]["tools"]) == 47
+        assert tool_json(await c.tool("mempalace_add_drawer", add("w", "the writer still writes")["arguments"]))["success"]
+        await c.close()
+
+    run(main())
