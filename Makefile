@@ -1,6 +1,6 @@
 # mp-ssh-bridge — set-up, tests and demo.
 #   make demo    set up .venv, then run 4 concurrent MCP sessions through one broker
-#   make test    set up .venv + test fixtures (model, sshd), then run pytest
+#   make test    set up .venv + test fixtures (model, sshd), lint (ruff, mypy), then run pytest
 # Variables: PYTEST_ARGS="-k shim -x"   DEMO_ARGS="--raw --keep"
 
 SHELL   := /bin/bash
@@ -9,12 +9,13 @@ PY      := $(VENV)/bin/python
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 
-.PHONY: help setup setup-tests test demo demo-raw clean
+.PHONY: help setup setup-tests test lint demo demo-raw clean
 
 help:
 	@echo "make demo         set up and run the demo (4 sessions -> mp-shim -> one broker)"
 	@echo "make demo-raw     the same demo with raw socket clients instead of mp-shim"
-	@echo "make test         set up test fixtures and run pytest (PYTEST_ARGS=...)"
+	@echo "make test         set up test fixtures, lint (ruff, mypy), then run pytest (PYTEST_ARGS=...)"
+	@echo "make lint         only ruff and mypy"
 	@echo "make setup        only create .venv and install (model into .demo/home)"
 	@echo "make setup-tests  only prepare tests (.venv, .test-home model, sshd)"
 	@echo "make clean        remove .demo/ and .test-home/ (keeps .venv)"
@@ -26,7 +27,13 @@ setup-tests:
 	bash scripts/setup-tests.sh
 
 test: setup-tests
+	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+lint:
+	$(VENV)/bin/ruff check .
+	mkdir -p .mypy-path && ln -sfn ../broker .mypy-path/mp_ssh_bridge_broker
+	$(VENV)/bin/mypy
 
 demo: setup
 	$(PY) scripts/demo.py $(DEMO_ARGS)

@@ -295,7 +295,7 @@ def main() -> int:
     saved = dict(os.environ)
     try:
         for name in list(os.environ):
-            if name.startswith("MP_BRIDGE_") or name.startswith("MEMPALACE_"):
+            if name.startswith(("MP_BRIDGE_", "MEMPALACE_")):
                 del os.environ[name]
         result = asyncio.run(bench(args, root))
     finally:

@@ -4,6 +4,9 @@ Usage:
   mempalace-broker                 serve in the foreground (launchd / systemd)
   mempalace-broker --ensure        start one if needed; print ONE JSON line; exit 0
   mempalace-broker --dial-stdio    bridge stdin/stdout to the broker socket (SSH fallback)
+  mempalace-broker --stop [--force] [--timeout S]
+                                   stop this host's broker if it is proven to be it (what
+                                   `mp-bridge stop` runs over SSH from a container)
 """
 
 from __future__ import annotations
@@ -30,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-line-bytes", type=int, dest="max_line_bytes", help="largest accepted message line")
     p.add_argument("--no-strip-root-combinators", dest="strip_root_combinators", action="store_const", const=False)
     p.add_argument("--log-level", dest="log_level")
-    p.add_argument("--timeout", type=float, help="--ensure: how long to wait (default ensure_timeout)")
+    p.add_argument(
+        "--timeout", type=float,
+        help="--ensure: how long to wait (default ensure_timeout); --stop: wait after SIGTERM (default shutdown_grace + 5)",
+    )
+    p.add_argument("--stop", action="store_true", help="stop the broker, only if proven to be this host's (exit 0/1/2)")
+    p.add_argument("--force", action="store_true", help="--stop: SIGKILL a hung broker and its engine, clean up")
     p.add_argument("--detach", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dial-stdio", dest="dial_stdio", action="store_true", help="bridge stdin/stdout to the broker socket (SSH fallback)")
@@ -39,11 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from(args: argparse.Namespace) -> Any:
-    from mp_ssh_bridge.settings import load
+def settings_from(args: argparse.Namespace, *, serving: bool) -> Any:
+    """The broker's settings from its own start: config file, its environment, these flags.
 
-    inherited = os.environ.pop("MP_BRIDGE_SETTINGS_JSON", None)
-    overrides: dict[str, Any] = json.loads(inherited) if inherited else {}
+    `--ensure` is a client action run on the host (it elects), so it reads every field;
+    serving reads only the broker's (`BrokerSettings`): a session's variables do not apply.
+    """
+    from mp_ssh_bridge.settings import load, load_broker
+
+    overrides: dict[str, Any] = {}
     for key in (
         "palace", "mempalace_path", "engine", "tcp", "idle_exit_minutes", "request_timeout",
         "stall_timeout", "max_line_bytes", "strip_root_combinators", "log_level",
@@ -51,7 +63,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
-    return load(**overrides)
+    return load_broker(**overrides) if serving else load(**overrides)
 
 
 def setup_logging(level: str) -> None:
@@ -65,21 +77,27 @@ def setup_logging(level: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.version:
-        from broker import __version__
+        from mp_ssh_bridge_broker import __version__
 
         print(__version__)
         return 0
     if args.dial_stdio:  # before settings: with --socket it needs none (fast start over SSH)
-        from broker.dial import main as dial_main
+        from mp_ssh_bridge_broker.dial import main as dial_main
 
         return dial_main(args)
     try:
-        settings = settings_from(args)
-    except Exception as exc:  # noqa: BLE001 - a settings error is the user's to fix
+        settings = settings_from(args, serving=not (args.stop or args.ensure))
+    except ValueError as exc:  # pydantic's ValidationError, a broken config file: the user's to fix
         print(f"mempalace-broker: invalid settings: {exc}", file=sys.stderr)
         return 2
+    if args.stop:
+        from mp_ssh_bridge.stopping import stop_broker
+
+        result = stop_broker(settings, force=args.force, timeout=args.timeout)
+        print(result.message, file=sys.stdout if result.code == 0 else sys.stderr, flush=True)
+        return result.code
     if args.ensure:
-        from broker.ensure import EnsureError, ensure_broker
+        from mp_ssh_bridge.election import EnsureError, ensure_broker
 
         try:
             info = ensure_broker(settings, args.timeout)
@@ -91,14 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.detach and os.fork() > 0:
         os._exit(0)  # the parent returns to --ensure at once; the child is reparented
     setup_logging(settings.log_level)
-    from broker.lifecycle import AlreadyRunning, BrokerProcess
+    from mp_ssh_bridge_broker.lifecycle import AlreadyRunning, BrokerProcess
 
     try:
         return asyncio.run(BrokerProcess(settings, args.lock_fd).run())
     except AlreadyRunning as exc:
         logging.getLogger("broker").warning("%s; exiting", exc)
         return 3
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - the last word of a broker that cannot go on; logged, exit 1
         logging.getLogger("broker").error("broker failed: %s", exc)
         return 1
 

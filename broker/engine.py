@@ -15,10 +15,12 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mp_ssh_bridge import enginecmd, protocol
-from mp_ssh_bridge.settings import Settings
+from mp_ssh_bridge.settings import BrokerSettings
+from mp_ssh_bridge_broker.tasks import Tasks
 
 log = logging.getLogger("broker.engine")
 
@@ -40,14 +42,15 @@ class EngineExited(Exception):
 class Engine:
     """One `mempalace-mcp` child process at a time, and its request futures."""
 
-    def __init__(self, settings: Settings, on_notification: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, settings: BrokerSettings, on_notification: Callable[[dict[str, Any]], None]) -> None:
         self.settings = settings
         self._on_notification = on_notification
         self._proc: asyncio.subprocess.Process | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next_id = 0
         self._start_lock = asyncio.Lock()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = Tasks("engine")  # every task started here: readers, sends, restart
+        self._readers: list[asyncio.Task[None]] = []  # this child's stdout/stderr readers, joined at kill/stop
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self._restart_times: collections.deque[float] = collections.deque()
         self._failures = 0
@@ -168,9 +171,9 @@ class Engine:
             raise EngineUnavailable(f"cannot run engine {argv[0]!r}: {exc.strerror or exc}") from exc
         self._proc = proc
         self.started_at = time.time()
-        self._tasks = [
-            asyncio.create_task(self._read_stdout(proc), name="engine-stdout"),
-            asyncio.create_task(self._read_stderr(proc), name="engine-stderr"),
+        self._readers = [
+            self._tasks.spawn(self._read_stdout(proc), name="engine-stdout"),
+            self._tasks.spawn(self._read_stderr(proc), name="engine-stderr"),
         ]
         try:
             fut = self._request_future(
@@ -205,7 +208,7 @@ class Engine:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[engine_id] = fut
         fut.engine_id = engine_id  # type: ignore[attr-defined]
-        asyncio.create_task(self._send_quietly(protocol.request(engine_id, method, params)))
+        self._tasks.spawn(self._send_quietly(protocol.request(engine_id, method, params)), name=f"engine-send-{engine_id}")
         return fut
 
     async def _send_quietly(self, message: dict[str, Any]) -> None:
@@ -300,7 +303,7 @@ class Engine:
                 # A crash or a stall kill: bring a warm engine back now, so the next
                 # client does not pay the spawn. A clean exit (the engine's own idle
                 # timeout) is left alone until someone needs it.
-                self._restart_task = asyncio.create_task(self._restart_after_crash(), name="engine-restart")
+                self._restart_task = self._tasks.spawn(self._restart_after_crash(), name="engine-restart")
         exc = EngineExited(code, self.stderr_tail())
         pending, self._pending = self._pending, {}
         for fut in pending.values():
@@ -337,22 +340,30 @@ class Engine:
         await self._join_tasks()
 
     async def stop(self) -> None:
-        """Graceful stop at broker shutdown: close stdin, then escalate."""
+        """Graceful stop at broker shutdown: close stdin, then escalate; leaves no task of ours behind.
+
+        A crash-restart in progress is cancelled first, so it cannot spawn a new
+        child behind our back while we wait for the old one.
+        """
         self._stopping = True
+        restart, self._restart_task = self._restart_task, None
+        if restart is not None and not restart.done():
+            restart.cancel()
+            await asyncio.wait([restart], timeout=5)
         proc = self._proc
-        if proc is None or proc.returncode is not None:
-            await self._join_tasks()
-            return
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 3.0)
-        except asyncio.TimeoutError:
-            await self.kill("broker shutting down")
+        if proc is not None and proc.returncode is None:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), 3.0)
+            except asyncio.TimeoutError:
+                await self.kill("broker shutting down")
         await self._join_tasks()
+        await self._tasks.cancel_all()  # sends still blocked on a full pipe, a restart that slipped in
 
     async def _join_tasks(self) -> None:
-        tasks, self._tasks = self._tasks, []
+        """Let this child's readers drain and fail its pending futures (they end at its EOF); cancel stragglers."""
+        tasks, self._readers = self._readers, []
         current = asyncio.current_task()
         for task in tasks:
             if task is current:  # kill() called from the reader itself
@@ -364,6 +375,6 @@ class Engine:
 
 
 def _version() -> str:
-    from broker import __version__
+    from mp_ssh_bridge_broker import __version__
 
     return __version__

@@ -12,8 +12,6 @@ socket and broker.json.
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
 import logging
 import os
 import secrets
@@ -22,32 +20,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from broker import __version__
-from broker.mux import Mux
-from broker.server import Server
 from mp_ssh_bridge import hostinfo, state
-from mp_ssh_bridge.settings import Settings
+from mp_ssh_bridge.election import open_lock, try_lock
+from mp_ssh_bridge.settings import BrokerSettings
+from mp_ssh_bridge_broker import __version__
+from mp_ssh_bridge_broker.mux import Mux
+from mp_ssh_bridge_broker.server import Server
 
 log = logging.getLogger("broker.lifecycle")
 
 
 class AlreadyRunning(Exception):
     """Another process holds broker.lock for this state directory."""
-
-
-def open_lock(paths: state.StatePaths) -> int:
-    return os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-
-
-def try_lock(fd: int) -> bool:
-    """Non-blocking exclusive flock; False when someone else holds it."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return False
-        raise
 
 
 def acquire_lock(paths: state.StatePaths, inherited_fd: int | None = None) -> int:
@@ -67,7 +51,7 @@ def acquire_lock(paths: state.StatePaths, inherited_fd: int | None = None) -> in
 class BrokerProcess:
     """One broker run, from lock to clean exit."""
 
-    def __init__(self, settings: Settings, lock_fd: int | None = None) -> None:
+    def __init__(self, settings: BrokerSettings, lock_fd: int | None = None) -> None:
         self.settings = settings
         self.paths = settings.paths
         self._inherited_lock = lock_fd
@@ -105,6 +89,7 @@ class BrokerProcess:
         self.record = {
             "version": state.BROKER_JSON_VERSION,
             "pid": os.getpid(),
+            "proc_start": hostinfo.proc_start(os.getpid()),  # `mp-bridge stop` checks it: no pid reuse
             "host": hostinfo.host_name(),
             "boot_id": hostinfo.boot_id(),
             "endpoint": endpoints["unix"],
@@ -146,6 +131,7 @@ class BrokerProcess:
                 task.cancel()
             await self.server.close()
             await self.mux.shutdown(s.shutdown_grace)
+            await self.server.close_connections()
             self._remove_state()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)

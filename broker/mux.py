@@ -7,7 +7,10 @@ version (spawning an engine per session costs ~0.6 s; a cached answer costs
 nothing). Cancellation follows the MCP spec: a queued request is dropped
 with no reply, a running one has its late reply dropped. Deadlines and
 engine failures become JSON-RPC errors that say whether the request ran:
-"not executed", or "outcome unknown" — and nothing is ever retried.
+"not executed", or "outcome unknown" — and nothing is ever retried. The
+broker owns each request's deadline (only it knows whether the request
+reached the engine); a session tells it its own timer with broker/status
+`timeoutMs`, and the broker answers just before that timer fires.
 """
 
 from __future__ import annotations
@@ -20,20 +23,38 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker import readonly, tools
-from broker.engine import Engine, EngineExited, EngineUnavailable
-from broker.queue import FairQueue
 from mp_ssh_bridge import enginecmd, protocol
-from mp_ssh_bridge.settings import Settings
+from mp_ssh_bridge.settings import BrokerSettings
+from mp_ssh_bridge_broker import readonly, tools
+from mp_ssh_bridge_broker.engine import Engine, EngineExited, EngineUnavailable
+from mp_ssh_bridge_broker.queue import FairQueue
+from mp_ssh_bridge_broker.tasks import Tasks
 
 log = logging.getLogger("broker.mux")
 
 OUTBOX_MAX_BYTES = 64 * 1024 * 1024
 TOTALS = ("requests", "responses", "errors", "cancelled", "timeouts", "outcome_unknown", "engine_requests")
+TIMEOUT_MS_MAX = 2**31 - 1  # JavaScript's setTimeout ceiling (pi's extension); a larger timeoutMs is refused
 
 
 def _id_key(value: Any) -> tuple[str, Any]:
     return (type(value).__name__, value)  # 1 and "1" are different ids
+
+
+def job_deadline_s(timeout_ms: int, request_timeout: float, event_wait_ms: int | None) -> float:
+    """Seconds from arrival until a job times out in the broker.
+
+    The session's own timer (`timeoutMs`, > 0) wins, answered a little early
+    (protocol.broker_deadline_s) so our `not_executed`/`unknown` verdict beats
+    the session's blind "outcome unknown"; without one, the broker's
+    request_timeout. A mempalace_event_wait also gets the wait it asked for.
+    """
+    return protocol.broker_deadline_s(timeout_ms, request_timeout, event_wait_ms or 0)
+
+
+def valid_timeout_ms(value: Any) -> bool:
+    """broker/status `timeoutMs`: a JSON integer 0..TIMEOUT_MS_MAX (true/false and 1.5 are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= TIMEOUT_MS_MAX
 
 
 class ClientSession:
@@ -50,6 +71,7 @@ class ClientSession:
         self.requests = 0
         self.authenticated = True
         self.read_only = False  # the tool surface of `mempalace-mcp --read-only` (broker/status readOnly)
+        self.timeout_ms = 0  # the session's own per-request timer (broker/status timeoutMs); 0 = none
         self.closed = False
         self._writer = writer
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -96,11 +118,15 @@ class ClientSession:
                 pass
 
     async def wait_closed(self, timeout: float = 2.0) -> None:
-        if self._writer_task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._writer_task), timeout)
-            except (asyncio.TimeoutError, Exception):  # noqa: BLE001
-                self._writer_task.cancel()
+        """Let the writer flush (bounded by `timeout`), then make sure its task has ended."""
+        task = self._writer_task
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - a client that stopped reading
+            task.cancel()
+            await asyncio.wait([task], timeout=1.0)
 
 
 @dataclass(eq=False)
@@ -119,6 +145,7 @@ class Job:
     state: str = "queued"  # queued -> running -> done
     replied: bool = False
     engine_id: int | None = None
+    started: float | None = None  # when the engine got it (the last slice, for event_wait)
     timer: asyncio.TimerHandle | None = None
     slices: int = 0
 
@@ -133,7 +160,7 @@ class Job:
 class Mux:
     """Routes client messages into the fair queue and engine replies back."""
 
-    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+    def __init__(self, settings: BrokerSettings, engine: Engine | None = None) -> None:
         self.settings = settings
         self.engine = engine or Engine(settings, self._on_engine_notification)
         self.queue: FairQueue[Job] = FairQueue()
@@ -146,6 +173,7 @@ class Mux:
         self.totals: collections.Counter[str] = collections.Counter()
         self.idle_since = time.monotonic()
         self.accepting = True
+        self._tasks = Tasks("mux")  # dispatcher, read-only probe, forwarded cancels; cancelled at shutdown
         self._dispatcher: asyncio.Task[None] | None = None
         self.status_extra: dict[str, Any] = {}
         self._read_only_probe: asyncio.Task[frozenset[str] | None] | None = None
@@ -195,10 +223,7 @@ class Mux:
         if method == "ping":
             session.send(protocol.result(msg_id, {}))
         elif method == "broker/status":
-            if isinstance(params, dict) and params.get("readOnly") is True:
-                session.read_only = True  # sticky: a session never widens its own surface
-                self._start_read_only_probe()
-            session.send(protocol.result(msg_id, self.status()))
+            self._status_request(session, msg_id, params)
         elif method == "broker/auth":
             session.send(protocol.result(msg_id, {"ok": True}))
         elif method.startswith("broker/"):
@@ -214,6 +239,26 @@ class Mux:
         else:
             self._enqueue(session, msg_id, method, params)
 
+    def _status_request(self, session: ClientSession, msg_id: Any, params: Any) -> None:
+        """broker/status: the status, and the session's declarations (readOnly, timeoutMs)."""
+        if isinstance(params, dict):
+            if params.get("readOnly") is True:
+                session.read_only = True  # sticky: a session never widens its own surface
+                self._start_read_only_probe()
+            if "timeoutMs" in params:
+                value = params["timeoutMs"]
+                if not valid_timeout_ms(value):
+                    self._error(
+                        session,
+                        msg_id,
+                        protocol.INVALID_PARAMS,
+                        f"Invalid params: timeoutMs must be an integer from 0 (no deadline) to {TIMEOUT_MS_MAX} "
+                        f"milliseconds, got {value!r:.60}",
+                    )
+                    return
+                session.timeout_ms = value
+        session.send(protocol.result(msg_id, self.status()))
+
     def _cached_initialize(self, params: Any) -> dict[str, Any] | None:
         version = params.get("protocolVersion") if isinstance(params, dict) else None
         if not isinstance(version, str):
@@ -223,14 +268,14 @@ class Mux:
 
     def _enqueue(self, session: ClientSession, msg_id: Any, method: str, params: Any) -> None:
         now = time.monotonic()
-        job = Job(session, msg_id, method, params, deadline=now + self.settings.request_timeout)
+        wait_ms = tools.event_wait_timeout_ms(method, params)
+        deadline = now + job_deadline_s(session.timeout_ms, self.settings.request_timeout, wait_ms)
+        job = Job(session, msg_id, method, params, deadline=deadline)
         if method == "initialize":
             job.kind = "initialize"
-        wait_ms = tools.event_wait_timeout_ms(method, params)
         if wait_ms:
             job.kind = "event_wait"
             job.event_wait_until = now + wait_ms / 1000
-            job.deadline = job.event_wait_until + self.settings.request_timeout
         self._rewrite_progress_token(job)
         session.pending[_id_key(msg_id)] = job
         loop = asyncio.get_running_loop()
@@ -260,7 +305,7 @@ class Mux:
             self.queue.remove(job)
             self._finish(job)
         elif job.state == "running" and job.engine_id is not None:
-            asyncio.create_task(self._forward_cancel(job.engine_id))
+            self._tasks.spawn(self._forward_cancel(job.engine_id), name=f"forward-cancel-{job.engine_id}")
 
     async def _forward_cancel(self, engine_id: int) -> None:
         try:
@@ -271,31 +316,53 @@ class Mux:
             pass
 
     def _expire(self, job: Job) -> None:
+        """The job's deadline: say exactly whether it ran, and why it did not finish in time."""
         if job.state == "done" or job.replied:
             return
         waited = time.monotonic() - job.created
         self.totals["timeouts"] += 1
+        limit = self._deadline_source(job.owner)
         if job.state == "queued":
             self.queue.remove(job)
+            others = len(self.queue)
+            why, busy_with = self._why_not_run(job)
             self._reply_error(
                 job,
                 protocol.DEADLINE_EXCEEDED,
-                f"request timed out after {waited:.1f}s waiting for the engine; it was NOT executed",
-                {"outcome": "not_executed"},
+                f"request NOT executed: it reached its deadline ({limit}) after waiting {waited:.1f}s for the "
+                f"engine, with {others} other request(s) still queued; {why}. It is safe to retry",
+                {"outcome": "not_executed", "waited_s": round(waited, 3), "queued": others, "busy_with": busy_with},
             )
             self._finish(job)
         else:
             self._reply_error(
                 job,
                 protocol.DEADLINE_EXCEEDED,
-                f"request timed out after {waited:.1f}s; the engine is still running it, so its outcome is "
-                "unknown (not retried)",
-                {"outcome": "unknown"},
+                f"request timed out after {waited:.1f}s ({limit}); the engine is still running it, so its outcome "
+                "is unknown (not retried)",
+                {"outcome": "unknown", "waited_s": round(waited, 3)},
             )
+
+    def _deadline_source(self, session: ClientSession) -> str:
+        if session.timeout_ms > 0:
+            return f"this session's timeout of {session.timeout_ms} ms, answered just before it"
+        return f"the broker's request_timeout of {self.settings.request_timeout:g}s"
+
+    def _why_not_run(self, job: Job) -> tuple[str, str | None]:
+        """What held a queued job back: the running request, or an engine that was not ready."""
+        flight = self.in_flight
+        if flight is not None:
+            what = f"tool {flight.tool}" if flight.tool else flight.method
+            whose = "this session's own earlier request" if flight.owner is job.owner else "another session"
+            running = time.monotonic() - (flight.started or flight.created)
+            return f"the engine was busy with {what} for {whose} ({running:.1f}s so far)", what
+        if not self.engine.running():
+            return f"the engine was not ready (state: {self.engine.state})", None
+        return "the engine was busy with other requests", None
 
     # --- engine side -------------------------------------------------------------------
     def start(self) -> None:
-        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="dispatcher")
+        self._dispatcher = self._tasks.spawn(self._dispatch_loop(), name="dispatcher")
 
     async def _dispatch_loop(self) -> None:
         while True:
@@ -343,11 +410,11 @@ class Mux:
         if job.kind == "event_wait":
             assert job.event_wait_until is not None
             remaining_ms = (job.event_wait_until - time.monotonic()) * 1000
-            params = tools.event_wait_slice(job.params, min(self.settings.event_wait_slice * 1000, remaining_ms))
+            params = tools.event_wait_slice(job.params, int(min(self.settings.event_wait_slice * 1000, remaining_ms)))
             job.slices += 1
         job.state = "running"
         self.in_flight = job
-        started = time.monotonic()
+        started = job.started = time.monotonic()
         try:
             job.engine_id, fut = await self.engine.request(job.method, params)
             self.totals["engine_requests"] += 1
@@ -398,7 +465,7 @@ class Mux:
                     return None
                 return await readonly.probe_read_only_tools(argv, self.settings.engine_start_timeout)
 
-            self._read_only_probe = asyncio.create_task(probe(), name="read-only-probe")
+            self._read_only_probe = self._tasks.spawn(probe(), name="read-only-probe")
         return self._read_only_probe
 
     async def _read_only_tools(self) -> frozenset[str] | None:
@@ -447,9 +514,11 @@ class Mux:
                 self.init_cache[version] = copy.deepcopy(result)
 
     def _on_engine_notification(self, msg: dict[str, Any]) -> None:
-        params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
+        raw = msg.get("params")
+        params: dict[str, Any] = raw if isinstance(raw, dict) else {}
         if msg.get("method") == "notifications/progress":
-            route = self._progress.get(params.get("progressToken"))
+            token = params.get("progressToken")
+            route = self._progress.get(token) if isinstance(token, str) else None
             if route is not None:
                 session, original = route
                 session.send(dict(msg, params=dict(params, progressToken=original)))
@@ -494,7 +563,11 @@ class Mux:
 
     # --- shutdown --------------------------------------------------------------------------
     async def shutdown(self, grace: float) -> None:
-        """Refuse new work, fail queued work, let the running request finish within `grace`."""
+        """Refuse new work, fail queued work, let the running request finish within `grace`.
+
+        Ends with nothing of ours left running: the engine's tasks (Engine.stop),
+        the sessions' writers, and every task this Mux spawned.
+        """
         self.accepting = False
         for job in self.queue.jobs():
             self.queue.remove(job)
@@ -509,17 +582,18 @@ class Mux:
                 await self._dispatcher
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
-        job = self.in_flight
-        if job is not None:
+        flight = self.in_flight
+        if flight is not None:
             self._reply_error(
-                job, protocol.OUTCOME_UNKNOWN, "broker shut down during this request; outcome unknown", {"outcome": "unknown"}
+                flight, protocol.OUTCOME_UNKNOWN, "broker shut down during this request; outcome unknown", {"outcome": "unknown"}
             )
-            self._finish(job)
+            self._finish(flight)
         await self.engine.stop()
         for session in list(self.sessions.values()):
             session.close()
         for session in list(self.sessions.values()):
             await session.wait_closed(1.0)
+        await self._tasks.cancel_all()
 
     # --- status ------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -547,6 +621,7 @@ class Mux:
                     "in_flight": flight is not None and flight.owner is s,
                     "requests": s.requests,
                     "read_only": s.read_only,
+                    "timeout_ms": s.timeout_ms,
                 }
                 for s in self.sessions.values()
             ],

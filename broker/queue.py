@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Generic, Hashable, Protocol, TypeVar
+from collections.abc import Hashable
+from typing import Generic, Protocol, TypeVar
 
 
 class HasOwner(Protocol):
-    owner: Hashable
+    @property
+    def owner(self) -> Hashable: ...
 
 
 J = TypeVar("J", bound=HasOwner)

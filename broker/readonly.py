@@ -38,6 +38,7 @@ async def probe_read_only_tools(argv: list[str], timeout: float) -> frozenset[st
             env=env, limit=16 * 1024 * 1024, start_new_session=True,
         )
         assert proc.stdin is not None and proc.stdout is not None
+        stdout = proc.stdout
         init = {"protocolVersion": protocol.LATEST_PROTOCOL_VERSION, "capabilities": {},
                 "clientInfo": {"name": "mempalace-broker-probe", "version": "1"}}
         proc.stdin.write(protocol.encode(protocol.request(1, "initialize", init)))
@@ -46,9 +47,9 @@ async def probe_read_only_tools(argv: list[str], timeout: float) -> frozenset[st
 
         async def tools_reply() -> frozenset[str] | None:
             while True:
-                line = await proc.stdout.readline()
+                line = await stdout.readline()
                 if not line:
-                    return None  # e.g. mempalace < 3.11: no --read-only, argparse exits
+                    return None  # the engine exited before listing its tools
                 msg = protocol.decode(line)
                 if isinstance(msg, dict) and msg.get("id") == 2:
                     tools = (msg.get("result") or {}).get("tools") or []

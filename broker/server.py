@@ -16,8 +16,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from broker.mux import ClientSession, Mux
 from mp_ssh_bridge import protocol, state
+from mp_ssh_bridge_broker.mux import ClientSession, Mux
+from mp_ssh_bridge_broker.tasks import Tasks
 
 log = logging.getLogger("broker.server")
 
@@ -30,7 +31,8 @@ class Server:
         self.max_line_bytes = max_line_bytes
         self.auth_timeout = auth_timeout
         self._servers: list[asyncio.AbstractServer] = []
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections = Tasks("server")  # every connection handler asyncio started for us
+        self._unattached: set[asyncio.Task[Any]] = set()  # ... of which not yet handed to the Mux (TCP auth)
 
     async def start_unix(self, path: Path) -> None:
         state.ensure_private_dir(path.parent)
@@ -59,6 +61,14 @@ class Server:
         return sockname[0], sockname[1]
 
     async def close(self) -> None:
+        """Stop listening, and drop connections still authenticating.
+
+        Connections already attached to the Mux are left open on purpose: the
+        Mux's shutdown still owes them answers (queued work "not executed", the
+        running request's reply) and then closes them, which ends their handlers
+        (`close_connections` reaps any that linger). A connection still in its
+        TCP handshake owns nothing, and would otherwise hang on for auth_timeout.
+        """
         for srv in self._servers:
             srv.close()
         for srv in self._servers:
@@ -67,15 +77,29 @@ class Server:
             except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - wait_closed waits for clients
                 pass
         self._servers.clear()
+        for task in list(self._unattached):
+            task.cancel()
+
+    async def close_connections(self, timeout: float = 2.0) -> None:
+        """After Mux.shutdown: wait (bounded) for the connection handlers to end, then cancel the rest."""
+        pending = self._connections.pending()
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        await self._connections.cancel_all(timeout)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str | None) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
+        self._connections.track(task)
+        self._unattached.add(task)
         try:
             await self._serve(reader, writer, token)
+        except asyncio.CancelledError:
+            # End as done, not cancelled: Python 3.11's start_server calls task.exception()
+            # on its handler task and would log a cancelled one as an error.
+            pass
         finally:
-            self._connections.discard(task)
+            self._unattached.discard(task)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str | None) -> None:
         peer = _peer_name(writer)
@@ -85,10 +109,17 @@ class Server:
         session = ClientSession(peer, writer)
         if token is not None:
             session.authenticated = False
-            if not await self._authenticate(session, reader, token):
+            try:
+                authenticated = await self._authenticate(session, reader, token)
+            except asyncio.CancelledError:  # close(): drop the half-open connection, writer task included
+                session.close()
+                await session.wait_closed(0.5)
+                raise
+            if not authenticated:
                 await session.wait_closed()
                 return
         self.mux.attach(session)
+        self._unattached.discard(asyncio.current_task())
         try:
             while not session.closed:
                 try:

@@ -1,13 +1,15 @@
-"""One byte stream to a broker, whatever carries it (unix, tcp, ssh channel, ssh stdio).
+"""An asyncio byte stream to the broker over SSH (a streamlocal channel or a remote stdio bridge).
 
-The transport is chosen once, from the endpoint URL; after that the shim only
-ever sees a Connection, as docker's connhelper does. Stdlib only.
+asyncssh is asyncio, so the SSH transport hands out this; the shim sees it
+through `links.AsyncLink`, like every other transport. Frames follow the one
+rule of `protocol.FrameBuffer`. Stdlib only.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from mp_ssh_bridge import protocol
 
@@ -34,23 +36,21 @@ class Connection:
         self.max_line_bytes = max_line_bytes
         self.info: dict[str, Any] = dict(info or {})
         self._on_close = on_close
+        self._frames = protocol.FrameBuffer(max_line_bytes)
         self._closed = False
 
     async def read_frame(self) -> bytes | None:
-        """Next frame without its newline; None at EOF."""
+        """Next frame without its newline; None at EOF. Raises protocol.LineTooLong."""
         if isinstance(self.reader, asyncio.StreamReader):
             return await protocol.read_frame(self.reader, self.max_line_bytes)
-        try:
-            line = await self.reader.readuntil(b"\n")
-        except asyncio.IncompleteReadError as exc:
-            if not exc.partial:
-                return None
-            line = exc.partial
-        if isinstance(line, str):
-            line = line.encode("utf-8")
-        if len(line) > self.max_line_bytes + 1:
-            raise protocol.LineTooLong(self.max_line_bytes)
-        return line.rstrip(b"\r\n") if line else None
+        while True:
+            frame = self._frames.next_frame()
+            if frame is not None:
+                return frame
+            chunk = await self.reader.read(262144)
+            if not chunk:
+                return self._frames.rest()
+            self._frames.feed(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
@@ -62,16 +62,16 @@ class Connection:
         self._closed = True
         try:
             self.writer.close()
-        except Exception:  # noqa: BLE001 - closing a broken stream
+        except Exception:  # noqa: BLE001 - closing a stream that is already broken: nothing to report
             pass
         wait_closed = getattr(self.writer, "wait_closed", None)
         if wait_closed is not None:
             try:
                 await asyncio.wait_for(wait_closed(), 2)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - a peer that vanished; the close is done either way
                 pass
         if self._on_close is not None:
             try:
                 await asyncio.wait_for(self._on_close(), 5)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - the SSH connection behind it is gone already
                 pass

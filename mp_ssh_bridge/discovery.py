@@ -1,15 +1,16 @@
 """The shim's slow path: find or elect a broker, or, as a last resort, run the engine directly.
 
 Loaded only when the fast path (broker.json -> socket) did not give a
-connection, so it may import the settings model and `broker.ensure`.
+connection, so it may import the settings model and the election client.
 DESIGN §3, in order:
 
 1. `MEMPALACE_BROKER` set: that endpoint, verbatim (`endpoints.dial`), no election.
 2. `broker.json`: connect, `broker/status` round trip, palace identity.
-3. Host role: `broker.ensure.ensure_broker()` — the flock election (the winner
+3. Host role: `election.ensure_broker()` — the flock election (the winner
    spawns a detached broker, the rest wait), bounded by `ensure_timeout`.
    Container role: the socket in broker.json if it happens to work, else
-   `mp_ssh_bridge.ssh.connect_container(settings)`.
+   `mp_ssh_bridge.ssh.connect_container(settings)` (its TCP + token fallback is
+   dialed by `endpoints`, like every other TCP link).
 4. Degraded mode, only after proving no broker can be alive (pid dead on this
    host and boot, or a stale heartbeat across hosts; and nobody holds
    broker.lock): the real engine as our own child. When a broker may be alive
@@ -27,9 +28,13 @@ import subprocess
 import threading
 import time
 
-from mp_ssh_bridge import endpoints, shim, state
+from mp_ssh_bridge import endpoints, handshake, state
+from mp_ssh_bridge.config import ENGINE_CHILD_ENV, Config
+from mp_ssh_bridge.diag import log
+from mp_ssh_bridge.errors import PalaceMismatch, ShimError
+from mp_ssh_bridge.links import AsyncLink, Link, run_async
+from mp_ssh_bridge.protocol import BROKER_UNREACHABLE, LINE_TOO_LONG, PALACE_MISMATCH, FrameBuffer, LineTooLong
 from mp_ssh_bridge.settings import Settings, load
-from mp_ssh_bridge.shim import BROKER_UNREACHABLE, Config, Link, PalaceMismatch, ShimError
 
 CONTAINER_DIRECT_TIMEOUT = 0.5  # the socket in broker.json from a container: works on a plain bind mount, or not at all
 
@@ -38,32 +43,11 @@ def load_settings(palace_flag: str | None) -> Settings:
     return load(palace=palace_flag)
 
 
-def config_from_settings(palace_flag: str | None, settings: Settings | None = None) -> Config:
-    """The shim's Config from the settings model (used when the fast reader is not sure)."""
-    s = settings or load_settings(palace_flag)
-    cfg = Config()
-    cfg.state_dir = str(s.mempalace_path)
-    cfg.timeout_ms = s.mcp_timeout_ms
-    cfg.connect_timeout = s.connect_timeout
-    cfg.max_line_bytes = s.max_line_bytes
-    cfg.role = s.role
-    cfg.broker_url = s.broker or None
-    cfg.palace_flag = palace_flag
-    if s.palace is not None:
-        cfg.palace = str(s.palace)
-    else:
-        env = os.environ.get("MEMPALACE_PALACE_PATH") or os.environ.get("MEMPALACE_PALACE")
-        cfg.palace = str(state.expand(env)) if env else None
-    cfg.log_level = s.log_level if "log_level" in s.model_fields_set else None
-    cfg.read_only = s.read_only
-    return cfg
-
-
 def discover(cfg: Config, fast_failure: str = "") -> Link:
     """A Link to the broker for our palace, or to a degraded-mode engine; raises ShimError."""
     settings = load_settings(cfg.palace_flag)
     if settings.broker:
-        return endpoints.dial_checked(cfg, settings.broker, settings=settings, role=settings.resolved_role())
+        return endpoints.connect(cfg, settings.broker, settings=settings, role=settings.resolved_role())
     if settings.resolved_role() == "container":
         return _container(cfg, settings)
     return _host(cfg, settings, fast_failure)
@@ -85,21 +69,11 @@ def _direct(cfg: Config, settings: Settings, timeout: float, role: str) -> Link:
     problems = []
     for url in candidates:
         try:
-            link = endpoints.dial(cfg, url, settings=settings, timeout=timeout)
-        except (OSError, ShimError) as exc:
-            problems.append(str(exc))
-            continue
-        try:
-            status = shim.broker_status(link, max(timeout, min(settings.connect_timeout, 2.0)), cfg.read_only)
-            shim.check_identity(status, cfg, url, role)
+            return endpoints.connect(cfg, url, settings=settings, timeout=timeout, role=role)
         except PalaceMismatch:
-            link.close()
             raise
-        except (OSError, ShimError, ValueError) as exc:
-            link.close()
-            problems.append(f"{url} does not answer: {exc}")
-            continue
-        return link
+        except ShimError as exc:
+            problems.append(str(exc))
     raise ConnectionError("; ".join(problems))
 
 
@@ -112,8 +86,8 @@ def _host(cfg: Config, settings: Settings, fast_failure: str) -> Link:
             raise
         except (OSError, ShimError, ValueError) as exc:
             first = str(exc)
-    shim.log(20, f"no broker answered ({first}); electing one (bounded by {settings.ensure_timeout:g}s)")
-    from broker.ensure import EnsureError, ensure_broker
+    log(20, f"no broker answered ({first}); electing one (bounded by {settings.ensure_timeout:g}s)")
+    from mp_ssh_bridge.election import EnsureError, ensure_broker
 
     try:
         info = ensure_broker(settings)
@@ -137,34 +111,27 @@ def _container(cfg: Config, settings: Settings) -> Link:
         return _direct(cfg, settings, CONTAINER_DIRECT_TIMEOUT, "container")
     except PalaceMismatch:
         raise
-    except (OSError, ShimError, ValueError) as exc:
-        direct = str(exc)
-    try:
-        from mp_ssh_bridge import ssh
+    except (OSError, ShimError, ValueError):
+        pass  # the usual case across a VM boundary: the host's socket is not connectable from here
+    from mp_ssh_bridge import ssh
 
-        connect = ssh.connect_container
-    except (ImportError, AttributeError) as exc:
-        raise ShimError(
-            BROKER_UNREACHABLE,
-            f"container role: the broker socket is not reachable from here ({direct}) and the SSH transport "
-            f"(mp_ssh_bridge.ssh.connect_container) is not available in this version yet ({exc}); set "
-            "MEMPALACE_BROKER=tcp://HOST:PORT for a broker started with --tcp, or MP_BRIDGE_ROLE=host if this "
-            "is not a container",
-        ) from exc
     try:
-        conn = endpoints.run_async(connect(settings), settings.connect_timeout + settings.ensure_timeout + 30)  # room for every SSH fallback
-    except Exception as exc:  # noqa: BLE001 - ssh.py's exceptions carry the user-actionable message
+        conn = run_async(ssh.connect_container(settings), settings.connect_timeout + settings.ensure_timeout + 30)
+    except ssh.TcpFallback as fallback:
+        try:
+            return endpoints.connect(cfg, fallback.url, settings=settings, role="container")
+        except ShimError as exc:
+            if exc.code == PALACE_MISMATCH:
+                raise
+            return degraded_or_refuse(cfg, settings, f"{fallback}; and TCP {fallback.url}: {exc}", "container")
+    except ShimError as exc:  # SSHBridgeError included: its code survives
+        if exc.code == PALACE_MISMATCH or getattr(exc, "refuse", False):
+            raise  # another palace, or a host we could not verify: neither proves that no broker runs
         return degraded_or_refuse(cfg, settings, f"cannot reach the host broker over SSH: {exc}", "container")
-    link = endpoints.AsyncLink(conn)
-    try:
-        status = shim.broker_status(link, settings.connect_timeout, cfg.read_only)
-        shim.check_identity(status, cfg, link.endpoint, "container")
-    except ShimError:
-        link.close()
-        raise
-    except (OSError, ValueError) as exc:
-        link.close()
-        raise ShimError(BROKER_UNREACHABLE, f"{link.endpoint} does not answer as a broker: {exc}") from exc
+    except TimeoutError as exc:
+        return degraded_or_refuse(cfg, settings, f"the SSH path to the host broker did not finish: {exc}", "container")
+    link = AsyncLink(conn)
+    handshake.prove(link, cfg, "container", settings.connect_timeout)
     return link
 
 
@@ -203,12 +170,12 @@ class ProcessLink(Link):
 
     def __init__(
         self, proc: subprocess.Popen, reason: str, lock_fd: int | None, max_line_bytes: int,
-        beacon: "DegradedBeacon | None" = None,
+        beacon: DegradedBeacon | None = None,
     ) -> None:
         self.proc = proc
         self.reason = reason
         self.lock_fd = lock_fd
-        self.max_line_bytes = max_line_bytes
+        self._frames = FrameBuffer(max_line_bytes)
         self.beacon = beacon
         self.endpoint = f"engine pid {proc.pid}"
         self._send_lock = threading.Lock()
@@ -216,10 +183,18 @@ class ProcessLink(Link):
 
     def recv(self, timeout: float | None = None) -> bytes | None:
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline(self.max_line_bytes + 2)
-        if not line:
-            return None
-        return line.rstrip(b"\r\n")
+        fd = self.proc.stdout.fileno()
+        while True:
+            try:
+                frame = self._frames.next_frame()
+            except LineTooLong as exc:
+                raise ShimError(LINE_TOO_LONG, f"the engine sent a line above {exc.limit} bytes") from exc
+            if frame is not None:
+                return frame
+            chunk = os.read(fd, 262144)
+            if not chunk:
+                return self._frames.rest()
+            self._frames.feed(chunk)
 
     def send(self, data: bytes) -> None:
         assert self.proc.stdin is not None
@@ -278,7 +253,7 @@ class DegradedBeacon:
         try:
             state.write_json_atomic(self.path, self.record)
         except OSError as exc:
-            shim.log(30, f"cannot write {self.path} ({exc}): a broker on the other side of a VM boundary "
+            log(30, f"cannot write {self.path} ({exc}): a broker on the other side of a VM boundary "
                          "would not know this session writes the palace")
 
     def _run(self) -> None:
@@ -331,7 +306,7 @@ def degraded_or_refuse(cfg: Config, settings: Settings, reason: str, role: str) 
         raise ShimError(exc.code, f"{reason}; and degraded mode is impossible: {exc}") from exc
     env = dict(os.environ)
     env["MEMPALACE_HUB_FORWARD"] = "0"  # a stdio server, never a proxy of some hub
-    env[shim.ENGINE_CHILD_ENV] = "1"  # a shim started as this engine refuses instead of recursing
+    env[ENGINE_CHILD_ENV] = "1"  # a shim started as this engine refuses instead of recursing
     for name in list(env):
         if name.startswith("MP_BRIDGE_SETTINGS"):
             env.pop(name)
@@ -343,6 +318,6 @@ def degraded_or_refuse(cfg: Config, settings: Settings, reason: str, role: str) 
         if lock_fd is not None:
             os.close(lock_fd)
         raise ShimError(BROKER_UNREACHABLE, f"{reason}; and the engine {argv[0]} could not be started: {exc}") from exc
-    shim.log(30, f"{reason}; no broker is alive, so this session runs its own engine (pid {proc.pid}): {' '.join(argv)}")
+    log(30, f"{reason}; no broker is alive, so this session runs its own engine (pid {proc.pid}): {' '.join(argv)}")
     time.sleep(0)  # let the child start before the first request
     return ProcessLink(proc, reason, lock_fd, cfg.max_line_bytes, DegradedBeacon(settings, proc.pid))

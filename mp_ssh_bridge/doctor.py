@@ -1,6 +1,6 @@
 """`mp-bridge doctor`: check each thing the shim depends on and say plainly what is wrong.
 
-Each check returns (ok, title, detail, fix). The order follows the shim's own
+Each check is a `Check` (level ok / warn / fail, title, detail, fix). The order follows the shim's own
 path — settings, state directory, broker, engine, SSH — so the first failure
 is usually the cause of the rest.
 """

@@ -46,12 +46,80 @@ EVENT_WAIT_DEFAULT_MS = 60_000
 EVENT_WAIT_MAX_MS = 300_000
 
 
+# Deadlines (docs/PROTOCOL.md "Deadlines"): the broker owns a request's deadline,
+# because only it knows whether the request ever reached the engine.
+# The shim fires only this long after the broker's deadline, as a backstop for a dead broker.
+SHIM_BACKSTOP_GRACE_S = 2.0
+
+
+def broker_deadline_s(timeout_ms: int, default_s: float, extra_ms: int = 0) -> float:
+    """Seconds from arrival until the broker times a request out.
+
+    `timeout_ms` is the session's own per-request timer (MEMPALACE_MCP_TIMEOUT_MS,
+    sent as broker/status `timeoutMs`; 0 = the session sets none, and the
+    broker's `default_s` applies). The broker answers a margin before the
+    session's timer — min(1 s, 10 %), never under 0.2 s in all — so its precise
+    verdict (`not_executed` vs `unknown`) reaches the agent before the session
+    (or pi's extension, which enforces the same number) gives up with "outcome
+    unknown". `extra_ms` is added on top: the wait a mempalace_event_wait asks for.
+    """
+    if timeout_ms > 0:
+        session_s = timeout_ms / 1000
+        base = max(0.2, session_s - min(1.0, 0.1 * session_s))
+    else:
+        base = default_s
+    return base + max(0, extra_ms) / 1000
+
+
 class LineTooLong(Exception):
     """A frame exceeded the configured size cap."""
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"message line exceeds {limit} bytes")
         self.limit = limit
+
+
+class FrameBuffer:
+    """The one framing rule for byte streams: frames end at `\\n`, none longer than `limit`.
+
+    Feed it what a socket or pipe gives; take whole frames out. Scans each byte
+    once, so a 16 MiB reply arriving in 64 KiB pieces costs linear time. The
+    asyncio server side applies the same rule through `read_frame`.
+    """
+
+    __slots__ = ("limit", "_buf", "_scanned")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+        self._scanned = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self._buf += chunk
+
+    def next_frame(self) -> bytes | None:
+        """The next whole frame without its line end, or None until more is fed; raises LineTooLong."""
+        nl = self._buf.find(b"\n", self._scanned)
+        if nl < 0:
+            self._scanned = len(self._buf)
+            if self._scanned > self.limit:
+                raise LineTooLong(self.limit)
+            return None
+        if nl > self.limit:
+            raise LineTooLong(self.limit)
+        line = bytes(self._buf[:nl])
+        del self._buf[: nl + 1]
+        self._scanned = 0
+        return line.rstrip(b"\r")
+
+    def rest(self) -> bytes | None:
+        """At end of stream: a last frame without its newline, if any."""
+        if not self._buf:
+            return None
+        line = bytes(self._buf)
+        self._buf.clear()
+        self._scanned = 0
+        return line.rstrip(b"\r")
 
 
 def encode(message: Any) -> bytes:

@@ -1,13 +1,19 @@
-"""The one settings model for broker, shim and `mp-bridge`.
+"""The one settings model for broker, shim and `mp-bridge` (pydantic-settings).
 
-Sources, lowest to highest: defaults, a TOML file in the platform's user
-config dir (`MP_BRIDGE_CONFIG` names another), environment variables, then
-CLI flags (passed as keyword arguments). Every default works from a bare
-environment (only HOME and PATH), which is how MCP clients spawn servers.
+Sources, lowest to highest: defaults, the TOML file (`config.config_file_path()`),
+environment variables (one name per field: `config.env_name()`), then CLI flags
+(keyword arguments). Every default works from a bare environment (only HOME and
+PATH), which is how MCP clients spawn servers.
+
+Fields come in the scopes `mp_ssh_bridge.config.SCOPES` writes down, and the
+types follow them: `BrokerSettings` (what a broker reads: identity, broker and
+process fields), `SessionSettings` (what a shim or `mp-bridge` reads: identity,
+session, client and process fields), and `Settings`, both at once, for the
+tools that look at everything (`mp-bridge doctor`).
 
 Importing pydantic-settings costs ~90 ms and ~14 MB, so the shim's fast path
-does not import this module; `fast_path_agrees()` in the tests keeps the
-two in step.
+reads its few fields with `config.fast_config()` instead; the agreement test
+keeps the two equal.
 """
 
 from __future__ import annotations
@@ -17,43 +23,47 @@ import shlex
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from mp_ssh_bridge import state
+from mp_ssh_bridge import config, state
 
-APP_NAME = "mp-ssh-bridge"
+APP_NAME = config.APP_NAME
 
 
 def config_file() -> Path:
-    """`$MP_BRIDGE_CONFIG`, else `<user config dir>/mp-ssh-bridge/config.toml`."""
-    explicit = os.environ.get("MP_BRIDGE_CONFIG")
-    if explicit:
-        return state.expand(explicit)
-    import platformdirs
-
-    return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)) / "config.toml"
+    """The TOML file every process reads (one rule: `config.config_file_path`)."""
+    return Path(config.config_file_path())
 
 
-class Settings(BaseSettings):
-    """Settings for mp-ssh-bridge. Env names: `MP_BRIDGE_<FIELD>` unless noted."""
+class _Source(PydanticBaseSettingsSource):
+    """Environment over the TOML file, by `config.raw_values` — the rule the fast reader uses too."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="MP_BRIDGE_",
-        extra="ignore",
-        populate_by_name=True,
-        validate_default=True,
-    )
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        path = config.config_file_path()
+        try:
+            self.file_values = config.read_config_file(path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"config file {path}: {exc}") from exc
 
-    # --- where -------------------------------------------------------------
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raw = config.raw_values(os.environ, self.file_values, (field_name,))
+        return raw.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return config.raw_values(os.environ, self.file_values, self.settings_cls.model_fields)
+
+
+class _Base(BaseSettings):
+    """Identity and per-process fields, and the sources every group shares."""
+
+    model_config = SettingsConfigDict(extra="ignore", validate_default=True)
+
+    # --- identity: which broker -------------------------------------------------------------
     mempalace_path: Path = Field(
-        default=Path(state.DEFAULT_STATE_DIR),
-        validation_alias=AliasChoices("MEMPALACE_PATH", "mempalace_path"),
+        default=Path(config.DEFAULT_STATE_DIR),
         description="State directory shared with mempalace (env MEMPALACE_PATH): broker.lock/.sock/.json live here.",
     )
     palace: Path | None = Field(
@@ -61,18 +71,54 @@ class Settings(BaseSettings):
         description="Palace the engine opens (--palace). Default: MEMPALACE_PALACE_PATH, then palace_path in "
         "<state dir>/config.json, then <state dir>/palace.",
     )
-    broker: str | None = Field(
-        default=None,
-        validation_alias=AliasChoices("MEMPALACE_BROKER", "broker"),
-        description="Broker endpoint URL used verbatim (env MEMPALACE_BROKER): unix:///path, tcp://host:port, ssh://alias/path.",
-    )
-    broker_token: str | None = Field(
-        default=None,
-        validation_alias=AliasChoices("MEMPALACE_BROKER_TOKEN", "broker_token"),
-        description="Token for a tcp:// endpoint (env MEMPALACE_BROKER_TOKEN); default: the one in broker.json.",
-    )
 
-    # --- the engine -------------------------------------------------------
+    # --- process: each process reads its own ------------------------------------------------
+    connect_timeout: float = Field(
+        default=config.DEFAULT_CONNECT_TIMEOUT, gt=0,
+        description="Bound on opening one connection, seconds (the broker: on a TCP client's authentication).",
+    )
+    max_line_bytes: int = Field(
+        default=config.DEFAULT_MAX_LINE_BYTES, ge=config.MIN_MAX_LINE_BYTES, description="Largest message line, bytes."
+    )
+    heartbeat_stale_after: float = Field(
+        default=30.0, gt=0, description="A heartbeat older than this means its writer is gone, seconds."
+    )
+    log_level: str = Field(default="INFO", description="Logging level (stderr / log file).")
+
+    @field_validator("mempalace_path", mode="after")
+    @classmethod
+    def _expand_state(cls, value: Path) -> Path:
+        return state.expand(value)
+
+    @field_validator("palace", mode="after")
+    @classmethod
+    def _expand_palace(cls, value: Path | None) -> Path | None:
+        return None if value is None else state.expand(value)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, _Source(settings_cls))
+
+    # --- derived ------------------------------------------------------------------------------
+    @property
+    def paths(self) -> state.StatePaths:
+        return state.StatePaths(self.mempalace_path)
+
+    @property
+    def palace_path(self) -> Path:
+        return self.palace or state.default_palace(self.mempalace_path)
+
+
+class BrokerSettings(_Base):
+    """What a broker reads, from its own start only (config file, its environment, its flags)."""
+
     engine: str = Field(
         default="mempalace-mcp",
         description="Command line of the real engine (shell-style quoting, never run through a shell).",
@@ -94,14 +140,12 @@ class Settings(BaseSettings):
         description="Remove root-level anyOf/oneOf/allOf from tools/list input schemas (mempalace 3.4.0 "
         "diary_write, upstream #1728), which some model APIs reject for the whole tools array.",
     )
-
-    # --- time bounds --------------------------------------------------------
     request_timeout: float = Field(
-        default=60.0, gt=0, description="Deadline of one request in the broker, seconds (pi's MCP timeout is 60 s)."
+        default=60.0, gt=0,
+        description="Deadline of a request whose session set none (MEMPALACE_MCP_TIMEOUT_MS=0), seconds.",
     )
     stall_timeout: float = Field(
-        default=120.0,
-        gt=0,
+        default=120.0, gt=0,
         description="An engine silent on its in-flight request this long is killed and restarted, seconds.",
     )
     event_wait_slice: float = Field(
@@ -114,40 +158,59 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="Broker exits after this many minutes without clients; 0 = never."
     )
     heartbeat_interval: float = Field(default=5.0, gt=0, description="broker.json heartbeat period, seconds.")
-    heartbeat_stale_after: float = Field(
-        default=30.0, gt=0, description="A heartbeat older than this means the broker is gone, seconds."
-    )
-    ensure_timeout: float = Field(
-        default=20.0, gt=0, description="How long --ensure (and the shim's election) waits for a broker, seconds."
-    )
-    connect_timeout: float = Field(default=5.0, gt=0, description="Bound on opening one connection, seconds.")
-
-    # --- listeners ------------------------------------------------------------
-    max_line_bytes: int = Field(
-        default=16 * 1024 * 1024, ge=1024, description="Largest accepted message line, bytes."
-    )
     tcp: str | None = Field(
         default=None, description="Also listen on TCP at HOST:PORT (token required). Off unless asked."
     )
 
-    # --- the shim -------------------------------------------------------------
+    @field_validator("tcp")
+    @classmethod
+    def _tcp(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"tcp must be HOST:PORT (PORT 0 = any free port), got {value!r}")
+        return value
+
+    @property
+    def engine_argv(self) -> list[str]:
+        argv = shlex.split(self.engine)
+        if not argv:
+            raise ValueError("MP_BRIDGE_ENGINE is empty")
+        return argv
+
+
+class SessionSettings(_Base):
+    """What a client process reads: one agent session's settings and the ways to the broker."""
+
+    # --- session: travel with the session to the broker -----------------------------------
     mcp_timeout_ms: int = Field(
-        default=60000,
-        ge=0,
-        validation_alias=AliasChoices("MEMPALACE_MCP_TIMEOUT_MS", "mcp_timeout_ms"),
-        description="Shim per-request deadline in ms (env MEMPALACE_MCP_TIMEOUT_MS, as the pi extension); 0 = none.",
+        default=config.DEFAULT_TIMEOUT_MS, ge=0,
+        description="Per-request deadline in ms (env MEMPALACE_MCP_TIMEOUT_MS, as the pi extension); the broker "
+        "answers before it expires; 0 = the broker's request_timeout.",
     )
     read_only: bool = Field(
         default=False,
-        validation_alias=AliasChoices("MEMPALACE_MCP_READ_ONLY", "read_only"),
-        description="Shim: this session gets the tool surface of `mempalace-mcp --read-only` (env "
+        description="This session gets the tool surface of `mempalace-mcp --read-only` (env "
         "MEMPALACE_MCP_READ_ONLY, as the engine; the --read-only flag sets it too).",
+    )
+
+    # --- client -----------------------------------------------------------------------------
+    broker: str | None = Field(
+        default=None,
+        description="Broker endpoint URL used verbatim (env MEMPALACE_BROKER): unix:///path, tcp://host:port, "
+        "ssh://alias/path.",
+    )
+    broker_token: str | None = Field(
+        default=None,
+        description="Token for a tcp:// endpoint (env MEMPALACE_BROKER_TOKEN); default: the one in broker.json.",
     )
     role: Literal["auto", "host", "container"] = Field(
         default="auto", description="host, container, or auto (container when /.dockerenv or /run/.containerenv exists)."
     )
-
-    # --- SSH (container role) ------------------------------------------------
+    ensure_timeout: float = Field(
+        default=20.0, gt=0, description="How long an election (or --ensure) waits for a broker, seconds."
+    )
     ssh_host: str = Field(default="host", description="Host alias in the SSH config that reaches the broker's host.")
     ssh_config: Path | None = Field(
         default=None, description="OpenSSH config file; default ~/.ssh-local/config if it exists, else ~/.ssh/config."
@@ -161,55 +224,10 @@ class Settings(BaseSettings):
     keepalive_interval: float = Field(default=1.0, gt=0, description="SSH keepalive period, seconds.")
     keepalive_count_max: int = Field(default=3, ge=1, description="Missed keepalives before the SSH link is dropped.")
 
-    log_level: str = Field(default="INFO", description="Logging level for broker and shim (stderr / log file).")
-
-    @field_validator("mempalace_path", mode="before")
+    @field_validator("ssh_config", mode="after")
     @classmethod
-    def _empty_is_default(cls, value: Any) -> Any:
-        return state.DEFAULT_STATE_DIR if value in ("", None) else value  # MEMPALACE_PATH="" as unset
-
-    @field_validator("mempalace_path", "palace", "ssh_config", mode="after")
-    @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
+    def _expand_ssh(cls, value: Path | None) -> Path | None:
         return None if value is None else state.expand(value)
-
-    @field_validator("tcp")
-    @classmethod
-    def _tcp(cls, value: str | None) -> str | None:
-        if value is None or value == "":
-            return None
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ValueError(f"tcp must be HOST:PORT (PORT 0 = any free port), got {value!r}")
-        return value
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file())
-        return (init_settings, env_settings, toml)
-
-    # --- derived ----------------------------------------------------------------
-    @property
-    def paths(self) -> state.StatePaths:
-        return state.StatePaths(self.mempalace_path)
-
-    @property
-    def palace_path(self) -> Path:
-        return self.palace or state.default_palace(self.mempalace_path)
-
-    @property
-    def engine_argv(self) -> list[str]:
-        argv = shlex.split(self.engine)
-        if not argv:
-            raise ValueError("MP_BRIDGE_ENGINE is empty")
-        return argv
 
     @property
     def ssh_config_path(self) -> Path:
@@ -225,8 +243,40 @@ class Settings(BaseSettings):
 
         return "container" if hostinfo.in_container() else "host"
 
+    def session_config(self, palace_flag: str | None = None) -> config.Config:
+        """The shim's `Config` from the model (when the fast reader was not sure)."""
+        cfg = config.Config()
+        cfg.state_dir = str(self.mempalace_path)
+        cfg.palace_flag = palace_flag
+        cfg.broker_url = self.broker or None
+        cfg.broker_token = self.broker_token or None
+        cfg.timeout_ms = self.mcp_timeout_ms
+        cfg.read_only = self.read_only
+        cfg.role = self.role
+        cfg.connect_timeout = self.connect_timeout
+        cfg.max_line_bytes = self.max_line_bytes
+        cfg.log_level = self.log_level if "log_level" in self.model_fields_set else None
+        if palace_flag:
+            cfg.palace = config.expand(palace_flag)
+        elif self.palace is not None:
+            cfg.palace = str(self.palace)
+        else:
+            cfg.palace = config.explicit_palace_env()
+        return cfg
+
+
+class Settings(BrokerSettings, SessionSettings):
+    """Every field: for `mp-bridge`, which looks at both sides."""
+
 
 def load(**overrides: Any) -> Settings:
-    """Build settings; keyword arguments (CLI flags) win over every other source."""
-    clean = {k: v for k, v in overrides.items() if v is not None}
-    return Settings(**clean)
+    """Every field; keyword arguments (CLI flags) win over every other source."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def load_broker(**overrides: Any) -> BrokerSettings:
+    return BrokerSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def load_session(**overrides: Any) -> SessionSettings:
+    return SessionSettings(**{k: v for k, v in overrides.items() if v is not None})

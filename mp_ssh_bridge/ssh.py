@@ -37,15 +37,15 @@ import shlex
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
 
 import asyncssh
 
-from mp_ssh_bridge import protocol, state
+from mp_ssh_bridge import protocol, state, urls
 from mp_ssh_bridge.connection import Connection
+from mp_ssh_bridge.errors import ShimError
 
 if TYPE_CHECKING:
-    from mp_ssh_bridge.settings import Settings
+    from mp_ssh_bridge.settings import SessionSettings as Settings
 
 log = logging.getLogger("mp_ssh_bridge.ssh")
 
@@ -56,16 +56,27 @@ _PROBE_ID = "mp-ssh-bridge-dial-probe"
 _DEFAULT_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
 
 
-class SSHBridgeError(Exception):
+class SSHBridgeError(ShimError):
     """The SSH path to the host broker failed; the message says what to do about it.
 
-    `code` is a JSON-RPC error code from `mp_ssh_bridge.protocol` the shim can
-    hand on (BROKER_UNREACHABLE unless something more precise applies).
+    A `ShimError`, so its JSON-RPC code (BROKER_UNREACHABLE unless something more
+    precise applies, e.g. PALACE_MISMATCH) reaches the agent unchanged.
     """
 
-    def __init__(self, message: str, code: int = protocol.BROKER_UNREACHABLE) -> None:
+    def __init__(self, message: str, code: int = protocol.BROKER_UNREACHABLE, *, refuse: bool = False) -> None:
+        super().__init__(code, message)
+        self.refuse = refuse  # host key or login refused: proof of nothing, so never degraded mode
+
+
+class TcpFallback(SSHBridgeError):
+    """Neither SSH way reached the socket, but broker.json advertises TCP + token: dial `url` instead.
+
+    The TCP dialer is `endpoints.dial` (one opener for every caller); this only says where.
+    """
+
+    def __init__(self, message: str, url: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.url = url
 
 
 class _Target:
@@ -99,7 +110,7 @@ class _Target:
         return self.identity_files or [str(state.expand(k)) for k in _DEFAULT_KEYS] + ["(and ssh-agent keys)"]
 
 
-def _options(settings: "Settings", alias: str, username: str | None, port: int | None) -> _Target:
+def _options(settings: Settings, alias: str, username: str | None, port: int | None) -> _Target:
     """Read the OpenSSH config for `alias` the way asyncssh.connect will (keys included)."""
     config_path = settings.ssh_config_path
     if not config_path.is_file():
@@ -132,13 +143,14 @@ def _options(settings: "Settings", alias: str, username: str | None, port: int |
     if target.known_hosts is None:
         raise SSHBridgeError(
             f"SSH config {config_path}, Host {alias}: `UserKnownHostsFile none` turns off host key "
-            f"verification, which mp-ssh-bridge refuses; point it at a known_hosts file holding {target.where}'s key"
+            f"verification, which mp-ssh-bridge refuses; point it at a known_hosts file holding {target.where}'s key",
+            refuse=True,
         )
     return target
 
 
 async def connect(
-    settings: "Settings", host: str | None = None, *, username: str | None = None, port: int | None = None
+    settings: Settings, host: str | None = None, *, username: str | None = None, port: int | None = None
 ) -> asyncssh.SSHClientConnection:
     """An SSH connection to `host` (default `settings.ssh_host`), per the user's OpenSSH config.
 
@@ -160,13 +172,15 @@ async def connect(
             f"({exc.reason}). The key is missing or differs from the one recorded for {name}: "
             f"compare with the host's own key (on the host: `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`), "
             f"then record it in {target.known_hosts_files()[0]} (`ssh -F {target.config_path} {alias} true` once "
-            f"asks to), or fix UserKnownHostsFile in {target.config_path} (Host {alias})"
+            f"asks to), or fix UserKnownHostsFile in {target.config_path} (Host {alias})",
+            refuse=True,
         ) from exc
     except asyncssh.PermissionDenied as exc:
         raise SSHBridgeError(
             f"SSH login to {target.where} as user {target.user!r} was refused ({exc.reason}); "
             f"keys offered: {', '.join(target.key_files())}. Add the public key to the host's "
-            f"~/.ssh/authorized_keys, or fix User/IdentityFile in {target.config_path} (Host {alias})"
+            f"~/.ssh/authorized_keys, or fix User/IdentityFile in {target.config_path} (Host {alias})",
+            refuse=True,
         ) from exc
     except (asyncio.TimeoutError, TimeoutError) as exc:
         raise SSHBridgeError(
@@ -187,7 +201,7 @@ async def connect(
         ) from exc
 
 
-def remote_argv(settings: "Settings", *args: str) -> str:
+def remote_argv(settings: Settings, *args: str) -> str:
     """`settings.remote_broker` (shell-split) plus `args`, every word quoted for the remote shell."""
     words = shlex.split(settings.remote_broker)
     if not words:
@@ -195,7 +209,7 @@ def remote_argv(settings: "Settings", *args: str) -> str:
     return " ".join(shlex.quote(w) for w in [*words, *args])
 
 
-def ensure_command(settings: "Settings") -> str:
+def ensure_command(settings: Settings) -> str:
     """The remote --ensure command. The container's own palace path is NOT passed:
     paths differ across the mount; the host side's settings decide."""
     extra = ["--palace", settings.remote_palace] if settings.remote_palace else []
@@ -220,7 +234,7 @@ def _text(data: Any) -> str:
     return str(data)
 
 
-async def remote_ensure(settings: "Settings", conn: asyncssh.SSHClientConnection) -> dict[str, Any]:
+async def remote_ensure(settings: Settings, conn: asyncssh.SSHClientConnection) -> dict[str, Any]:
     """Run `mempalace-broker --ensure` on the host; its parsed JSON line."""
     command = ensure_command(settings)
     bound = settings.ensure_timeout + 5  # the host side bounds its own wait by ensure_timeout
@@ -249,7 +263,7 @@ async def remote_ensure(settings: "Settings", conn: asyncssh.SSHClientConnection
         raise SSHBridgeError(f"`{command}` on the SSH host printed no endpoint record ({exc}): {out[-300:]!r}") from exc
 
 
-def check_palace_identity(settings: "Settings", info: dict[str, Any]) -> None:
+def check_palace_identity(settings: Settings, info: dict[str, Any]) -> None:
     """The host broker must serve the palace this container's state dir belongs to."""
     local = state.read_palace_id(settings.paths)
     remote = info.get("palace_id")
@@ -299,7 +313,7 @@ async def _open_streamlocal(conn: asyncssh.SSHClientConnection, path: str, bound
     return await asyncio.wait_for(conn.open_unix_connection(path, encoding=None), bound)
 
 
-async def _open_dial_stdio(settings: "Settings", conn: asyncssh.SSHClientConnection, path: str) -> Any:
+async def _open_dial_stdio(settings: Settings, conn: asyncssh.SSHClientConnection, path: str) -> Any:
     """A remote `--dial-stdio` process; proven with one broker `ping` before it is handed out."""
     command = remote_argv(settings, "--dial-stdio", "--socket", path)
     process = await asyncio.wait_for(conn.create_process(command, encoding=None), settings.connect_timeout)
@@ -325,56 +339,15 @@ async def _open_dial_stdio(settings: "Settings", conn: asyncssh.SSHClientConnect
     return process
 
 
-async def open_tcp_token(
-    endpoint: str, token: str, *, timeout: float = 5.0, max_line_bytes: int = protocol.DEFAULT_MAX_LINE_BYTES
-) -> Connection:
-    """TCP + token (PROTOCOL.md): connect, send broker/auth first, require `{"ok": true}`."""
-    parts = urlsplit(endpoint)
-    if parts.scheme != "tcp" or not parts.hostname or not parts.port:
-        raise SSHBridgeError(f"not a tcp://host:port endpoint: {endpoint!r}")
-    where = f"{parts.hostname}:{parts.port}"
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(parts.hostname, parts.port, limit=max_line_bytes + 2), timeout
-        )
-    except (asyncio.TimeoutError, TimeoutError) as exc:
-        raise SSHBridgeError(f"TCP connection to the broker at {where} timed out after {timeout:g}s") from exc
-    except OSError as exc:
-        raise SSHBridgeError(f"TCP connection to the broker at {where} failed: {exc.strerror or exc}") from exc
-    try:
-        writer.write(protocol.encode(protocol.request("auth", "broker/auth", {"token": token})))
-        await writer.drain()
-        line = await asyncio.wait_for(protocol.read_frame(reader, 64 * 1024), timeout)
-        reply = protocol.decode(line) if line else None
-    except (asyncio.TimeoutError, ConnectionError, OSError, ValueError, protocol.LineTooLong) as exc:
-        writer.close()
-        raise SSHBridgeError(f"broker at {where} did not answer broker/auth: {exc!r}") from exc
-    if not isinstance(reply, dict) or (reply.get("result") or {}).get("ok") is not True:
-        writer.close()
-        err = (reply or {}).get("error") if isinstance(reply, dict) else None
-        code = err.get("code") if isinstance(err, dict) else None
-        msg = err.get("message") if isinstance(err, dict) else repr(reply)
-        raise SSHBridgeError(
-            f"broker at {where} refused the token ({code}: {msg}); the token is `tcp_token` in the host's "
-            f"broker.json (or MEMPALACE_BROKER_TOKEN)",
-            code=code if isinstance(code, int) else protocol.UNAUTHORIZED,
-        )
-    return Connection(
-        reader, writer, transport="tcp", endpoint=endpoint, max_line_bytes=max_line_bytes, info={"transport_detail": "tcp+token"}
-    )
-
-
-def _tcp_from_broker_json(settings: "Settings") -> tuple[str, str] | None:
+def _tcp_from_broker_json(settings: Settings) -> str | None:
     record = state.read_broker_json(settings.paths.json) or {}
-    tcp = (record.get("endpoints") or {}).get("tcp") if isinstance(record.get("endpoints"), dict) else None
-    token = settings.broker_token or record.get("tcp_token")
-    if isinstance(tcp, str) and isinstance(token, str) and token:
-        return tcp, token
-    return None
+    endpoints = record.get("endpoints")
+    tcp = endpoints.get("tcp") if isinstance(endpoints, dict) else None
+    return tcp if isinstance(tcp, str) else None
 
 
 async def _open_to_socket(
-    settings: "Settings",
+    settings: Settings,
     conn: asyncssh.SSHClientConnection,
     path: str,
     *,
@@ -410,26 +383,19 @@ async def _open_to_socket(
             on_close=_Channel(conn, process).close, info=info,
         )
     tcp = _tcp_from_broker_json(settings) if allow_tcp else None
-    if tcp is not None:
-        try:
-            c = await open_tcp_token(tcp[0], tcp[1], timeout=settings.connect_timeout, max_line_bytes=settings.max_line_bytes)
-        except SSHBridgeError as exc:
-            refusals.append(f"TCP {tcp[0]}: {exc}")
-        else:
-            await _Channel(conn).close()  # the TCP connection stands on its own
-            info["transport_detail"] = "tcp+token"
-            c.info.update(info)
-            return c
-    raise SSHBridgeError(
+    message = (
         f"cannot reach the broker socket {path} through SSH host {alias}: " + "; ".join(refusals)
-        + ("" if tcp else "; no TCP listener advertised in broker.json (start the broker with --tcp HOST:PORT)"
-           if allow_tcp else "")
+        + ("; no TCP listener advertised in broker.json (start the broker with --tcp HOST:PORT)"
+           if allow_tcp and tcp is None else "")
         + f". Allow it in the host's sshd_config (AllowStreamLocalForwarding yes) or make sure "
         f"`{remote_argv(settings, '--dial-stdio')}` works there"
     )
+    if tcp is not None:
+        raise TcpFallback(message, tcp)
+    raise SSHBridgeError(message)
 
 
-def _fresh_record(settings: "Settings") -> dict[str, Any] | None:
+def _fresh_record(settings: Settings) -> dict[str, Any] | None:
     """broker.json as seen through the mount, if it can skip the remote --ensure:
     a fresh heartbeat, a unix endpoint, and the palace.id this side holds."""
     record = state.read_broker_json(settings.paths.json)
@@ -446,7 +412,7 @@ def _fresh_record(settings: "Settings") -> dict[str, Any] | None:
     return record
 
 
-async def connect_container(settings: "Settings", *, fast: bool = True) -> Connection:
+async def connect_container(settings: Settings, *, fast: bool = True) -> Connection:
     """The container role's way to the host broker (see the module docstring). Raises SSHBridgeError.
 
     With `fast` (the default), when broker.json seen through the shared mount has
@@ -488,21 +454,12 @@ async def connect_container(settings: "Settings", *, fast: bool = True) -> Conne
         raise
 
 
-def parse_ssh_url(url: str) -> tuple[str, str | None, int | None, str]:
-    """`ssh://[user@]alias[:port]/abs/path/broker.sock` → (alias, user, port, path)."""
-    parts = urlsplit(url)
-    if parts.scheme != "ssh" or not parts.hostname or not parts.path or parts.path == "/":
-        raise SSHBridgeError(f"MEMPALACE_BROKER={url!r}: expected ssh://alias/absolute/path/to/broker.sock")
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise SSHBridgeError(f"MEMPALACE_BROKER={url!r}: bad port") from exc
-    return parts.hostname, (unquote(parts.username) if parts.username else None), port, unquote(parts.path)
-
-
-async def open_ssh_url(settings: "Settings", url: str) -> Connection:
+async def open_ssh_url(settings: Settings, url: str) -> Connection:
     """`MEMPALACE_BROKER=ssh://alias/path/to/broker.sock`: that socket, no --ensure, no palace check."""
-    alias, user, port, path = parse_ssh_url(url)
+    endpoint = urls.parse(url)
+    if endpoint.scheme != "ssh":
+        raise SSHBridgeError(f"not an ssh:// URL: {url!r}")
+    alias, user, port, path = endpoint.host, endpoint.user, endpoint.port, endpoint.path
     t0 = time.monotonic()
     conn = await connect(settings, alias, username=user, port=port)
     try:

@@ -4,8 +4,8 @@ It holds `broker.lock` (flock'ed by the one broker for its whole life),
 `broker.sock`, `broker.json` (written atomically, owner-only, with a
 heartbeat) and `palace.id` (an identity that survives a bind mount, so a
 shim in a container can tell the host broker serves *its* palace even
-though the paths differ). Stdlib only: the shim's fast path reads
-`broker.json` through this module.
+though the paths differ). Stdlib only. The shim's fast path does not
+import it (it reads broker.json itself, in `session.fast_connect`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mp_ssh_bridge import hostinfo
+from mp_ssh_bridge import config, hostinfo
 
-DEFAULT_STATE_DIR = "~/.mempalace"
+DEFAULT_STATE_DIR = config.DEFAULT_STATE_DIR
 BROKER_JSON_VERSION = 1
 
 
@@ -98,9 +98,9 @@ def default_palace(state_dir: Path, environ: dict[str, str] | os._Environ[str] =
     `MEMPALACE_PALACE`), then `palace_path` in `<state dir>/config.json`,
     then `<state dir>/palace`.
     """
-    env = environ.get("MEMPALACE_PALACE_PATH") or environ.get("MEMPALACE_PALACE")
+    env = config.explicit_palace_env(environ)
     if env:
-        return expand(env)
+        return Path(env)
     try:
         with open(state_dir / "config.json", encoding="utf-8") as fh:
             configured = json.load(fh).get("palace_path")

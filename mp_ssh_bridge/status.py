@@ -14,7 +14,7 @@ from mp_ssh_bridge.settings import Settings
 
 def snapshot(settings: Settings, timeout: float = 2.0) -> dict[str, Any]:
     """broker.json, its liveness and the broker's own `broker/status`, whichever exist."""
-    from broker.ensure import probe
+    from mp_ssh_bridge.election import probe
 
     record = state.read_broker_json(settings.paths.json)
     out: dict[str, Any] = {"state_dir": str(settings.paths.root), "record": record, "status": None}

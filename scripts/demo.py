@@ -53,7 +53,7 @@ def demo_env(home: Path) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not (k.startswith("MEMPALACE_") or k.startswith("MP_BRIDGE_") or k.startswith("XDG_"))
+        if not k.startswith(("MEMPALACE_", "MP_BRIDGE_", "XDG_"))
     }
     env["HOME"] = str(home)
     env["MEMPALACE_PATH"] = str(home / ".mempalace")
@@ -93,7 +93,7 @@ def ensure_broker(env: dict[str, str]) -> dict[str, Any]:
         info = json.loads(lines[-1])
     except json.JSONDecodeError:
         console.print(f"[red]--ensure printed no JSON:[/red] {lines[-1]!r}")
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     if not str(info.get("endpoint", "")).startswith("unix://"):
         console.print(f"[red]unexpected endpoint:[/red] {info.get('endpoint')!r}")
         raise SystemExit(2)
@@ -134,7 +134,7 @@ class RawClient:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def connect(self) -> "RawClient":
+    async def connect(self) -> RawClient:
         self.reader, self.writer = await asyncio.open_unix_connection(self.path, limit=64 * 1024 * 1024)
         return self
 

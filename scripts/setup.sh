@@ -26,16 +26,22 @@ sys.exit(0 if sys.version_info >= (3, 10) else 1)
 PYEOF
 
 # --- the project --------------------------------------------------------------
-# Skip pip when pyproject.toml is unchanged since the last successful install
-# and the console scripts are there (the install is editable, so code changes
-# need no reinstall; new dependencies or entry points come with pyproject).
-want_stamp="$("$VENV/bin/python" -c 'import hashlib,sys; print(hashlib.sha256(open("pyproject.toml","rb").read()).hexdigest(), sys.version.split()[0])')"
+# The install is editable in setuptools' "strict" mode: a tree of links under build/ on a plain
+# .pth path. (The default mode would put an import hook in every Python start-up, ~18 ms and
+# pathlib/re/urllib for each agent session, because broker/ installs under another name.)
+# Code changes need no reinstall; a new or removed module does, so the stamp covers the list of
+# modules as well as pyproject.toml; skip pip when both are unchanged and the scripts are there.
+want_stamp="$("$VENV/bin/python" -c 'import glob,hashlib,sys
+h = hashlib.sha256(open("pyproject.toml","rb").read())
+h.update("\n".join(sorted(glob.glob("mp_ssh_bridge/*.py") + glob.glob("broker/*.py"))).encode())
+print(h.hexdigest(), sys.version.split()[0])')"
 if [ "${FORCE_INSTALL:-0}" != 1 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] \
    && [ -x "$VENV/bin/mempalace-broker" ] && [ -x "$VENV/bin/mp-shim" ] && [ -x "$VENV/bin/mempalace-mcp" ]; then
   echo "setup: .venv is up to date (pyproject.toml unchanged)"
 else
   echo "setup: pip install -e '.[test]' into .venv"
-  "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet -e '.[test]'
+  "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet -e '.[test]' \
+    --config-settings editable_mode=strict
   printf '%s\n' "$want_stamp" > "$STAMP"
 fi
 

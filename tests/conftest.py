@@ -12,8 +12,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -108,7 +109,7 @@ def broker_factory(home: Path) -> Iterator[Callable[..., BrokerHandle]]:
         log.close()
         handle = BrokerHandle(proc, Path(full_env["MEMPALACE_PATH"]))
         handles.append(handle)
-        from broker.ensure import probe
+        from mp_ssh_bridge.election import probe
 
         def ready() -> bool:
             if proc.poll() is not None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mp_ssh_bridge import protocol
 
@@ -24,7 +27,7 @@ class RawClient:
         self.inbox: list[dict[str, Any]] = []
 
     @classmethod
-    async def connect(cls, endpoint: str | Path, limit: int = 64 * 1024 * 1024) -> "RawClient":
+    async def connect(cls, endpoint: str | Path, limit: int = 64 * 1024 * 1024) -> RawClient:
         path = str(endpoint)
         if path.startswith("unix://"):
             path = path[len("unix://") :]
@@ -171,7 +174,34 @@ def broker_pids(state_dir: Path) -> list[int]:
         fields = _stat_fields(entry)
         if not fields or fields[0] == "Z" or b"--ensure" in cmd:
             continue
-        is_broker = cmd[1:3] == [b"-m", b"broker"] or any(c.endswith(b"mempalace-broker") for c in cmd[:2])
+        is_broker = cmd[1:3] == [b"-m", b"mp_ssh_bridge_broker"] or any(c.endswith(b"mempalace-broker") for c in cmd[:2])
         if is_broker and want in env:
             found.append(int(entry))
     return found
+
+
+@functools.cache
+def engine_facts() -> dict[str, Any]:
+    """What the INSTALLED engine says of itself, so a mempalace patch release does not break the suite:
+    its version, and how many tools it lists with and without --read-only (asked once, directly)."""
+    import importlib.metadata
+    import shutil
+    import tempfile
+
+    engine = shutil.which("mempalace-mcp", path=str(Path(sys.executable).parent))
+    assert engine, "mempalace-mcp missing from the venv"
+
+    def count(*flags: str) -> int:
+        with tempfile.TemporaryDirectory(prefix="mpb-facts-") as home:
+            msgs = [protocol.request(1, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                                                       "clientInfo": {"name": "facts", "version": "0"}}),
+                    protocol.request(2, "tools/list")]
+            out = subprocess.run([engine, *flags], input=b"".join(protocol.encode(m) for m in msgs),
+                                 capture_output=True, timeout=120, env={"HOME": home, "PATH": os.environ["PATH"]})
+        for line in out.stdout.splitlines():
+            reply = json.loads(line)
+            if reply.get("id") == 2:
+                return len(reply["result"]["tools"])
+        raise AssertionError(f"no tools/list answer from {engine}: {out.stderr[-500:]!r}")
+
+    return {"version": importlib.metadata.version("mempalace"), "tools": count(), "read_only_tools": count("--read-only")}

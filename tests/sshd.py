@@ -28,8 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -153,7 +153,7 @@ class SSHServer:
         return path
 
     # --- process ---------------------------------------------------------------------
-    def start(self, timeout: float = 10.0) -> "SSHServer":
+    def start(self, timeout: float = 10.0) -> SSHServer:
         if self.proc is not None and self.proc.poll() is None:
             return self
         if os.getuid() == 0:

@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from mp_ssh_bridge import protocol, state
-from tests.helpers import RawClient, broker_pids, pid_alive, tool_json, wait_for
+from tests.helpers import RawClient, broker_pids, engine_facts, pid_alive, tool_json, wait_for
 
 BIN = Path(sys.executable).parent
 
@@ -59,7 +58,7 @@ def test_concurrent_clients_with_colliding_ids(broker):
         assert await drawer_count(clients[1]) == 4
         st = (await clients[2].call("broker/status"))["result"]
         assert len(st["clients"]) == 4
-        assert st["engine"]["version"] == "3.11.0"
+        assert st["engine"]["version"] == engine_facts()["version"]
         for c in clients:
             await c.close()
 
@@ -423,7 +422,7 @@ def test_broker_skips_a_shim_installed_as_mempalace_mcp(broker_factory, tmp_path
     async def main():
         c = await RawClient.connect(broker.endpoint)
         st = (await c.call("broker/status"))["result"]
-        assert st["engine"]["version"] == "3.11.0"  # the real engine, not the shim talking to itself
+        assert st["engine"]["version"] == engine_facts()["version"]  # the real engine, not the shim talking to itself
         await c.close()
 
     run(main())
@@ -472,7 +471,7 @@ def test_read_only_session_gets_the_engines_read_only_surface(broker):
         assert any(c["read_only"] for c in st["clients"])
         ro_tools = {t["name"] for t in (await ro.call("tools/list", timeout=90))["result"]["tools"]}
         rw_tools = {t["name"] for t in (await rw.call("tools/list"))["result"]["tools"]}
-        assert len(rw_tools) == 47 and len(ro_tools) == 25, (len(rw_tools), len(ro_tools))
+        assert (len(rw_tools), len(ro_tools)) == (engine_facts()["tools"], engine_facts()["read_only_tools"])
         assert "mempalace_search" in ro_tools and "mempalace_add_drawer" not in ro_tools
         refused = await ro.tool("mempalace_add_drawer", add("ro", "must not be stored")["arguments"])
         assert refused["error"]["code"] == -32003 and "read-only" in refused["error"]["message"]
@@ -492,7 +491,7 @@ def test_a_read_only_environment_does_not_make_the_shared_engine_read_only(broke
 
     async def main():
         c = await RawClient.connect(broker.endpoint)
-        assert len((await c.call("tools/list"))["result"]["tools"]) == 47
+        assert len((await c.call("tools/list"))["result"]["tools"]) == engine_facts()["tools"]
         assert tool_json(await c.tool("mempalace_add_drawer", add("w", "the writer still writes")["arguments"]))["success"]
         await c.close()
 

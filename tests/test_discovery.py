@@ -10,27 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from mp_ssh_bridge import discovery, endpoints, protocol, shim, state
+from mp_ssh_bridge import config, discovery, endpoints, protocol, state
+from mp_ssh_bridge.errors import EndpointError, ShimError
 from mp_ssh_bridge.settings import load
 from tests.test_shim_support import SHIM, ShimProc
 
 
 def test_parse_urls() -> None:
-    assert endpoints.parse("unix:///run/b.sock") == ("unix", "", None, "/run/b.sock")
-    assert endpoints.parse("tcp://127.0.0.1:7000") == ("tcp", "127.0.0.1", 7000, "")
+    assert endpoints.parse("unix:///run/b.sock")[:4] == ("unix", "", None, "/run/b.sock")
+    assert endpoints.parse("tcp://127.0.0.1:7000")[:4] == ("tcp", "127.0.0.1", 7000, "")
     assert endpoints.parse("ssh://host/Users/me/.mempalace/broker.sock")[:2] == ("ssh", "host")
-    for bad in ("http://x", "unix://", "tcp://host", "/just/a/path"):
-        with pytest.raises(endpoints.EndpointError):
+    assert endpoints.parse("ssh://me@host:2222/a/b.sock") == ("ssh", "host", 2222, "/a/b.sock", "me")
+    for bad in ("http://x", "unix://", "tcp://host", "/just/a/path", "ssh://host", "ssh://host/", "ssh://h:x/a"):
+        with pytest.raises(EndpointError):
             endpoints.parse(bad)
-
-
-def test_ssh_url_without_ssh_module_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    import mp_ssh_bridge
-
-    monkeypatch.delattr(mp_ssh_bridge, "ssh", raising=False)  # an earlier import left the attribute
-    monkeypatch.setitem(sys.modules, "mp_ssh_bridge.ssh", None)  # as if ssh.py did not exist
-    with pytest.raises(endpoints.EndpointError, match="ssh:// endpoints are not supported yet"):
-        endpoints._ssh_opener()
 
 
 def test_tcp_endpoint_with_token(home: Path, monkeypatch: pytest.MonkeyPatch, broker_factory, tmp_path: Path) -> None:
@@ -53,7 +46,7 @@ def test_tcp_endpoint_with_token(home: Path, monkeypatch: pytest.MonkeyPatch, br
 def test_engine_that_is_the_shim_is_refused_or_skipped(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mp_ssh_bridge import enginecmd
 
-    with pytest.raises(shim.ShimError, match="mp-shim itself"):
+    with pytest.raises(ShimError, match="mp-shim itself"):
         discovery.resolve_engine(load(engine=SHIM))
     # the shim installed under the name mempalace-mcp (a copy of the console script)
     fake_bin = tmp_path / "bin"
@@ -61,9 +54,9 @@ def test_engine_that_is_the_shim_is_refused_or_skipped(home: Path, tmp_path: Pat
     impostor = fake_bin / "mempalace-mcp"
     impostor.write_bytes(Path(SHIM).read_bytes())
     impostor.chmod(0o755)
-    with pytest.raises(shim.ShimError, match="mp-shim itself"):
+    with pytest.raises(ShimError, match="mp-shim itself"):
         discovery.resolve_engine(load(engine=str(impostor)))
-    with pytest.raises(shim.ShimError, match="mp-shim itself"):
+    with pytest.raises(ShimError, match="mp-shim itself"):
         discovery.resolve_engine(load(engine=f"{sys.executable} -m mp_ssh_bridge.shim"))
     # A bare name skips the impostor that comes first on PATH and finds the real engine.
     monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
@@ -96,7 +89,7 @@ def test_engine_child_marker_refuses(home: Path) -> None:
     import subprocess
 
     out = subprocess.run([SHIM], input=b"", capture_output=True, timeout=30,
-                         env=dict(os.environ, **{shim.ENGINE_CHILD_ENV: "1"}))
+                         env=dict(os.environ, **{config.ENGINE_CHILD_ENV: "1"}))
     assert out.returncode == 3 and b"MP_BRIDGE_ENGINE" in out.stderr and out.stdout == b""
 
 
@@ -108,12 +101,12 @@ def _settings(home: Path):
 
 def test_degraded_decision_refuses_when_the_record_may_be_alive(home: Path) -> None:
     s = _settings(home)
-    cfg = discovery.config_from_settings(None, s)
+    cfg = s.session_config()
     record = {"pid": os.getpid(), "host": "elsewhere", "boot_id": "other-boot", "heartbeat": time.time(),
               "endpoint": "unix:///nonexistent"}
     state.write_json_atomic(s.paths.json, record)
     try:  # (the record names this very process: remove it before the home fixture "stops" that broker)
-        with pytest.raises(shim.ShimError, match="second writer") as info:
+        with pytest.raises(ShimError, match="second writer") as info:
             discovery.degraded_or_refuse(cfg, s, "test", "container")
         assert info.value.code == protocol.BROKER_UNREACHABLE
         # a stale heartbeat from another machine means nobody: degraded mode may start (only the decision here)
@@ -125,13 +118,13 @@ def test_degraded_decision_refuses_when_the_record_may_be_alive(home: Path) -> N
 
 def test_degraded_decision_refuses_while_someone_holds_the_lock(home: Path) -> None:
     s = _settings(home)
-    cfg = discovery.config_from_settings(None, s)
+    cfg = s.session_config()
     fd, held = discovery.hold_lock(s.paths)
     assert fd is not None and not held
     try:
         fd2, held2 = discovery.hold_lock(s.paths)  # flock is per open file description: a second open conflicts
         assert fd2 is None and held2
-        with pytest.raises(shim.ShimError, match="holds"):
+        with pytest.raises(ShimError, match="holds"):
             discovery.degraded_or_refuse(cfg, s, "test", "host")
     finally:
         os.close(fd)

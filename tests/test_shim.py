@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from mp_ssh_bridge import protocol, state
-from tests.helpers import kill_pid, pid_alive, wait_for
-from tests.helpers import broker_pids, children_of
+from tests.helpers import broker_pids, children_of, engine_facts, kill_pid, pid_alive, wait_for
 from tests.test_shim_support import SHIM, ShimProc
 
 pytestmark = pytest.mark.slow
@@ -58,7 +57,7 @@ def test_mcp_sdk_client_through_shim(host_role: Path, broker, tmp_path: Path) ->
                     return len(tools), _text(added), _text(found)
 
     n_tools, added, found = asyncio.run(asyncio.wait_for(session(), 180))
-    assert n_tools == 47
+    assert n_tools == engine_facts()["tools"]
     assert "error" not in json.loads(added)
     assert marker in found
     # the shim went through the broker (one client session was served there)
@@ -84,7 +83,7 @@ def test_election_storm_twenty_shims_one_broker(host_role: Path, tmp_path: Path)
     try:
         ids = [s.request("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
                                         "clientInfo": {"name": f"storm-{i}", "version": "1"}}) for i, s in enumerate(shims)]
-        for s, i in zip(shims, ids):
+        for s, i in zip(shims, ids, strict=True):
             reply = s.wait_reply(i, timeout=240)
             assert "result" in reply, reply
         answers = []
@@ -124,7 +123,7 @@ def test_kill_9_broker_mid_session_recovers(host_role: Path, tmp_path: Path) -> 
         new = state.read_broker_json(state_dir / "broker.json")
         assert new is not None and new["pid"] != old["pid"] and pid_alive(new["pid"])
         # and the session is still a normal one: tools/list works without a new initialize
-        assert len(shim.call("tools/list", timeout=60)["result"]["tools"]) == 47
+        assert len(shim.call("tools/list", timeout=60)["result"]["tools"]) == engine_facts()["tools"]
     finally:
         shim.close()
 
@@ -251,14 +250,14 @@ def test_read_only_flag_keeps_its_meaning_through_the_shared_broker(host_role: P
         for s in (ro, env_ro, rw):
             assert "result" in s.initialize()
         names = {t["name"] for t in ro.call("tools/list", timeout=90)["result"]["tools"]}
-        assert "mempalace_add_drawer" not in names and "mempalace_search" in names and len(names) == 25
+        assert "mempalace_add_drawer" not in names and "mempalace_search" in names and len(names) == engine_facts()["read_only_tools"]
         for s in (ro, env_ro):
             refused = s.tool("mempalace_add_drawer", {"wing": "w", "room": "r", "content": "read-only write"})
             assert refused["error"]["code"] == -32003, refused
         assert "result" in ro.tool("mempalace_search", {"query": "write"})
         wrote = rw.tool("mempalace_add_drawer", {"wing": "w", "room": "r", "content": "the writer's write"})
         assert "success" in wrote["result"]["content"][0]["text"]
-        assert len(rw.call("tools/list")["result"]["tools"]) == 47
+        assert len(rw.call("tools/list")["result"]["tools"]) == engine_facts()["tools"]
     finally:
         for s in (ro, env_ro, rw):
             s.close()

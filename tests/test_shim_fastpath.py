@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mp_ssh_bridge import protocol, shim, state
-from mp_ssh_bridge.settings import config_file, load
+from mp_ssh_bridge import config, protocol, session, shim
+from mp_ssh_bridge.settings import load
 from tests.test_shim_support import FakeBroker, ShimProc
 
 FORBIDDEN = ("pydantic", "pydantic_settings", "rich", "asyncssh", "broker", "asyncio", "platformdirs")
@@ -30,10 +30,10 @@ def test_fast_path_imports_nothing_heavy(home: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("MP_BRIDGE_ROLE", "host")
     code = (
         "import json, sys\n"
-        "from mp_ssh_bridge import shim\n"
-        "cfg = shim.fast_config(None)\n"
-        "link = shim.fast_connect(cfg)\n"
-        "link.send(shim.encode({'jsonrpc': '2.0', 'id': 7, 'method': 'ping'}))\n"
+        "from mp_ssh_bridge import config, protocol, session, shim\n"
+        "cfg = config.fast_config(None)\n"
+        "link = session.fast_connect(cfg)\n"
+        "link.send(protocol.encode({'jsonrpc': '2.0', 'id': 7, 'method': 'ping'}))\n"
         "assert json.loads(link.recv(30))['id'] == 7\n"
         "link.close()\n"
         "print(json.dumps(sorted(sys.modules)))\n"
@@ -59,97 +59,32 @@ def test_shim_process_stays_light(home: Path, monkeypatch: pytest.MonkeyPatch, b
     assert _heavy(imported) == []
 
 
-CASES = [
-    {},
-    {"MEMPALACE_PATH": "/tmp/some/where/.mp"},
-    {"MEMPALACE_PATH": "~/elsewhere"},
-    {"MEMPALACE_MCP_TIMEOUT_MS": "1234"},
-    {"MEMPALACE_MCP_TIMEOUT_MS": "0", "MEMPALACE_PATH": "rel/dir"},
-    {"MP_BRIDGE_ROLE": "container", "MP_BRIDGE_CONNECT_TIMEOUT": "2.5", "MP_BRIDGE_MAX_LINE_BYTES": "4096"},
-    {"MEMPALACE_BROKER": "tcp://127.0.0.1:9999", "MP_BRIDGE_PALACE": "/p/q"},
-    {"MEMPALACE_PALACE_PATH": "/palaces/a"},
-    {"MEMPALACE_MCP_READ_ONLY": "1"},
-    {"MEMPALACE_MCP_READ_ONLY": "off", "MEMPALACE_PATH": "/x"},
-]
-TOML = 'mempalace_path = "/from/toml"\nmcp_timeout_ms = 4321\nrole = "host"\npalace = "/toml/palace"\n'
-
-
-def _compare(palace_flag: str | None = None) -> None:
-    fast = shim.fast_config(palace_flag)
-    s = load(palace=palace_flag)
-    assert fast.state_dir == str(s.mempalace_path)
-    assert fast.timeout_ms == s.mcp_timeout_ms
-    assert fast.connect_timeout == s.connect_timeout
-    assert fast.max_line_bytes == s.max_line_bytes
-    assert fast.role == s.role
-    assert fast.broker_url == s.broker
-    assert fast.read_only == s.read_only
-    # the palace the engine would open agrees too
-    assert (fast.palace or os.path.join(fast.state_dir, "palace")) == str(s.palace_path)
-    # and the model-built config is the same as the fast one
-    from mp_ssh_bridge.discovery import config_from_settings
-
-    slow = config_from_settings(palace_flag, s)
-    for attr in ("state_dir", "timeout_ms", "connect_timeout", "max_line_bytes", "role", "broker_url", "palace",
-                 "read_only"):
-        assert getattr(slow, attr) == getattr(fast, attr), attr
-
-
-@pytest.mark.parametrize("env", CASES, ids=lambda e: ",".join(e) or "bare")
-@pytest.mark.parametrize("with_toml", [False, True], ids=["env", "env+toml"])
-@pytest.mark.parametrize("palace_flag", [None, "/flag/palace"], ids=["noflag", "flag"])
-def test_fast_path_agrees_with_settings(home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                        env: dict[str, str], with_toml: bool, palace_flag: str | None) -> None:
-    monkeypatch.chdir(tmp_path)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    if with_toml:
-        (home / "mp-bridge.toml").write_text(TOML)  # MP_BRIDGE_CONFIG points here (conftest)
-    _compare(palace_flag)
-    if "MEMPALACE_PATH" in env or not with_toml:
-        assert shim.fast_config(None).state_dir == str(state.state_dir_from_env())
-
-
-def test_config_file_location_agrees(home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    assert shim.config_file_path() == str(config_file())
-    monkeypatch.delenv("MP_BRIDGE_CONFIG")
-    assert shim.config_file_path() == str(config_file())
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    assert shim.config_file_path() == str(config_file())
-    cfg = tmp_path / "xdg" / "mp-ssh-bridge" / "config.toml"
-    cfg.parent.mkdir(parents=True)
-    cfg.write_text('mcp_timeout_ms = 777\n')
-    assert shim.fast_config(None).timeout_ms == load().mcp_timeout_ms == 777
-
-
 def test_unsure_values_defer_to_the_model(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEMPALACE_MCP_TIMEOUT_MS", "soon")
-    with pytest.raises(shim.NeedSettings):
-        shim.fast_config(None)
+    with pytest.raises(config.NeedSettings):
+        config.fast_config(None)
     with pytest.raises(Exception):  # the model rejects it too: mp-shim reports it and exits 2
         load()
     out = subprocess.run([str(Path(sys.executable).parent / "mp-shim")], input=b"", capture_output=True, timeout=60)
     assert out.returncode == 2 and b"invalid settings" in out.stderr and out.stdout == b""
 
 
-def test_fast_path_defaults_match_the_settings_model() -> None:
-    from mp_ssh_bridge.settings import APP_NAME, Settings
+def test_backstop_rules() -> None:
+    """The shim's timer is a backstop: it fires SHIM_BACKSTOP_GRACE_S after the session's own timeout."""
+    from mp_ssh_bridge.protocol import SHIM_BACKSTOP_GRACE_S, broker_deadline_s
 
-    fields = Settings.model_fields
-    assert shim.DEFAULT_STATE_DIR == state.DEFAULT_STATE_DIR
-    assert shim.DEFAULT_TIMEOUT_MS == fields["mcp_timeout_ms"].default
-    assert shim.DEFAULT_CONNECT_TIMEOUT == fields["connect_timeout"].default
-    assert shim.APP_NAME == APP_NAME
-    assert shim.encode is protocol.encode, "framing has one home: mp_ssh_bridge.protocol"
-
-
-def test_deadline_rules() -> None:
-    assert shim.deadline_ms(60000, "tools/call", {"name": "mempalace_status"}) == 60000
-    assert shim.deadline_ms(0, "tools/call", {"name": "mempalace_status"}) is None
+    grace = int(SHIM_BACKSTOP_GRACE_S * 1000)
+    assert session.backstop_ms(60000, "tools/call", {"name": "mempalace_status"}) == 60000 + grace
+    assert session.backstop_ms(0, "tools/call", {"name": "mempalace_status"}) is None
     wait = {"name": "mempalace_event_wait", "arguments": {"timeout_ms": 5000}}
-    assert shim.deadline_ms(1000, "tools/call", wait) == 6000
-    assert shim.deadline_ms(1000, "tools/call", {"name": "mempalace_event_wait"}) == 61000
-    assert shim.deadline_ms(1000, "tools/call", {"name": "mempalace_event_wait", "arguments": {"timeout_ms": 10**9}}) == 301000
+    assert session.backstop_ms(1000, "tools/call", wait) == 6000 + grace
+    assert session.backstop_ms(1000, "tools/call", {"name": "mempalace_event_wait"}) == 61000 + grace
+    assert session.backstop_ms(1000, "tools/call", {"name": "mempalace_event_wait",
+                                                    "arguments": {"timeout_ms": 10**9}}) == 301000 + grace
+    for timeout_ms in (1000, 5000, 60000, 600000):  # the broker answers before the session's own timer
+        assert broker_deadline_s(timeout_ms, 60.0) * 1000 < timeout_ms < session.backstop_ms(timeout_ms, "ping", None)
+    for timeout_ms in (1, 100, 250):  # and, for tiny timeouts too, before the backstop
+        assert broker_deadline_s(timeout_ms, 60.0) * 1000 < session.backstop_ms(timeout_ms, "ping", None)
 
 
 def test_parse_args_accepts_mempalace_mcp_arguments() -> None:

@@ -19,8 +19,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -28,9 +29,8 @@ from mp_ssh_bridge import protocol, state
 from mp_ssh_bridge.connection import Connection
 from mp_ssh_bridge.settings import Settings
 from tests.conftest import BIN, BrokerHandle
-from tests.helpers import pid_alive
+from tests.helpers import engine_facts, pid_alive
 from tests.sshd import SSHServer, keygen, write_broker_wrapper
-
 
 
 class _LazySSH:
@@ -227,10 +227,8 @@ def test_open_ssh_url(sshd: SSHServer, broker: BrokerHandle, make_settings: Call
             await c.aclose()
 
     assert run(go())["result"]["broker"]["pid"] == broker.proc.pid
-    assert ssh.parse_ssh_url("ssh://me@host:2222/a/b.sock") == ("host", "me", 2222, "/a/b.sock")
-    for bad in ("ssh://host", "ssh://host/", "unix:///x.sock"):
-        with pytest.raises(ssh.SSHBridgeError):
-            ssh.parse_ssh_url(bad)
+    with pytest.raises(ssh.SSHBridgeError):
+        run(ssh.open_ssh_url(settings, "unix:///x.sock"))
 
 
 def test_fast_path_skips_ensure_when_broker_json_is_fresh(
@@ -277,24 +275,32 @@ def test_fast_path_skips_ensure_when_broker_json_is_fresh(
 
 
 # --- TCP + token --------------------------------------------------------------------------
-def test_tcp_token_path_and_wrong_token(broker_factory: Callable[..., BrokerHandle]) -> None:
+def _tcp_config(state_dir: Path, token: str | None) -> Any:
+    from mp_ssh_bridge.config import Config
+
+    cfg = Config()
+    cfg.state_dir, cfg.broker_token = str(state_dir), token
+    return cfg
+
+
+def test_tcp_token_path_and_wrong_token(broker_factory: Callable[..., BrokerHandle], home: Path) -> None:
+    """TCP + token is one opener (endpoints.dial) for every caller; a wrong token is UNAUTHORIZED."""
+    from mp_ssh_bridge import endpoints
+    from mp_ssh_bridge.errors import EndpointError
+
     b = broker_factory("--tcp", "127.0.0.1:0")
-    record = b.record
-    endpoint, token = record["endpoints"]["tcp"], record["tcp_token"]
-
-    async def go() -> None:
-        c = await ssh.open_tcp_token(endpoint, token, timeout=5)
-        try:
-            assert c.transport == "tcp"
-            await list_write_search(c, "heron")
-        finally:
-            await c.aclose()
-        with pytest.raises(ssh.SSHBridgeError) as bad:
-            await ssh.open_tcp_token(endpoint, token[:-2] + "xx", timeout=5)
-        assert bad.value.code == protocol.UNAUTHORIZED == -32064
-        assert "refused the token" in str(bad.value)
-
-    run(go())
+    endpoint, token = b.record["endpoints"]["tcp"], b.record["tcp_token"]
+    link = endpoints.dial(_tcp_config(home / "nowhere", token), endpoint)
+    try:
+        assert link.transport == "tcp"
+        link.send(protocol.encode(protocol.request(1, "tools/list")))
+        assert len(json.loads(link.recv(60) or b"{}")["result"]["tools"]) > 0
+    finally:
+        link.close()
+    with pytest.raises(EndpointError) as bad:
+        endpoints.dial(_tcp_config(home / "nowhere", token[:-2] + "xx"), endpoint)
+    assert bad.value.code == protocol.UNAUTHORIZED == -32064
+    assert "refused the token" in str(bad.value)
 
 
 def test_tcp_fallback_when_both_ssh_paths_fail(
@@ -315,17 +321,21 @@ def test_tcp_fallback_when_both_ssh_paths_fail(
     (ctr_state / "broker.json").symlink_to(host_state / "broker.json")
     settings = make_settings(server, remote_broker=str(no_dial))
 
-    async def go() -> Connection:
-        c = await ssh.connect_container(settings)
-        try:
-            assert c.transport == "tcp" and c.info["transport_detail"] == "tcp+token"
-            assert c.endpoint == b.record["endpoints"]["tcp"]
-            assert (await Rpc(c).call("ping"))["result"] == {}
-        finally:
-            await c.aclose()
-        return c
+    async def go() -> str:
+        with pytest.raises(ssh.TcpFallback) as fallback:
+            await ssh.connect_container(settings)
+        return fallback.value.url
 
-    run(go())
+    url = run(go())
+    assert url == b.record["endpoints"]["tcp"]
+    from mp_ssh_bridge import endpoints
+
+    link = endpoints.dial(_tcp_config(ctr_state, None), url)  # the token from broker.json through the mount
+    try:
+        link.send(protocol.encode(protocol.request(1, "ping")))
+        assert json.loads(link.recv(30) or b"{}")["result"] == {}
+    finally:
+        link.close()
     # without the TCP listener the error lists every refusal
     (ctr_state / "broker.json").unlink()
 
@@ -422,6 +432,49 @@ def test_palace_mismatch(sshd: SSHServer, broker: BrokerHandle, make_settings: C
     msg = str(exc.value)
     assert exc.value.code == protocol.PALACE_MISMATCH
     assert str(ctr_state / "palace.id") in msg and broker.record["palace"] in msg
+
+
+def test_palace_mismatch_over_ssh_reaches_the_agent_as_32067(
+    sshd: SSHServer, broker: BrokerHandle, ctr_state: Path, wrapper: Path, tmp_path: Path
+) -> None:
+    """Before: discovery's `except Exception` turned this into -32066, or even degraded mode."""
+    from tests.test_shim_support import ShimProc
+
+    (ctr_state / "palace.id").write_text(str(uuid.uuid4()) + "\n")
+    env = {
+        "MP_BRIDGE_ROLE": "container", "MEMPALACE_PATH": str(ctr_state), "MP_BRIDGE_SSH_CONFIG": str(sshd.client_config),
+        "MP_BRIDGE_SSH_HOST": "host", "MP_BRIDGE_REMOTE_BROKER": str(wrapper),
+    }
+    s = ShimProc(env=env, stderr_path=tmp_path / "shim.err")
+    try:
+        r = s.call("ping", timeout=60)
+        assert r["error"]["code"] == protocol.PALACE_MISMATCH == -32067, r
+        assert "palace mismatch" in r["error"]["message"]
+        assert not (ctr_state / "degraded.json").exists()
+    finally:
+        s.close()
+
+
+def test_unverifiable_host_key_never_leads_to_degraded_mode(
+    sshd: SSHServer, ctr_state: Path, wrapper: Path, tmp_path: Path
+) -> None:
+    """What a man in the middle looks like: the shim refuses with the key error; it does not run its own engine."""
+    from tests.test_shim_support import ShimProc
+
+    cfg = sshd.write_client_config(sshd.dir / "ssh_config.mitm", known_hosts=sshd.wrong_known_hosts())
+    env = {
+        "MP_BRIDGE_ROLE": "container", "MEMPALACE_PATH": str(ctr_state), "MP_BRIDGE_SSH_CONFIG": str(cfg),
+        "MP_BRIDGE_SSH_HOST": "host", "MP_BRIDGE_REMOTE_BROKER": str(wrapper),
+    }
+    s = ShimProc(env=env, stderr_path=tmp_path / "shim.err")
+    try:
+        r = s.call("ping", timeout=60)
+        assert r["error"]["code"] == protocol.BROKER_UNREACHABLE, r
+        assert "host key" in r["error"]["message"] and "known_hosts" in r["error"]["message"]
+        assert not (ctr_state / "degraded.json").exists()
+        assert "degraded mode" not in s.stderr()
+    finally:
+        s.close()
 
 
 def test_missing_local_palace_id_is_accepted(
@@ -589,7 +642,7 @@ def test_mcp_sdk_client_through_shim_over_ssh(
     except BaseException:
         print((tmp_path / "shim.err").read_text()[-3000:])
         raise
-    assert n_tools == 47
+    assert n_tools == engine_facts()["tools"]
     assert marker in found
     record = state.read_broker_json(host_state / "broker.json")  # the broker the remote --ensure started
     assert record is not None and pid_alive(record["pid"])

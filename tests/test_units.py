@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from broker import tools
-from broker.queue import FairQueue
 from mp_ssh_bridge import hostinfo, protocol, state
+from mp_ssh_bridge_broker import tools
+from mp_ssh_bridge_broker.queue import FairQueue
 
 
 @dataclass(eq=False)

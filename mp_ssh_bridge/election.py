@@ -1,58 +1,71 @@
-"""`mempalace-broker --ensure`: make sure one healthy broker serves this palace.
+"""The election client: make sure one healthy broker serves this palace.
 
-Idempotent and race-free: whoever wins a non-blocking flock on broker.lock
-spawns the broker and hands it the locked descriptor (the lock travels with
-the open file, so there is no gap in which a second process could win), the
-rest wait for broker.json and a health round trip. Every wait is bounded.
-The shim's election calls `ensure_broker()` in-process; over SSH the
-container runs the same code on the host.
+What a client needs to elect a broker, without loading the broker itself
+(the server is ~300 modules): probe, lock, spawn. Idempotent and race-free:
+whoever wins a non-blocking flock on broker.lock spawns the broker and hands
+it the locked descriptor (the lock travels with the open file, so there is no
+gap in which a second process could win), the rest wait for broker.json and a
+health round trip. Every wait is bounded. The shim's election calls
+`ensure_broker()` in-process; `mempalace-broker --ensure` (run over SSH from a
+container) calls the same function on the host.
+
+The broker is configured by its own start, never by the session that happens
+to elect it: it gets the palace's identity as flags, and an environment from
+which every per-session and client variable (`config.session_only_env_names`)
+has been removed.
 """
 
 from __future__ import annotations
 
-import json
+import errno
+import fcntl
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
-from broker.lifecycle import open_lock, try_lock
-from mp_ssh_bridge import protocol, state
+from mp_ssh_bridge import config, handshake, state
+from mp_ssh_bridge.links import connect_unix
 from mp_ssh_bridge.settings import Settings
 
-SETTINGS_ENV = "MP_BRIDGE_SETTINGS_JSON"
+BROKER_MODULE = "mp_ssh_bridge_broker"  # the import name of the repository's broker/ folder (pyproject)
 
 
 class EnsureError(Exception):
     """No healthy broker could be reached or started (the message says why)."""
 
 
+def open_lock(paths: state.StatePaths) -> int:
+    return os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def try_lock(fd: int) -> bool:
+    """Non-blocking exclusive flock; False when someone else holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
 def probe(endpoint: str, timeout: float) -> dict[str, Any] | None:
     """`broker/status` over a unix:// endpoint; the status, or None when it does not answer."""
     if not endpoint.startswith("unix://"):
         return None
-    path = endpoint[len("unix://") :]
-    deadline = time.monotonic() + timeout
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            sock.sendall(protocol.encode(protocol.request("probe", "broker/status")))
-            buf = b""
-            while b"\n" not in buf:
-                sock.settimeout(max(0.01, deadline - time.monotonic()))
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return None
-                buf += chunk
-        reply = json.loads(buf.split(b"\n", 1)[0])
+        link = connect_unix(endpoint[len("unix://") :], timeout, config.DEFAULT_MAX_LINE_BYTES, endpoint)
+    except OSError:
+        return None
+    try:
+        return handshake.broker_status(link, timeout, {"probe": True})
     except (OSError, ValueError):
         return None
-    res = reply.get("result") if isinstance(reply, dict) else None
-    return res if isinstance(res, dict) else None
+    finally:
+        link.close()
 
 
 def healthy_record(settings: Settings, timeout: float = 1.0) -> dict[str, Any] | None:
@@ -89,23 +102,35 @@ def check_palace(settings: Settings, record: dict[str, Any]) -> None:
         )
 
 
+def broker_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The electing process's environment minus everything that belongs to one session."""
+    drop = config.session_only_env_names() | {config.ENGINE_CHILD_ENV}
+    return {k: v for k, v in (os.environ if environ is None else environ).items() if k not in drop}
+
+
+def broker_argv(settings: Settings, lock_fd: int) -> list[str]:
+    """`python -m <broker> --detach`, with the palace's identity as flags (nothing else travels)."""
+    argv = [sys.executable, "-m", BROKER_MODULE, "--detach", "--lock-fd", str(lock_fd),
+            "--mempalace-path", str(settings.mempalace_path)]
+    if settings.palace is not None:
+        argv += ["--palace", str(settings.palace)]
+    return argv
+
+
 def spawn_detached(settings: Settings, lock_fd: int) -> None:
-    """Start `python -m broker --detach` holding our locked fd; returns once it forked."""
+    """Start the broker holding our locked fd; returns once it forked."""
     paths = settings.paths
-    env = dict(os.environ)
-    env[SETTINGS_ENV] = settings.model_dump_json(include=settings.model_fields_set - {"broker_token"})
-    argv = [sys.executable, "-m", "broker", "--detach", "--lock-fd", str(lock_fd)]
     log_fd = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         proc = subprocess.Popen(
-            argv,
+            broker_argv(settings, lock_fd),
             stdin=subprocess.DEVNULL,
             stdout=log_fd,
             stderr=log_fd,
             pass_fds=(lock_fd,),
             start_new_session=True,
             cwd="/",
-            env=env,
+            env=broker_environment(),
         )
     finally:
         os.close(log_fd)

@@ -1,0 +1,510 @@
+"""One agent session: the stdio <-> broker pump behind `mp-shim`.
+
+Data flows one way: agent stdin -> `Shim.from_client` -> the link -> the
+broker, and back through `link_loop` -> `from_broker` -> stdout. One pending
+table keyed by the agent's ids, one backlog for frames that wait for a
+connection, cleanup of every pending request when a link is lost (answered as
+"outcome unknown" — never retried) and a transparent re-initialize on the
+next link.
+
+The broker owns each request's deadline (docs/PROTOCOL.md "Deadlines"): this
+session's MEMPALACE_MCP_TIMEOUT_MS travels to it in the handshake and it
+answers `not_executed` or `unknown` before that expires. The timer here is
+only a backstop for a broker that died or hung, `SHIM_BACKSTOP_GRACE_S` later.
+
+Threads and blocking I/O, not asyncio (whose import alone costs 45-70 ms on
+every agent start): `stdin` (client -> broker), `link-N` (broker -> stdout,
+one per connection), `deadlines` (backstop timers), `connect` (dialing, may
+take seconds). Shared state is under one lock; stdout writes under another,
+one whole frame per write.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import json
+import os
+import threading
+import time
+
+from mp_ssh_bridge import endpoints
+from mp_ssh_bridge.config import Config
+from mp_ssh_bridge.diag import log
+from mp_ssh_bridge.errors import PalaceMismatch, ShimError
+from mp_ssh_bridge.links import Link
+from mp_ssh_bridge.protocol import (
+    BROKER_UNREACHABLE,
+    DEADLINE_EXCEEDED,
+    EVENT_WAIT_TOOL,
+    INVALID_REQUEST,
+    JSONRPC,
+    LINE_TOO_LONG,
+    OUTCOME_UNKNOWN,
+    PARSE_ERROR,
+    SHIM_BACKSTOP_GRACE_S,
+    encode,
+    error,
+    event_wait_timeout_ms,
+    valid_id,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs every agent start ~3 ms; annotations only
+    from typing import BinaryIO
+
+DRAIN_ON_EOF = 5.0  # after stdin closes, how long answers to pending requests may still arrive
+
+
+def id_key(value: object) -> tuple[str, object]:
+    return (type(value).__name__, value)  # 1 and "1" are different ids
+
+
+def backstop_ms(cfg_timeout_ms: int, method: str, params: object) -> int | None:
+    """When this session gives up on a request the broker never answered (None = never).
+
+    The broker answers a margin BEFORE the session's timeout (`protocol.broker_deadline_s`);
+    this fires SHIM_BACKSTOP_GRACE_S AFTER it, so the broker's precise answer always wins.
+    """
+    if cfg_timeout_ms <= 0:
+        return None
+    extra = event_wait_timeout_ms(method, params) or 0
+    return cfg_timeout_ms + extra + int(SHIM_BACKSTOP_GRACE_S * 1000)
+
+
+def fast_connect(cfg: Config) -> Link:
+    """Host role, no MEMPALACE_BROKER: the socket broker.json names, proven. Raises OSError/ShimError/ValueError."""
+    with open(os.path.join(cfg.state_dir, "broker.json"), encoding="utf-8") as fh:
+        record = json.load(fh)
+    endpoint = record.get("endpoint") if isinstance(record, dict) else None
+    if not isinstance(endpoint, str) or not endpoint.startswith("unix://"):
+        raise ConnectionError(f"broker.json names no unix endpoint ({endpoint!r})")
+    return endpoints.connect(cfg, endpoint, role="host")
+
+
+class Pending:
+    __slots__ = ("msg_id", "method", "frame", "deadline", "link", "tool")
+
+    def __init__(self, msg_id: object, method: str, frame: bytes, deadline: float | None, tool: str | None) -> None:
+        self.msg_id = msg_id
+        self.method = method
+        self.frame = frame
+        self.deadline = deadline
+        self.link: Link | None = None  # None: waiting in the backlog, not sent yet
+        self.tool = tool
+
+
+DEGRADED_NOTICE = (
+    "NOTE from mp-shim: MemPalace memory is running WITHOUT its broker (degraded mode): this session "
+    "runs its own memory engine directly. Memory works, but writes from other agent sessions are not "
+    "serialized with this one. Reason: {reason}"
+)
+
+
+class Shim:
+    def __init__(self, cfg: Config, out_fd: int, in_file: BinaryIO) -> None:
+        self.cfg = cfg
+        self.out_fd = out_fd
+        self.in_file = in_file
+        self.lock = threading.RLock()
+        self.out_lock = threading.Lock()
+        self.pending: dict[tuple, Pending] = {}
+        self.backlog: list[tuple[tuple | None, bytes]] = []  # frames waiting for a connection
+        self.link: Link | None = None
+        self.flushing: Link | None = None
+        self.connecting = False
+        self.last_error: ShimError | None = None
+        self.init_msg: dict | None = None
+        self.client_initialized = False
+        self.swallow: set = set()
+        self.notice_sent = False
+        self.stdin_done = False
+        self.done = threading.Event()
+        self._heap: list[tuple[float, int, tuple[str, object], Pending]] = []
+        self._heap_cv = threading.Condition(self.lock)
+        self._seq = 0
+        self.generation = 0
+        self._fast_failed = ""
+
+    # ---- output -------------------------------------------------------------------------------
+    def write_out(self, data: bytes) -> None:
+        with self.out_lock:
+            view = memoryview(data)
+            while view:
+                try:
+                    n = os.write(self.out_fd, view)
+                except BlockingIOError:
+                    import select
+
+                    select.select([], [self.out_fd], [], 1.0)
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.EINTR:
+                        continue
+                    log(40, f"cannot write to stdout ({exc}); ending the session")
+                    self.done.set()
+                    return
+                view = view[n:]
+
+    def reply_error(self, msg_id: object, code: int, message: str, data: object = None) -> None:
+        self.write_out(encode(error(msg_id, code, message, data)))
+
+    # ---- client -> broker ---------------------------------------------------------------------
+    def stdin_loop(self) -> None:
+        limit = self.cfg.max_line_bytes
+        try:
+            while True:
+                line = self.in_file.readline(limit + 1)
+                if not line:
+                    break
+                if not line.endswith(b"\n") and len(line) > limit:
+                    while True:  # discard the rest of the oversized line
+                        rest = self.in_file.readline(1 << 20)
+                        if not rest or rest.endswith(b"\n"):
+                            break
+                    self.reply_error(None, LINE_TOO_LONG, f"message line exceeds {limit} bytes; dropped")
+                    continue
+                line = line.rstrip(b"\r\n")
+                if line.strip():
+                    self.from_client(line)
+        except (OSError, ValueError) as exc:
+            log(30, f"stdin: {exc}")
+        finally:
+            self.on_stdin_closed()
+
+    def from_client(self, line: bytes) -> None:
+        try:
+            msg = json.loads(line)
+        except ValueError as exc:
+            self.reply_error(None, PARSE_ERROR, f"Parse error: {exc}")
+            return
+        if not isinstance(msg, dict):
+            why = "JSON-RPC batches are not supported" if isinstance(msg, list) else "a message must be a JSON object"
+            self.reply_error(None, INVALID_REQUEST, f"Invalid Request: {why}")
+            return
+        frame = line + b"\n"
+        method = msg.get("method")
+        key = None
+        if isinstance(method, str) and "id" in msg:
+            msg_id = msg["id"]
+            if not (isinstance(msg_id, str) or (isinstance(msg_id, int) and not isinstance(msg_id, bool))):
+                self.reply_error(None, INVALID_REQUEST, "Invalid Request: 'id' must be a string or an integer")
+                return
+            params = msg.get("params")
+            ms = backstop_ms(self.cfg.timeout_ms, method, params)
+            tool = params.get("name") if method == "tools/call" and isinstance(params, dict) else None
+            key = id_key(msg_id)
+            with self.lock:
+                if key in self.pending:
+                    self.reply_error(msg_id, INVALID_REQUEST, f"id {msg_id!r} is already used by a pending request")
+                    return
+                pend = Pending(msg_id, method, frame, None if ms is None else time.monotonic() + ms / 1000, tool)
+                self.pending[key] = pend
+                if method == "initialize":
+                    self.init_msg = msg
+                if pend.deadline is not None:
+                    self._seq += 1
+                    heapq.heappush(self._heap, (pend.deadline, self._seq, key, pend))
+                    self._heap_cv.notify()
+        elif isinstance(method, str):
+            if method == "notifications/initialized":
+                self.client_initialized = True
+            elif method == "notifications/cancelled":
+                params = msg.get("params")
+                rid = params.get("requestId") if isinstance(params, dict) else None
+                if valid_id(rid):  # anything else names no request of ours (and may not even be hashable)
+                    with self.lock:
+                        target = self.pending.pop(id_key(rid), None)  # no reply is expected any more
+                    if target is not None and target.link is None:
+                        return  # never sent: nothing to tell the broker
+        self.send_or_queue(key, frame)
+
+    def send_or_queue(self, key: tuple | None, frame: bytes) -> None:
+        with self.lock:
+            link = self.link
+            if link is None:
+                self.backlog.append((key, frame))
+                start = not self.connecting
+                if start:
+                    self.connecting = True
+            else:
+                pend = self.pending.get(key) if key is not None else None
+                if pend is not None:
+                    pend.link = link
+        if link is None:
+            if start:
+                self.start_connect()
+            return
+        try:
+            link.send(frame)
+        except (OSError, ShimError) as exc:
+            self.link_lost(link, f"send failed: {exc}")
+
+    def on_stdin_closed(self) -> None:
+        """The client closed stdin: let answers to pending requests arrive (bounded), then end."""
+        self.stdin_done = True
+        end = time.monotonic() + DRAIN_ON_EOF
+        while time.monotonic() < end:
+            with self.lock:
+                if not self.pending:
+                    break
+            time.sleep(0.01)
+        self.done.set()
+
+    # ---- broker -> client ---------------------------------------------------------------------
+    def link_loop(self, link: Link) -> None:
+        reason = "the broker closed the connection"
+        try:
+            while True:
+                frame = link.recv()
+                if frame is None:
+                    break
+                self.from_broker(link, frame)
+        except (OSError, ShimError, ValueError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.link_lost(link, reason)
+
+    def from_broker(self, link: Link, frame: bytes) -> None:
+        try:
+            msg = json.loads(frame)
+        except ValueError:
+            log(30, "broker sent malformed JSON; dropped")
+            return
+        if not isinstance(msg, dict):
+            return
+        if "method" in msg:  # a notification (progress, log) or a request from the server: pass through
+            self.write_out(frame + b"\n")
+            return
+        msg_id = msg.get("id")
+        if msg_id is not None and not valid_id(msg_id):
+            log(30, f"broker sent a reply with an unusable id {msg_id!r}; dropped")
+            return
+        key = id_key(msg_id)
+        with self.lock:
+            if key in self.swallow:
+                self.swallow.discard(key)
+                if "error" in msg:
+                    log(30, f"replayed initialize failed: {msg['error']}")
+                return
+            pend = self.pending.get(key)
+            if pend is None or pend.link is not link:
+                if msg_id is None:
+                    pend = None  # an error about a frame the broker could not read: pass it on
+                else:
+                    log(20, f"late or unknown reply id {msg_id!r} dropped")
+                    return
+            else:
+                del self.pending[key]
+            add_notice = (
+                link.degraded and not self.notice_sent and pend is not None and pend.method == "tools/call"
+                and isinstance(msg.get("result"), dict) and isinstance(msg["result"].get("content"), list)
+            )
+            if add_notice:
+                self.notice_sent = True
+        if add_notice:
+            msg["result"]["content"].append({"type": "text", "text": DEGRADED_NOTICE.format(reason=link.reason)})
+            self.write_out(encode(msg))
+        else:
+            self.write_out(frame + b"\n")
+
+    def link_lost(self, link: Link, reason: str) -> None:
+        errors: list[Pending] = []
+        with self.lock:
+            if self.link is link:
+                self.link = None
+            elif self.flushing is link:
+                self.flushing = None
+            else:
+                link.close()
+                return
+            for key, pend in list(self.pending.items()):
+                if pend.link is not link:
+                    continue
+                if pend.method == "initialize":  # no effect on the palace: send it again on the next link
+                    pend.link = None
+                    self.backlog.insert(0, (key, pend.frame))
+                else:
+                    del self.pending[key]
+                    errors.append(pend)
+            self.swallow.clear()
+            start = bool(self.backlog) and not self.connecting and not self.stdin_done
+            if start:
+                self.connecting = True
+        link.close()
+        what = "the memory engine (degraded mode)" if link.degraded else f"the broker ({link.endpoint})"
+        log(30, f"lost the connection to {what}: {reason}")
+        for pend in errors:
+            self.reply_error(
+                pend.msg_id,
+                OUTCOME_UNKNOWN,
+                f"connection to the broker was lost; outcome unknown; not retried ({reason})",
+                {"outcome": "unknown", "method": pend.method, "tool": pend.tool},
+            )
+        if start:
+            self.start_connect()
+
+    # ---- deadlines ------------------------------------------------------------------------------
+    def deadline_loop(self) -> None:
+        while not self.done.is_set():
+            expired: list[Pending] = []
+            with self._heap_cv:
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    _, _, key, due = heapq.heappop(self._heap)
+                    if self.pending.get(key) is due:
+                        del self.pending[key]
+                        expired.append(due)
+                if not expired:
+                    wait = self._heap[0][0] - now if self._heap else None
+                    self._heap_cv.wait(wait if wait is None else max(0.001, wait))
+                    continue
+            for pend in expired:
+                self.expire(pend)
+
+    def expire(self, pend: Pending) -> None:
+        """The backstop fired: the broker (which owns the deadline) has not answered at all."""
+        if pend.link is None:
+            with self.lock:
+                reason = f" ({self.last_error})" if self.last_error else ""
+            self.reply_error(
+                pend.msg_id,
+                DEADLINE_EXCEEDED,
+                f"no broker connection within the request's deadline (MEMPALACE_MCP_TIMEOUT_MS={self.cfg.timeout_ms})"
+                f"{reason}; the request was NOT sent",
+                {"outcome": "not_executed"},
+            )
+            return
+        wait = " plus the event_wait timeout" if pend.tool == EVENT_WAIT_TOOL else ""
+        self.reply_error(
+            pend.msg_id,
+            DEADLINE_EXCEEDED,
+            f"no answer from {pend.link.endpoint}, not even its own deadline error, within "
+            f"MEMPALACE_MCP_TIMEOUT_MS={self.cfg.timeout_ms}{wait} + {SHIM_BACKSTOP_GRACE_S:g}s: the broker is "
+            "hung or gone; outcome unknown; a late answer will be dropped (check `mp-bridge status`)",
+            {"outcome": "unknown"},
+        )
+        try:  # let the broker drop it if it is still queued
+            pend.link.send(
+                encode({"jsonrpc": JSONRPC, "method": "notifications/cancelled",
+                        "params": {"requestId": pend.msg_id, "reason": "mp-shim deadline exceeded"}})
+            )
+        except (OSError, ShimError):
+            pass
+
+    # ---- connecting -----------------------------------------------------------------------------
+    def start_connect(self) -> None:
+        threading.Thread(target=self.connect_worker, name="connect", daemon=True).start()
+
+    def dial(self) -> Link:
+        cfg = self.cfg
+        if cfg.broker_url is None and cfg.resolved_role() == "host" and not self._fast_failed:
+            try:
+                return fast_connect(cfg)
+            except PalaceMismatch:
+                raise
+            except FileNotFoundError:
+                self._fast_failed = "no broker.json"
+            except (OSError, ShimError, ValueError) as exc:
+                self._fast_failed = f"{type(exc).__name__}: {exc}"
+                log(20, f"fast path failed ({self._fast_failed}); running discovery")
+        elif cfg.broker_url is not None and cfg.broker_url.startswith(("unix://", "tcp://")):
+            return endpoints.connect(cfg, cfg.broker_url, role=cfg.resolved_role())
+        from mp_ssh_bridge import discovery  # the slow path: settings, election, SSH, degraded mode
+
+        fast_reason, self._fast_failed = self._fast_failed, ""
+        return discovery.discover(cfg, fast_failure=fast_reason)
+
+    def connect_worker(self) -> None:
+        try:
+            link = self.dial()
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes an answer to the agent
+            if isinstance(exc, ShimError):
+                err = exc
+            else:
+                err = ShimError(BROKER_UNREACHABLE, f"no broker reachable: {type(exc).__name__}: {exc}")
+            self.connect_failed(err)
+            return
+        self.adopt(link)
+
+    def connect_failed(self, err: ShimError) -> None:
+        with self.lock:
+            self.connecting = False
+            self.last_error = err
+            waiting = [self.pending.pop(k) for k, _ in self.backlog if k is not None and k in self.pending]
+            self.backlog.clear()
+        log(40, str(err))
+        for pend in waiting:
+            self.reply_error(pend.msg_id, err.code, f"{err}; the request was NOT sent", {"outcome": "not_executed"})
+
+    def adopt(self, link: Link) -> None:
+        """Replay initialize if the client already did it, flush the backlog, then go live."""
+        self.generation += 1
+        with self.lock:
+            self.flushing = link  # link_lost() recognises it while we flush
+            pending_init = any(
+                k is not None and k in self.pending and self.pending[k].method == "initialize" for k, _ in self.backlog
+            )
+            replay: list[bytes] = []
+            if self.init_msg is not None and not pending_init:
+                rid = f"mp-shim/replay-initialize/{self.generation}"
+                self.swallow.add(id_key(rid))
+                replay.append(encode(dict(self.init_msg, id=rid)))
+                if self.client_initialized:
+                    replay.append(encode({"jsonrpc": JSONRPC, "method": "notifications/initialized"}))
+        threading.Thread(target=self.link_loop, args=(link,), name=f"link-{self.generation}", daemon=True).start()
+        if link.degraded:
+            log(30, f"memory runs WITHOUT the broker (degraded mode): {link.reason}")
+        else:
+            log(20, f"connected to {link.endpoint} ({link.transport})")
+        failure = ""
+        try:
+            for frame in replay:
+                link.send(frame)
+            while True:
+                with self.lock:
+                    if self.flushing is not link:
+                        break  # lost while flushing; link_lost() has answered what was sent
+                    if not self.backlog:
+                        self.flushing = None
+                        self.link = link
+                        self.connecting = False
+                        self.last_error = None
+                        return
+                    key, frame = self.backlog.pop(0)
+                    if key is not None:
+                        pend = self.pending.get(key)
+                        if pend is None:
+                            continue  # expired or cancelled while waiting
+                        pend.link = link
+                link.send(frame)
+        except (OSError, ShimError) as exc:
+            failure = f"send failed: {exc}"
+        self.link_lost(link, failure or "connection lost while sending")
+        with self.lock:
+            self.connecting = False
+            restart = bool(self.backlog) and not self.stdin_done
+            if restart:
+                self.connecting = True
+        if restart:
+            self.start_connect()
+
+    # ---- run --------------------------------------------------------------------------------------
+    def run(self) -> int:
+        with self.lock:
+            self.connecting = True
+        self.start_connect()  # connect while the client is still starting
+        threading.Thread(target=self.deadline_loop, name="deadlines", daemon=True).start()
+        threading.Thread(target=self.stdin_loop, name="stdin", daemon=True).start()
+        try:
+            while not self.done.wait(1.0):
+                pass
+        finally:
+            with self.lock:
+                link, self.link = self.link, None
+                self._heap_cv.notify_all()
+            if link is not None:
+                link.close()
+        return 0
+
+
