@@ -2,17 +2,22 @@
 
   mp-bridge status [--json]   the broker, its engine, clients and queues
   mp-bridge doctor            check every link from settings to engine; exit 1 on a failure
-  mp-bridge stop              ask the broker to stop (SIGTERM)
+  mp-bridge stop [--force] [--timeout S]
+                              stop the broker, if it is proven to be ours (see
+                              mp_ssh_bridge/stopping.py); exit 0 stopped or none
+                              running, 1 refused or not stopped, 2 bad settings or
+                              broker.json. In the container role it runs
+                              `mempalace-broker --stop` on the host over SSH.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
 from typing import Any
+
+REMOTE_STOP_MARGIN = 30.0  # on top of the stop's own wait: SSH set-up, python start-up, probe, --force waits
 
 
 def _console() -> Any:
@@ -21,11 +26,26 @@ def _console() -> Any:
     return Console()
 
 
+def _load_settings() -> Any:
+    """The settings, or None after printing one line saying what is wrong with them (no traceback)."""
+    from mp_ssh_bridge.settings import config_file, load
+    from mp_ssh_bridge.stopping import describe_settings_error
+
+    try:
+        return load()
+    except (ValueError, OSError, TypeError) as exc:  # pydantic's ValidationError and TOML errors are ValueErrors
+        hint = f"check the MP_BRIDGE_* / MEMPALACE_* environment and {config_file()}"
+        print(f"mp-bridge: {describe_settings_error(exc, hint)}", file=sys.stderr)
+        return None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from mp_ssh_bridge.settings import load
     from mp_ssh_bridge.status import snapshot
 
-    snap = snapshot(load())
+    settings = _load_settings()
+    if settings is None:
+        return 2
+    snap = snapshot(settings)
     if args.json:
         print(json.dumps(snap, indent=1, default=str))
         return 0 if snap["status"] else 1
@@ -67,20 +87,44 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from mp_ssh_bridge import state
-    from mp_ssh_bridge.settings import load
+    settings = _load_settings()
+    if settings is None:
+        return 2
+    if settings.resolved_role() == "container":
+        return _stop_over_ssh(settings, args.force, args.timeout)
+    from mp_ssh_bridge.stopping import stop_broker
 
-    record = state.read_broker_json(load().paths.json)
-    if not record or not isinstance(record.get("pid"), int):
-        print("no broker is running")
-        return 1
+    result = stop_broker(settings, force=args.force, timeout=args.timeout)
+    print(result.message, file=sys.stdout if result.code == 0 else sys.stderr)
+    return result.code
+
+
+def _stop_over_ssh(settings: Any, force: bool, timeout: float | None) -> int:
+    """Container role: run `mempalace-broker --stop` on the host (where the proof can be made); relay it."""
+    import asyncio
+
+    from mp_ssh_bridge import ssh
+
+    words = ["--stop", *(["--force"] if force else []), *(["--timeout", f"{timeout:g}"] if timeout is not None else [])]
+    bound = (settings.shutdown_grace + 5.0 if timeout is None else timeout) + REMOTE_STOP_MARGIN
     try:
-        os.kill(record["pid"], signal.SIGTERM)
-    except ProcessLookupError:
-        print(f"broker pid {record['pid']} is already gone")
+        status, out, err = asyncio.run(ssh.run_on_host(settings, *words, bound=bound))
+    except ssh.SSHBridgeError as exc:
+        print(f"mp-bridge stop: cannot stop the host's broker over SSH (Host {settings.ssh_host}): {exc}", file=sys.stderr)
         return 1
-    print(f"sent SIGTERM to broker pid {record['pid']}")
-    return 0
+    sys.stdout.write(out)
+    sys.stderr.write(err)
+    return status
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
     sub.add_parser("doctor", help="check the set-up and say what is wrong").set_defaults(func=cmd_doctor)
-    sub.add_parser("stop", help="stop the broker").set_defaults(func=cmd_stop)
+    st = sub.add_parser("stop", help="stop the broker (only a process proven to be it)")
+    st.add_argument("--force", action="store_true", help="hung broker: SIGTERM, then SIGKILL it and its engine; clean up")
+    st.add_argument(
+        "--timeout", type=_positive_seconds, help="seconds to wait after SIGTERM (default shutdown_grace + 5; --force: 2)"
+    )
+    st.set_defaults(func=cmd_stop)
     args = p.parse_args(argv)
     return int(args.func(args))
 

@@ -209,11 +209,14 @@ def remote_argv(settings: Settings, *args: str) -> str:
     return " ".join(shlex.quote(w) for w in [*words, *args])
 
 
-def ensure_command(settings: Settings) -> str:
-    """The remote --ensure command. The container's own palace path is NOT passed:
+def ensure_args(settings: Settings) -> list[str]:
+    """The remote --ensure arguments. The container's own palace path is NOT passed:
     paths differ across the mount; the host side's settings decide."""
-    extra = ["--palace", settings.remote_palace] if settings.remote_palace else []
-    return remote_argv(settings, "--ensure", *extra)
+    return ["--ensure", *(["--palace", settings.remote_palace] if settings.remote_palace else [])]
+
+
+def ensure_command(settings: Settings) -> str:
+    return remote_argv(settings, *ensure_args(settings))
 
 
 def parse_ensure_output(stdout: str) -> dict[str, Any]:
@@ -234,29 +237,45 @@ def _text(data: Any) -> str:
     return str(data)
 
 
-async def remote_ensure(settings: Settings, conn: asyncssh.SSHClientConnection) -> dict[str, Any]:
-    """Run `mempalace-broker --ensure` on the host; its parsed JSON line."""
-    command = ensure_command(settings)
-    bound = settings.ensure_timeout + 5  # the host side bounds its own wait by ensure_timeout
+async def run_broker_command(
+    settings: Settings, conn: asyncssh.SSHClientConnection, *args: str, bound: float
+) -> tuple[int, str, str]:
+    """`<remote_broker> ARGS` on the host: (exit status, stdout, stderr). Raises SSHBridgeError when it
+    cannot run at all (not found, not executable, no answer within `bound`); any other exit is the caller's."""
+    command = remote_argv(settings, *args)
     try:
         res = await conn.run(command, check=False, timeout=bound)
     except asyncssh.TimeoutError as exc:
         raise SSHBridgeError(f"`{command}` on the SSH host did not finish within {bound:g}s") from exc
     except (asyncssh.Error, OSError) as exc:
         raise SSHBridgeError(f"cannot run `{command}` on the SSH host: {exc}") from exc
-    out, err = _text(res.stdout), _text(res.stderr).strip()
+    out, err = _text(res.stdout), _text(res.stderr)
     if res.exit_status == 127:
         raise SSHBridgeError(
-            f"`{shlex.split(settings.remote_broker)[0]}` was not found on the SSH host ({err[-300:] or 'exit 127'}). "
+            f"`{shlex.split(settings.remote_broker)[0]}` was not found on the SSH host ({err.strip()[-300:] or 'exit 127'}). "
             f"Non-interactive SSH sessions get a minimal PATH: set MP_BRIDGE_REMOTE_BROKER to the absolute path "
             f"of mempalace-broker on the host (e.g. /Users/<you>/.local/bin/mempalace-broker)"
         )
     if res.exit_status == 126:
-        raise SSHBridgeError(f"`{command}` on the SSH host is not executable: {err[-300:]}")
-    if res.exit_status != 0:
-        raise SSHBridgeError(
-            f"`{command}` on the SSH host failed (exit {res.exit_status}): {err[-800:] or out[-800:]}"
-        )
+        raise SSHBridgeError(f"`{command}` on the SSH host is not executable: {err.strip()[-300:]}")
+    return (res.exit_status if isinstance(res.exit_status, int) else 1), out, err
+
+
+async def run_on_host(settings: Settings, *args: str, bound: float) -> tuple[int, str, str]:
+    """Connect (per the user's SSH config), run `<remote_broker> ARGS`, close. For `mp-bridge` in a container."""
+    conn = await connect(settings)
+    try:
+        return await run_broker_command(settings, conn, *args, bound=bound)
+    finally:
+        await _Channel(conn).close()
+
+
+async def remote_ensure(settings: Settings, conn: asyncssh.SSHClientConnection) -> dict[str, Any]:
+    """Run `mempalace-broker --ensure` on the host; its parsed JSON line."""
+    status, out, err = await run_broker_command(settings, conn, *ensure_args(settings), bound=settings.ensure_timeout + 5)
+    command = ensure_command(settings)
+    if status != 0:
+        raise SSHBridgeError(f"`{command}` on the SSH host failed (exit {status}): {err.strip()[-800:] or out[-800:]}")
     try:
         return parse_ensure_output(out)
     except ValueError as exc:
