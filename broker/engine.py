@@ -140,7 +140,10 @@ class Engine:
 
     async def _start(self) -> None:
         try:
-            argv = enginecmd.resolve(self.settings.engine_argv) + ["--palace", str(self.settings.palace_path)]
+            # --palace only when the session gave one: without it the engine resolves its palace, and keeps its
+            # knowledge graph, exactly as a plain mempalace-mcp would (palace.resolve).
+            flag = ["--palace", str(self.settings.palace)] if self.settings.palace else []
+            argv = enginecmd.resolve(self.settings.engine_argv) + flag
         except enginecmd.EngineNotFound as exc:
             self.state = "failed"
             raise EngineUnavailable(str(exc)) from None

@@ -20,14 +20,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mp_ssh_bridge import hostinfo, state
+from mp_ssh_bridge import enginecmd, hostinfo, palace, state
 from mp_ssh_bridge.election import open_lock, try_lock
 from mp_ssh_bridge.settings import BrokerSettings
-from mp_ssh_bridge_broker import __version__
+from mp_ssh_bridge_broker import __version__, coldstart
 from mp_ssh_bridge_broker.mux import Mux
 from mp_ssh_bridge_broker.server import Server
 
 log = logging.getLogger("broker.lifecycle")
+
+
+class WrongFiles(Exception):
+    """The engine would open other files than the sessions of this broker resolved: never serve them."""
 
 
 class AlreadyRunning(Exception):
@@ -75,6 +79,15 @@ class BrokerProcess:
         other = state.live_degraded_writer(self.paths, s.heartbeat_stale_after)
         if other is not None:
             raise AlreadyRunning(state.describe_degraded(other, self.paths))
+        memory = s.memory  # verified against the engine's own answer before the engine starts (_warm_engine)
+        try:
+            self.engine_argv: list[str] | None = enginecmd.resolve(s.engine_argv)
+        except enginecmd.EngineNotFound:
+            self.engine_argv = None  # the engine's own start reports it to every request
+        cached = coldstart.load(self.paths.root, coldstart.engine_key(self.engine_argv))
+        if cached is not None:
+            self.mux.seed(*cached)  # initialize and tools/list answered before the engine is up
+            log.info("answering initialize and tools/list from the last run's engine until this one is up")
         palace_id = state.palace_id(self.paths)
         self.socket_path = self.paths.socket()
         await self.server.start_unix(self.socket_path)
@@ -94,7 +107,7 @@ class BrokerProcess:
             "boot_id": hostinfo.boot_id(),
             "endpoint": endpoints["unix"],
             "endpoints": endpoints,
-            "palace": str(s.palace_path),
+            **memory.as_dict(),  # palace, kg, config_dir, palace_flag: the files the engine opens
             "palace_id": palace_id,
             "state_dir": str(self.paths.root),
             "engine": {"command": s.engine_argv, "pid": None, "version": None},
@@ -110,14 +123,13 @@ class BrokerProcess:
             "version": __version__,
             "host": self.record["host"],
             "started_at": started,
-            "palace": self.record["palace"],
+            **memory.as_dict(),
             "palace_id": palace_id,
             "state_dir": str(self.paths.root),
             "endpoints": endpoints,
         }
-        self.mux.start()
-        self._write_record()
-        log.info("broker %s serving palace %s (id %s)", os.getpid(), s.palace_path, palace_id)
+        self._write_record()  # the dispatcher starts once the engine's files are checked (_warm_engine)
+        log.info("broker %s serving %s (id %s)", os.getpid(), memory, palace_id)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, f"signal {sig.name}")
@@ -130,12 +142,36 @@ class BrokerProcess:
             for task in (warm, beat):
                 task.cancel()
             await self.server.close()
-            await self.mux.shutdown(s.shutdown_grace)
+            await self.mux.shutdown(s.shutdown_grace, self.exit_reason)
             await self.server.close_connections()
             self._remove_state()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         return 0
+
+    async def _check_engine_files(self) -> None:
+        """Before the engine starts: would it open the files this broker's sessions resolved? Raises WrongFiles.
+
+        The sessions (and this broker's state directory) are keyed by `palace.resolve`; if the engine,
+        asked in its own interpreter, would open other files, serving would write memories where no
+        plain mempalace-mcp looks: refuse instead.
+        """
+        s = self.settings
+        if self.engine_argv is None:
+            return
+        try:
+            theirs, version = await asyncio.get_running_loop().run_in_executor(
+                None, palace.engine_resolve, self.engine_argv, str(s.palace) if s.palace else None, dict(os.environ)
+            )
+        except palace.EngineResolveError as exc:
+            log.warning("cannot ask the engine which files it opens (%s); serving %s as resolved here", exc, s.memory)
+            return
+        why = palace.mismatch(s.memory, theirs.as_dict())
+        if why:
+            raise WrongFiles(
+                f"the engine (mempalace {version}) would open other files than the bridge resolved: {why}. "
+                "Set MEMPALACE_PALACE_PATH (or --palace) explicitly, or use the engine version the bridge supports"
+            )
 
     def _request_stop(self, reason: str) -> None:
         if not self.stop_event.is_set():
@@ -143,13 +179,32 @@ class BrokerProcess:
             self.stop_event.set()
 
     async def _warm_engine(self) -> None:
-        """Start the engine now so the first client never pays the 0.6–1 s spawn."""
+        """Start the engine now so the first client never pays the 0.6–1 s spawn; keep its answers for next time."""
+        engine = self.mux.engine
         try:
-            await self.mux.engine.ensure_ready()
+            await self._check_engine_files()
+        except WrongFiles as exc:
+            log.error("%s; stopping", exc)
+            self._request_stop(str(exc))
+            return
+        self.mux.start()
+        try:
+            await engine.ensure_ready()
             self.mux._refresh_init_cache()
             self._write_record()
+            engine_id, fut = await engine.request("tools/list", None)
+            try:
+                reply = await asyncio.wait_for(fut, self.settings.engine_start_timeout)
+            finally:
+                engine.forget(engine_id)
         except Exception as exc:  # noqa: BLE001 - logged; requests will report it
             log.error("engine warm-up failed: %s", exc)
+            return
+        listed = reply.get("result")
+        if isinstance(listed, dict) and engine.initialize_result is not None:
+            if self.mux.confirm_tools(listed):
+                log.warning("the engine lists other tools than last time: sessions were sent tools/list_changed")
+            coldstart.save(self.paths.root, coldstart.engine_key(self.engine_argv), engine.initialize_result, listed)
 
     async def _heartbeat_loop(self) -> None:
         s = self.settings

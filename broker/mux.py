@@ -57,6 +57,16 @@ def valid_timeout_ms(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= TIMEOUT_MS_MAX
 
 
+def announce_list_changed(result: dict[str, Any]) -> dict[str, Any]:
+    """An initialize result that declares `tools.listChanged`: the broker may send it (cold-start cache)."""
+    out = copy.deepcopy(result)
+    caps = out.setdefault("capabilities", {})
+    if isinstance(caps, dict):
+        tools_cap = caps.get("tools")
+        caps["tools"] = dict(tools_cap if isinstance(tools_cap, dict) else {}, listChanged=True)
+    return out
+
+
 class ClientSession:
     """One connected client: its outbox, its pending requests, its counters."""
 
@@ -167,6 +177,10 @@ class Mux:
         self.sessions: dict[int, ClientSession] = {}
         self.in_flight: Job | None = None
         self.init_cache: dict[str, dict[str, Any]] = {}
+        # The engine's tools/list result (broker/coldstart.py): from disk until the engine confirms it.
+        self.tools_cache: dict[str, Any] | None = None
+        self.tools_confirmed = False
+        self._given_cached_tools: set[int] = set()  # sessions that got an unconfirmed list
         self._cache_generation = -1
         self._progress: dict[str, tuple[ClientSession, Any]] = {}
         self._next_token = 0
@@ -236,6 +250,8 @@ class Mux:
             )
         elif method == "initialize" and self._cached_initialize(params) is not None:
             session.send(protocol.result(msg_id, self._cached_initialize(params)))
+        elif method == "tools/list" and self._early_tools(session) is not None:
+            session.send(protocol.result(msg_id, self._early_tools(session)))
         else:
             self._enqueue(session, msg_id, method, params)
 
@@ -264,7 +280,35 @@ class Mux:
         if not isinstance(version, str):
             version = protocol.LATEST_PROTOCOL_VERSION
         cached = self.init_cache.get(version)
-        return copy.deepcopy(cached) if cached is not None else None
+        return announce_list_changed(cached) if cached is not None else None
+
+    # --- cold start (broker/coldstart.py) ---------------------------------------------
+    def seed(self, initialize: dict[str, Any], tools_list: dict[str, Any]) -> None:
+        """The engine's answers from its last run: initialize and tools/list are served before it is up."""
+        for version in protocol.KNOWN_PROTOCOL_VERSIONS:  # the engine echoes a version it knows
+            self.init_cache.setdefault(version, dict(copy.deepcopy(initialize), protocolVersion=version))
+        self.tools_cache = copy.deepcopy(tools_list)
+        self.tools_confirmed = False
+
+    def _early_tools(self, session: ClientSession) -> dict[str, Any] | None:
+        """The cached tool list while the engine is not ready (a read-only session waits for its own surface)."""
+        if self.tools_cache is None or self.engine.state == "ready" or session.read_only:
+            return None
+        if not self.tools_confirmed:
+            self._given_cached_tools.add(session.id)
+        res = copy.deepcopy(self.tools_cache)
+        return tools.strip_root_combinators(res) if self.settings.strip_root_combinators else res
+
+    def confirm_tools(self, fresh: dict[str, Any]) -> bool:
+        """The engine's own tools/list, once it is up; tells sessions given another list. True when it changed."""
+        changed = self.tools_cache is not None and fresh != self.tools_cache
+        self.tools_cache, self.tools_confirmed = copy.deepcopy(fresh), True
+        told, self._given_cached_tools = self._given_cached_tools, set()
+        if changed:
+            for sid in told:
+                if sid in self.sessions:
+                    self.sessions[sid].send(protocol.notification("notifications/tools/list_changed"))
+        return changed
 
     def _enqueue(self, session: ClientSession, msg_id: Any, method: str, params: Any) -> None:
         now = time.monotonic()
@@ -489,6 +533,7 @@ class Mux:
             version = (job.params or {}).get("protocolVersion") if isinstance(job.params, dict) else None
             if isinstance(version, str):
                 self.init_cache[version] = copy.deepcopy(res)
+            reply = dict(reply, result=announce_list_changed(res))
         if job.method == "tools/list" and res is not None:
             if self.settings.strip_root_combinators:
                 res = tools.strip_root_combinators(res)
@@ -562,7 +607,7 @@ class Mux:
             del job.owner.pending[key]
 
     # --- shutdown --------------------------------------------------------------------------
-    async def shutdown(self, grace: float) -> None:
+    async def shutdown(self, grace: float, reason: str = "") -> None:
         """Refuse new work, fail queued work, let the running request finish within `grace`.
 
         Ends with nothing of ours left running: the engine's tasks (Engine.stop),
@@ -571,7 +616,8 @@ class Mux:
         self.accepting = False
         for job in self.queue.jobs():
             self.queue.remove(job)
-            self._reply_error(job, protocol.SHUTTING_DOWN, "broker is shutting down; request NOT executed")
+            why = f" ({reason})" if reason else ""
+            self._reply_error(job, protocol.SHUTTING_DOWN, f"broker is shutting down{why}; request NOT executed")
             self._finish(job)
         deadline = time.monotonic() + grace
         while self.in_flight is not None and time.monotonic() < deadline:

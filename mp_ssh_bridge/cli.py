@@ -1,6 +1,7 @@
 """`mp-bridge`: what a person runs to see and fix the broker (rich output).
 
-  mp-bridge status [--json]   the broker, its engine, clients and queues
+  every command takes --palace, resolved as mp-shim resolves it (one broker per memory)
+  mp-bridge status [--json] [--all]   the broker, its engine, clients and queues (--all: every broker)
   mp-bridge doctor            check every link from settings to engine; exit 1 on a failure
   mp-bridge stop [--force] [--timeout S]
                               stop the broker, if it is proven to be ours (see
@@ -26,13 +27,13 @@ def _console() -> Any:
     return Console()
 
 
-def _load_settings() -> Any:
-    """The settings, or None after printing one line saying what is wrong with them (no traceback)."""
+def _load_settings(args: argparse.Namespace | None = None) -> Any:
+    """The settings (`--palace` as mp-shim takes it), or None after printing one line saying what is wrong."""
     from mp_ssh_bridge.settings import config_file, load
     from mp_ssh_bridge.stopping import describe_settings_error
 
     try:
-        return load()
+        return load(palace=getattr(args, "palace", None))
     except (ValueError, OSError, TypeError) as exc:  # pydantic's ValidationError and TOML errors are ValueErrors
         hint = f"check the MP_BRIDGE_* / MEMPALACE_* environment and {config_file()}"
         print(f"mp-bridge: {describe_settings_error(exc, hint)}", file=sys.stderr)
@@ -42,9 +43,11 @@ def _load_settings() -> Any:
 def cmd_status(args: argparse.Namespace) -> int:
     from mp_ssh_bridge.status import snapshot
 
-    settings = _load_settings()
+    settings = _load_settings(args)
     if settings is None:
         return 2
+    if args.all:
+        return _status_all(settings, args.json)
     snap = snapshot(settings)
     if args.json:
         print(json.dumps(snap, indent=1, default=str))
@@ -67,12 +70,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status_all(settings: Any, as_json: bool) -> int:
+    """Every broker this user runs: one per memory."""
+    from mp_ssh_bridge.status import snapshot_of, state_dirs
+
+    snaps = [snapshot_of(paths, settings.heartbeat_stale_after) for paths in state_dirs(settings)]
+    if as_json:
+        print(json.dumps(snaps, indent=1, default=str))
+        return 0 if any(s["status"] for s in snaps) else 1
+    from rich.table import Table
+
+    con = _console()
+    if not snaps:
+        con.print("No broker.json in ~/.mempalace or ~/.mempalace/brokers/: no broker is running")
+        return 1
+    table = Table("state dir", "pid", "palace", "knowledge graph", "clients", "answers")
+    for s in snaps:
+        rec, st = s["record"] or {}, s["status"]
+        table.add_row(s["state_dir"], str(rec.get("pid")), str(rec.get("palace")), str(rec.get("kg", "?")),
+                      str(len(st["clients"])) if st else "-", f"{s['round_trip_ms']} ms" if st else "[red]no[/]")
+    con.print(table)
+    return 0 if any(s["status"] for s in snaps) else 1
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from mp_ssh_bridge.doctor import run_checks
     from mp_ssh_bridge.settings import load
 
     try:
-        settings = load()
+        settings = load(palace=args.palace)
     except Exception as exc:  # noqa: BLE001 - the first thing doctor must report
         print(f"FAIL settings: {exc}")
         return 1
@@ -87,7 +113,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    settings = _load_settings()
+    settings = _load_settings(args)
     if settings is None:
         return 2
     if settings.resolved_role() == "container":
@@ -129,12 +155,15 @@ def _positive_seconds(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mp-bridge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--palace", help="the palace, as `mp-shim --palace` takes it (default: as the engine resolves it)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("status", help="show the broker, engine, clients")
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("status", parents=[common], help="show the broker, engine, clients")
+    s.add_argument("--json", action="store_true", help="for scripts; never shows secrets")
+    s.add_argument("--all", action="store_true", help="every broker this user runs (one per memory)")
     s.set_defaults(func=cmd_status)
-    sub.add_parser("doctor", help="check the set-up and say what is wrong").set_defaults(func=cmd_doctor)
-    st = sub.add_parser("stop", help="stop the broker (only a process proven to be it)")
+    sub.add_parser("doctor", parents=[common], help="check the set-up and say what is wrong").set_defaults(func=cmd_doctor)
+    st = sub.add_parser("stop", parents=[common], help="stop the broker (only a process proven to be it)")
     st.add_argument("--force", action="store_true", help="hung broker: SIGTERM, then SIGKILL it and its engine; clean up")
     st.add_argument(
         "--timeout", type=_positive_seconds, help="seconds to wait after SIGTERM (default shutdown_grace + 5; --force: 2)"

@@ -28,6 +28,8 @@ from __future__ import annotations
 import os
 import sys
 
+from mp_ssh_bridge.palace import Memory, resolve, state_dir_for
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs every agent start ~3 ms; annotations only
     from collections.abc import Callable, Mapping
@@ -109,12 +111,6 @@ def config_file_path(environ: Mapping[str, str] = os.environ, platform: str | No
         xdg = (environ.get("XDG_CONFIG_HOME") or "").strip()
         base = expand(xdg) if xdg else expand("~/.config")
     return os.path.join(base, APP_NAME, "config.toml")
-
-
-def explicit_palace_env(environ: Mapping[str, str] = os.environ) -> str | None:
-    """The palace mempalace itself is told by the environment (`MEMPALACE_PALACE_PATH`, then `MEMPALACE_PALACE`)."""
-    value = environ.get("MEMPALACE_PALACE_PATH") or environ.get("MEMPALACE_PALACE")
-    return expand(value) if value else None
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -236,7 +232,8 @@ class Config:
     def __init__(self) -> None:
         self.state_dir = expand(DEFAULT_STATE_DIR)
         self.palace_flag: str | None = None  # --palace on our command line
-        self.palace: str | None = None  # explicit palace: flag, MP_BRIDGE_PALACE, MEMPALACE_PALACE_PATH
+        self.palace: str | None = None  # the palace passed to the engine as --palace: our flag, or MP_BRIDGE_PALACE
+        self.memory: Memory | None = None  # the files the engine opens (palace.resolve)
         self.broker_url: str | None = None
         self.broker_token: str | None = None
         self.timeout_ms = DEFAULT_TIMEOUT_MS
@@ -284,8 +281,6 @@ def fast_config(palace_flag: str | None, environ: Mapping[str, str] = os.environ
     values = {name: FAST_FIELDS[name](raw) for name, raw in raw_values(environ, file_values, FAST_FIELDS).items()}
     cfg = Config()
     cfg.palace_flag = palace_flag
-    if "mempalace_path" in values:
-        cfg.state_dir = str(values["mempalace_path"])
     cfg.broker_url = str(values["broker"]) if values.get("broker") else None
     cfg.broker_token = str(values["broker_token"]) if values.get("broker_token") else None
     cfg.timeout_ms = int(values.get("mcp_timeout_ms", DEFAULT_TIMEOUT_MS))  # type: ignore[call-overload]
@@ -294,10 +289,7 @@ def fast_config(palace_flag: str | None, environ: Mapping[str, str] = os.environ
     cfg.connect_timeout = float(values.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT))  # type: ignore[arg-type]
     cfg.max_line_bytes = int(values.get("max_line_bytes", DEFAULT_MAX_LINE_BYTES))  # type: ignore[call-overload]
     cfg.log_level = str(values["log_level"]) if "log_level" in values else None
-    if palace_flag:
-        cfg.palace = expand(palace_flag)
-    elif "palace" in values:
-        cfg.palace = str(values["palace"])
-    else:
-        cfg.palace = explicit_palace_env(environ)
+    cfg.palace = expand(palace_flag) if palace_flag else (str(values["palace"]) if "palace" in values else None)
+    cfg.memory = resolve(cfg.palace, environ)
+    cfg.state_dir = state_dir_for(cfg.memory, values.get("mempalace_path"))  # type: ignore[arg-type]
     return cfg

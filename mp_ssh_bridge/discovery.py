@@ -297,7 +297,7 @@ def degraded_or_refuse(cfg: Config, settings: Settings, reason: str, role: str) 
             f"or stop it (its log: {paths.log})",
         )
     try:
-        argv = resolve_engine(settings) + ["--palace", str(settings.palace_path)]
+        argv = resolve_engine(settings) + (["--palace", str(settings.palace)] if settings.palace else [])
         if cfg.read_only:
             argv.append("--read-only")  # the engine enforces it itself here
     except ShimError as exc:

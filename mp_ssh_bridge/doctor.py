@@ -12,7 +12,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from mp_ssh_bridge import hostinfo, state
+from mp_ssh_bridge import hostinfo, palace, state
 from mp_ssh_bridge.settings import Settings
 from mp_ssh_bridge.status import snapshot
 
@@ -66,9 +66,10 @@ def run_checks(settings: Settings) -> list[Check]:
         checks.append(Check("ok", "broker", f"pid {b.get('pid')}, {len(snap['status']['clients'])} clients, round trip {snap['round_trip_ms']} ms"))
         level = "ok" if e.get("state") == "ready" else "warn"
         checks.append(Check(level, "engine", f"pid {e.get('pid')}, mempalace {e.get('version')}, state {e.get('state')}, restarts {e.get('restarts')}"))
-        want = str(settings.palace_path)
-        if record.get("palace") != want:
-            checks.append(Check("fail", "palace", f"broker serves {record.get('palace')}, settings ask for {want}", "set MEMPALACE_PATH per palace"))
+        why = palace.mismatch(settings.memory, record)
+        if why:
+            checks.append(Check("fail", "palace", f"the broker does not serve this memory: {why}",
+                                "leave MEMPALACE_PATH unset (one state directory per set of files) or fix --palace"))
         local_id = state.read_palace_id(paths)
         if local_id and record.get("palace_id") not in (None, local_id):
             checks.append(Check("fail", "palace id", f"palace.id {local_id} != broker's {record.get('palace_id')}"))

@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from mp_ssh_bridge import config, handshake, state
+from mp_ssh_bridge import config, handshake, palace, state
 from mp_ssh_bridge.links import connect_unix
 from mp_ssh_bridge.settings import Settings
 
@@ -92,13 +92,12 @@ def describe(record: dict[str, Any], started: bool) -> dict[str, Any]:
 
 
 def check_palace(settings: Settings, record: dict[str, Any]) -> None:
-    want = str(settings.palace_path)
-    have = record.get("palace")
-    if have != want:
+    why = palace.mismatch(settings.memory, record)
+    if why:
         raise EnsureError(
-            f"the broker in {settings.paths.root} (pid {record.get('pid')}) serves palace {have}, "
-            f"but {want} was asked for; one state directory serves one palace — set MEMPALACE_PATH "
-            f"to another directory for {want}"
+            f"the broker in {settings.paths.root} (pid {record.get('pid')}) does not serve the memory asked for: "
+            f"{why}; one state directory serves one set of files — leave MEMPALACE_PATH unset (each set of files "
+            "gets its own state directory) or point it elsewhere"
         )
 
 
@@ -111,7 +110,7 @@ def broker_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
 def broker_argv(settings: Settings, lock_fd: int) -> list[str]:
     """`python -m <broker> --detach`, with the palace's identity as flags (nothing else travels)."""
     argv = [sys.executable, "-m", BROKER_MODULE, "--detach", "--lock-fd", str(lock_fd),
-            "--mempalace-path", str(settings.mempalace_path)]
+            "--mempalace-path", str(settings.state_dir)]
     if settings.palace is not None:
         argv += ["--palace", str(settings.palace)]
     return argv

@@ -18,6 +18,7 @@ import time
 from mp_ssh_bridge.config import Config
 from mp_ssh_bridge.errors import EndpointError, PalaceMismatch, ShimError
 from mp_ssh_bridge.links import Link
+from mp_ssh_bridge.palace import mismatch
 from mp_ssh_bridge.protocol import BROKER_UNREACHABLE, JSONRPC, UNAUTHORIZED, encode
 
 TYPE_CHECKING = False
@@ -97,35 +98,26 @@ def read_palace_id(state_dir: str) -> str | None:
         return None
 
 
-def _same_path(a: str, b: str) -> bool:
-    if os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b)):
-        return True
-    try:
-        return os.path.realpath(a) == os.path.realpath(b)
-    except OSError:
-        return False
-
-
 def check_identity(status: dict[str, Any], cfg: Config, endpoint: str, role: str) -> None:
-    """One broker per palace: its palace.id must be ours; on the host an explicit palace must match."""
+    """One broker per memory: its palace.id must be ours; on the host its files must be the ones we resolve."""
     broker = status.get("broker") if isinstance(status.get("broker"), dict) else {}
     assert isinstance(broker, dict)
-    their_palace = broker.get("palace")
     their_id = broker.get("palace_id")
     our_id = read_palace_id(cfg.state_dir)
-    want = cfg.palace or os.path.join(cfg.state_dir, "palace")
     if our_id and their_id and our_id != their_id:
         raise PalaceMismatch(
-            f"palace mismatch: the broker at {endpoint} serves palace {their_palace} (palace.id {their_id}), "
-            f"but this session's state directory {cfg.state_dir} belongs to palace id {our_id} (palace {want}); "
-            "one broker serves one palace — point MEMPALACE_BROKER / MEMPALACE_PATH at the right one"
+            f"palace mismatch: the broker at {endpoint} serves palace {broker.get('palace')} (palace.id {their_id}), "
+            f"but this session's state directory {cfg.state_dir} belongs to palace id {our_id}; one broker serves "
+            "one palace — point MEMPALACE_BROKER / MEMPALACE_PATH at the right one"
         )
-    if role == "host" and cfg.palace and isinstance(their_palace, str) and not _same_path(their_palace, cfg.palace):
-        raise PalaceMismatch(
-            f"palace mismatch: the broker at {endpoint} (pid {broker.get('pid')}) serves palace {their_palace}, "
-            f"but this session asked for palace {cfg.palace}; one state directory ({cfg.state_dir}) serves one "
-            f"palace — use the same --palace everywhere, or set MEMPALACE_PATH to another directory for {cfg.palace}"
-        )
+    if role == "host" and cfg.memory is not None:  # across a VM boundary paths differ; the palace.id decides
+        why = mismatch(cfg.memory, broker)
+        if why:
+            raise PalaceMismatch(
+                f"palace mismatch: the broker at {endpoint} (pid {broker.get('pid')}) does not serve the memory "
+                f"this session would open: {why}. One state directory ({cfg.state_dir}) serves one set of files; "
+                "with MEMPALACE_PATH unset each set gets its own"
+            )
 
 
 def prove(link: Link, cfg: Config, role: str, timeout: float | None = None) -> dict[str, Any]:

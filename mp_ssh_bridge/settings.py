@@ -28,6 +28,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from mp_ssh_bridge import config, state
+from mp_ssh_bridge.palace import Memory, resolve, state_dir_for
 
 APP_NAME = config.APP_NAME
 
@@ -62,14 +63,16 @@ class _Base(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", validate_default=True)
 
     # --- identity: which broker -------------------------------------------------------------
-    mempalace_path: Path = Field(
-        default=Path(config.DEFAULT_STATE_DIR),
-        description="State directory shared with mempalace (env MEMPALACE_PATH): broker.lock/.sock/.json live here.",
+    mempalace_path: Path | None = Field(
+        default=None,
+        description="State directory (env MEMPALACE_PATH): broker.lock/.sock/.json and palace.id live here. "
+        "Default: ~/.mempalace for the legacy layout, else ~/.mempalace/brokers/<key> per set of files "
+        "(state.state_dir_for).",
     )
     palace: Path | None = Field(
         default=None,
-        description="Palace the engine opens (--palace). Default: MEMPALACE_PALACE_PATH, then palace_path in "
-        "<state dir>/config.json, then <state dir>/palace.",
+        description="Palace given to the engine as --palace (mp-shim --palace sets it too). Default: none, and the "
+        "engine resolves its palace itself, as a plain mempalace-mcp would (palace.resolve).",
     )
 
     # --- process: each process reads its own ------------------------------------------------
@@ -85,14 +88,9 @@ class _Base(BaseSettings):
     )
     log_level: str = Field(default="INFO", description="Logging level (stderr / log file).")
 
-    @field_validator("mempalace_path", mode="after")
+    @field_validator("mempalace_path", "palace", mode="after")
     @classmethod
-    def _expand_state(cls, value: Path) -> Path:
-        return state.expand(value)
-
-    @field_validator("palace", mode="after")
-    @classmethod
-    def _expand_palace(cls, value: Path | None) -> Path | None:
+    def _expand(cls, value: Path | None) -> Path | None:
         return None if value is None else state.expand(value)
 
     @classmethod
@@ -108,12 +106,21 @@ class _Base(BaseSettings):
 
     # --- derived ------------------------------------------------------------------------------
     @property
+    def memory(self) -> Memory:
+        """The files the engine opens with these settings (as a plain mempalace-mcp would)."""
+        return resolve(str(self.palace) if self.palace else None)
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(state_dir_for(self.memory, self.mempalace_path))
+
+    @property
     def paths(self) -> state.StatePaths:
-        return state.StatePaths(self.mempalace_path)
+        return state.StatePaths(self.state_dir)
 
     @property
     def palace_path(self) -> Path:
-        return self.palace or state.default_palace(self.mempalace_path)
+        return Path(self.memory.palace)
 
 
 class BrokerSettings(_Base):
@@ -246,7 +253,6 @@ class SessionSettings(_Base):
     def session_config(self, palace_flag: str | None = None) -> config.Config:
         """The shim's `Config` from the model (when the fast reader was not sure)."""
         cfg = config.Config()
-        cfg.state_dir = str(self.mempalace_path)
         cfg.palace_flag = palace_flag
         cfg.broker_url = self.broker or None
         cfg.broker_token = self.broker_token or None
@@ -256,12 +262,9 @@ class SessionSettings(_Base):
         cfg.connect_timeout = self.connect_timeout
         cfg.max_line_bytes = self.max_line_bytes
         cfg.log_level = self.log_level if "log_level" in self.model_fields_set else None
-        if palace_flag:
-            cfg.palace = config.expand(palace_flag)
-        elif self.palace is not None:
-            cfg.palace = str(self.palace)
-        else:
-            cfg.palace = config.explicit_palace_env()
+        cfg.palace = config.expand(palace_flag) if palace_flag else (str(self.palace) if self.palace else None)
+        cfg.memory = resolve(cfg.palace)
+        cfg.state_dir = state_dir_for(cfg.memory, self.mempalace_path)
         return cfg
 
 

@@ -27,11 +27,6 @@ def expand(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
-def state_dir_from_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
-    """`$MEMPALACE_PATH` or `~/.mempalace`: the same rule as the settings model."""
-    return expand(environ.get("MEMPALACE_PATH") or DEFAULT_STATE_DIR)
-
-
 class StatePaths:
     """Every file the broker keeps in one state directory."""
 
@@ -89,26 +84,6 @@ class StatePaths:
         digest = hashlib.sha256(os.fsencode(self.root)).hexdigest()[:20]
         user = os.getuid() if uid is None else uid
         return Path("/tmp") / f"mp-bridge-{user}" / f"{digest}.sock"
-
-
-def default_palace(state_dir: Path, environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
-    """The palace the engine should open when none is given explicitly.
-
-    Same precedence as mempalace: `MEMPALACE_PALACE_PATH` (or its alias
-    `MEMPALACE_PALACE`), then `palace_path` in `<state dir>/config.json`,
-    then `<state dir>/palace`.
-    """
-    env = config.explicit_palace_env(environ)
-    if env:
-        return Path(env)
-    try:
-        with open(state_dir / "config.json", encoding="utf-8") as fh:
-            configured = json.load(fh).get("palace_path")
-        if isinstance(configured, str) and configured:
-            return expand(configured)
-    except (OSError, ValueError, AttributeError):
-        pass
-    return state_dir / "palace"
 
 
 class UnsafeDirectory(Exception):

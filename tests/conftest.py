@@ -62,10 +62,12 @@ def home(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def _kill_brokers(state_dir: Path) -> None:
-    """Leave no broker (or its engine) behind, whatever the test did."""
-    record = state.read_broker_json(state_dir / "broker.json")
-    if record and isinstance(record.get("pid"), int) and record["pid"] != os.getpid():
-        kill_pid(record["pid"], signal.SIGTERM, timeout=10)
+    """Leave no broker (or its engine) behind, whatever the test did: the one of MEMPALACE_PATH,
+    and those of per-memory state directories (~/.mempalace/brokers/<key>)."""
+    for record_file in [state_dir / "broker.json", *state_dir.glob("brokers/*/broker.json")]:
+        record = state.read_broker_json(record_file)
+        if record and isinstance(record.get("pid"), int) and record["pid"] != os.getpid():
+            kill_pid(record["pid"], signal.SIGTERM, timeout=10)
 
 
 class BrokerHandle:

@@ -9,6 +9,7 @@ at a time) and serves:
   progressToken, then answers with the token it saw,
 - tools/call `fake_sleep` {seconds}: sleeps, then answers,
 - initialize: echoes the protocolVersion.
+$FAKE_START_DELAY (seconds) delays everything, like a slow engine start.
 Everything else: -32601.
 """
 
@@ -27,6 +28,7 @@ def send(msg):
 
 
 def main():
+    time.sleep(float(os.environ.get("FAKE_START_DELAY") or 0))  # a slow engine start (a cold virtiofs open)
     for line in sys.stdin:
         try:
             msg = json.loads(line)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mp_ssh_bridge import protocol, state
+from mp_ssh_bridge import palace, protocol, state
 from tests.helpers import RawClient, broker_pids, engine_facts, pid_alive, tool_json, wait_for
 
 BIN = Path(sys.executable).parent
@@ -251,7 +251,7 @@ def test_ten_concurrent_ensure_leave_exactly_one_broker(home):
     infos = [json.loads(o[0].decode().strip().splitlines()[-1]) for o in outs]
     assert len({i["pid"] for i in infos}) == 1
     assert sum(1 for i in infos if i["started"]) >= 1
-    assert infos[0]["endpoint"].startswith("unix://") and infos[0]["palace"] == str(state_dir / "palace")
+    assert infos[0]["endpoint"].startswith("unix://") and infos[0]["palace"] == palace.resolve(None).palace
     assert all(len(o[0].decode().strip().splitlines()) == 1 for o in outs), "stdout is ONE JSON line"
     time.sleep(1.0)  # let any losing broker finish exiting
     assert broker_pids(state_dir) == [infos[0]["pid"]]
@@ -434,7 +434,8 @@ def test_bare_environment_still_finds_the_engine(home, tmp_path):
     out = subprocess.run([str(BIN / "mempalace-broker"), "--ensure"], env=env, capture_output=True, timeout=60)
     assert out.returncode == 0, out.stderr.decode()
     info = json.loads(out.stdout)
-    assert info["state_dir"] == str(home / ".mempalace")  # the default, from HOME alone
+    memory = palace.resolve(None, env, str(home))  # a fresh HOME: the XDG palace, as a plain engine would open
+    assert info["state_dir"] == palace.state_dir_for(memory, None, str(home)) and info["palace"] == memory.palace
 
     async def main():
         c = await RawClient.connect(info["endpoint"])

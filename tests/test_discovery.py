@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,10 @@ def test_tcp_endpoint_with_token(home: Path, monkeypatch: pytest.MonkeyPatch, br
         assert s.call("ping", timeout=60)["result"] == {}
     finally:
         s.close()
+    status = subprocess.run([str(Path(sys.executable).parent / "mp-bridge"), "status", "--json"], capture_output=True,
+                            text=True, timeout=60)
+    token = b.record["tcp_token"]
+    assert status.returncode == 0 and token not in status.stdout and '"<hidden>"' in status.stdout  # never a secret
     bad = ShimProc(env={"MEMPALACE_BROKER": url, "MEMPALACE_BROKER_TOKEN": "wrong"}, stderr_path=tmp_path / "bad.err")
     try:
         r = bad.call("ping", timeout=60)

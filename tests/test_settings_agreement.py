@@ -59,7 +59,7 @@ def test_defaults_agree() -> None:
     assert config.DEFAULT_TIMEOUT_MS == fields["mcp_timeout_ms"].default
     assert config.DEFAULT_CONNECT_TIMEOUT == fields["connect_timeout"].default
     assert config.DEFAULT_MAX_LINE_BYTES == fields["max_line_bytes"].default
-    assert str(fields["mempalace_path"].default) == config.DEFAULT_STATE_DIR
+    assert fields["mempalace_path"].default is None  # unset: one state directory per set of files (palace.state_dir_for)
 
 
 def _fast_or_none(palace_flag: str | None = None) -> config.Config | None:
@@ -84,7 +84,10 @@ def _agree(field: str) -> None:
     attr, conv = ATTR[field]
     got = getattr(fast, attr)
     if field == "palace":
-        assert got == (str(model.palace) if model.palace else config.explicit_palace_env())
+        assert got == (str(model.palace) if model.palace else None)
+        assert fast.memory == model.memory
+    elif field == "mempalace_path":
+        assert got == str(model.state_dir)
     elif field == "log_level":
         assert got == (model.log_level if "log_level" in model.model_fields_set else None)
     else:

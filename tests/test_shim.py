@@ -212,7 +212,7 @@ def test_palace_id_mismatch_through_explicit_endpoint(host_role: Path, broker_fa
     try:
         reply = shim.call("ping", timeout=60)
         assert reply["error"]["code"] == protocol.PALACE_MISMATCH, reply
-        assert str(other / "palace") in reply["error"]["message"] and str(mine) in reply["error"]["message"]
+        assert b.record["palace"] in reply["error"]["message"] and str(mine) in reply["error"]["message"]
     finally:
         shim.close()
     kill_pid(b.proc.pid)
@@ -220,8 +220,8 @@ def test_palace_id_mismatch_through_explicit_endpoint(host_role: Path, broker_fa
 
 def test_stdout_is_protocol_only_and_args_are_accepted(host_role: Path, broker, tmp_path: Path) -> None:
     """mempalace-mcp's arguments are accepted; a bad line earns -32700; nothing else appears on stdout."""
-    args = ["--backend", "chroma", "--transport", "stdio", "--host", "127.0.0.1", "--port", "8765", "--read-only",
-            f"--palace={host_role / '.mempalace' / 'palace'}"]
+    # (no --palace: the broker fixture runs without one, and with it the engine's knowledge graph would differ)
+    args = ["--backend", "chroma", "--transport", "stdio", "--host", "127.0.0.1", "--port", "8765", "--read-only"]
     env = dict(os.environ, MP_BRIDGE_LOG_LEVEL="DEBUG")
     lines = [
         b"this is not json\n",

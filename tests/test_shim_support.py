@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mp_ssh_bridge.palace import resolve
 from tests.conftest import BIN
 
 SHIM = str(BIN / "mp-shim")
@@ -20,16 +21,18 @@ INIT_PARAMS = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo"
 
 
 class ShimProc:
-    """mp-shim as a child, spoken to with raw newline-delimited JSON-RPC."""
+    """mp-shim (or, with `command`, any stdio MCP server: the plain engine) as a child, spoken to with raw
+    newline-delimited JSON-RPC."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, stderr_path: Path | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, stderr_path: Path | None = None,
+                 command: str = SHIM) -> None:
         full = dict(os.environ)
         full.setdefault("MP_BRIDGE_ROLE", "host")
         full.setdefault("MP_BRIDGE_LOG_LEVEL", "INFO")
         full.update(env or {})
         self.stderr_path = stderr_path
         err = open(stderr_path, "ab") if stderr_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen([SHIM, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=full)
+        self.proc = subprocess.Popen([command, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=full)
         if stderr_path:
             err.close()
         self.inbox: list[dict[str, Any]] = []
@@ -123,7 +126,7 @@ class FakeBroker:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.palace_id = str(uuid.uuid4())
         (state_dir / "palace.id").write_text(self.palace_id + "\n")
-        self.palace = palace or str(state_dir / "palace")
+        self.palace = palace or resolve(None).palace  # what a shim with this environment resolves
         self.path = str(state_dir / "broker.sock")
         self.handler = handler
         self.received: list[tuple[int, dict]] = []

@@ -148,11 +148,39 @@ def test_palace_id_is_created_once(tmp_path):
     assert stat.S_IMODE(paths.palace_id_file.stat().st_mode) == 0o600
 
 
-def test_default_palace_precedence(tmp_path):
-    assert state.default_palace(tmp_path, {}) == tmp_path / "palace"
-    (tmp_path / "config.json").write_text(json.dumps({"palace_path": "/srv/palace"}))
-    assert state.default_palace(tmp_path, {}) == Path("/srv/palace")
-    assert state.default_palace(tmp_path, {"MEMPALACE_PALACE_PATH": "/env/p"}) == Path("/env/p")
+def test_palace_resolution_follows_mempalace(tmp_path):
+    """mempalace 3.11's own rules (mempalace/config.py, mcp_server/_guards.py); tests/test_dropin.py
+    checks the same against the real engine's answer."""
+    from mp_ssh_bridge.palace import resolve, state_dir_for
+
+    home = str(tmp_path)
+    fresh = resolve(None, {}, home)  # a fresh user: XDG config dir, KG in ~/.mempalace
+    assert fresh.palace == f"{home}/.config/mempalace/palace" and fresh.config_dir == f"{home}/.config/mempalace"
+    assert fresh.kg == f"{home}/.mempalace/knowledge_graph.sqlite3"
+    assert resolve(None, {"XDG_CONFIG_HOME": f"{home}/x"}, home).palace == f"{home}/x/mempalace/palace"
+    assert resolve(None, {"XDG_CONFIG_HOME": "relative"}, home).palace == fresh.palace  # invalid per XDG: ignored
+    flagged = resolve(f"{home}/p", {}, home)  # --palace moves the KG into the palace
+    assert flagged.palace == f"{home}/p" and flagged.kg == f"{home}/p/knowledge_graph.sqlite3"
+    env = {"MEMPAL_PALACE_PATH": "/c", "MEMPALACE_PALACE": "/b"}
+    assert resolve(None, env, home).palace == "/b"
+    assert resolve(None, dict(env, MEMPALACE_PALACE_PATH="/a"), home).palace == "/a"
+    assert resolve(None, dict(env, MEMPALACE_PALACE_PATH="/a"), home).kg == fresh.kg  # env is not --palace
+    (tmp_path / ".config/mempalace").mkdir(parents=True)
+    (tmp_path / ".config/mempalace/config.json").write_text(json.dumps({"palace_path": "/srv/palace"}))
+    assert resolve(None, {}, home).palace == "/srv/palace"
+    assert resolve(None, {"MEMPALACE_CONFIG_DIR": f"{home}/cfg"}, home).config_dir == f"{home}/cfg"
+    (tmp_path / ".mempalace/palace").mkdir(parents=True)
+    assert resolve(None, {}, home).config_dir == f"{home}/.config/mempalace"  # an empty ~/.mempalace is no install
+    (tmp_path / ".mempalace/palace/chroma.sqlite3").write_bytes(b"")
+    legacy = resolve(None, {}, home)
+    assert legacy.config_dir == f"{home}/.mempalace" and legacy.palace == f"{home}/.mempalace/palace"
+    # where each memory's broker lives: the legacy layout keeps ~/.mempalace; others get their own
+    assert state_dir_for(legacy, None, home) == f"{home}/.mempalace"
+    assert state_dir_for(fresh, None, home) == f"{home}/.mempalace/brokers/{fresh.key(home)}"
+    assert state_dir_for(fresh, "/explicit", home) == "/explicit"
+    assert fresh.key(home) != flagged.key(home)
+    other_home = resolve(None, {}, "/home/developer")  # the same layout seen through a home-relative mount
+    assert other_home.key("/home/developer") == fresh.key(home)
 
 
 def test_settings_sources_and_precedence(tmp_path, monkeypatch):
@@ -166,7 +194,8 @@ def test_settings_sources_and_precedence(tmp_path, monkeypatch):
     toml.write_text('request_timeout = 7\nidle_exit_minutes = 2\nengine = "/opt/mp/bin/mempalace-mcp --backend chroma"\n')
     monkeypatch.setenv("MP_BRIDGE_CONFIG", str(toml))
     s = load()
-    assert s.mempalace_path == tmp_path / ".mempalace" and s.palace_path == tmp_path / ".mempalace/palace"
+    assert s.mempalace_path is None and s.palace_path == tmp_path / ".config/mempalace/palace"
+    assert s.state_dir == tmp_path / ".mempalace" / "brokers" / s.memory.key(str(tmp_path))
     assert s.request_timeout == 7 and s.idle_exit_minutes == 2
     assert s.engine_argv == ["/opt/mp/bin/mempalace-mcp", "--backend", "chroma"]
     monkeypatch.setenv("MP_BRIDGE_REQUEST_TIMEOUT", "9")
