@@ -62,11 +62,11 @@ class Memory:
 
     def key(self, home: str | None = None) -> str:
         """A short name for this set of files that is the same on both sides of a home-relative bind mount."""
-        import hashlib  # not at import: most sessions never need a key (the legacy layout has none)
+        import zlib  # hashlib would cost every agent start ~7 ms; a name needs no cryptography
 
         base = os.path.expanduser("~") if home is None else home
-        parts = [_home_relative(p, base) for p in (self.palace, self.kg, self.config_dir)]
-        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+        data = "\0".join(_home_relative(p, base) for p in (self.palace, self.kg, self.config_dir)).encode()
+        return f"{zlib.crc32(data):08x}{zlib.adler32(data):08x}"  # a 64-bit name; palace.id still guards identity
 
 
 def mismatch(mine: Memory, theirs: dict[str, object]) -> str | None:
