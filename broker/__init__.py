@@ -6,4 +6,6 @@ different HOMEs silently lose vectors (770 of 2000 with mempalace 3.4.0);
 with every session routed through here there is only ever one writer.
 """
 
-__version__ = "0.1.0"
+from mp_ssh_bridge import __version__  # one version for the whole distribution (pyproject reads it too)
+
+__all__ = ["__version__"]

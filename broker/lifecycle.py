@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mp_ssh_bridge import enginecmd, hostinfo, palace, state
+from mp_ssh_bridge import brokerlog, enginecmd, hostinfo, palace, state
 from mp_ssh_bridge.election import open_lock, try_lock
 from mp_ssh_bridge.settings import BrokerSettings
 from mp_ssh_bridge_broker import __version__, coldstart
@@ -219,6 +219,11 @@ class BrokerProcess:
                     self._write_record()
                 except OSError as exc:
                     log.error("cannot refresh broker.json: %s", exc)
+                try:
+                    if brokerlog.rotate_if_big(self.paths.log):
+                        log.info("log rotated: the previous part is %s.1", self.paths.log)
+                except OSError as exc:
+                    log.error("cannot rotate %s: %s", self.paths.log, exc)
             if self._idle_for(now) is not None:
                 self._request_stop(f"idle for {s.idle_exit_minutes:g} min without clients")
                 return

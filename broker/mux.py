@@ -57,6 +57,15 @@ def valid_timeout_ms(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= TIMEOUT_MS_MAX
 
 
+def describe_client(info: Any) -> str:
+    """An agent's `clientInfo` as one short, printable string ("" when it sent none)."""
+    if not isinstance(info, dict):
+        return ""
+    name, version = info.get("name"), info.get("version")
+    text = " ".join(str(v) for v in (name, version) if isinstance(v, (str, int, float)))
+    return "".join(ch for ch in text if ch.isprintable())[:80]
+
+
 def announce_list_changed(result: dict[str, Any]) -> dict[str, Any]:
     """An initialize result that declares `tools.listChanged`: the broker may send it (cold-start cache)."""
     out = copy.deepcopy(result)
@@ -82,6 +91,10 @@ class ClientSession:
         self.authenticated = True
         self.read_only = False  # the tool surface of `mempalace-mcp --read-only` (broker/status readOnly)
         self.timeout_ms = 0  # the session's own per-request timer (broker/status timeoutMs); 0 = none
+        self.client_info = ""  # the agent's clientInfo "name version", from its initialize
+        self.transport = "unix" if peer.startswith("unix") else peer.split(" ", 1)[0]  # the shim says (broker/status)
+        self.role = ""  # host / container, as the shim declared it
+        self.probe = False  # mp-bridge's or the election's look at the status: not listed as a client
         self.closed = False
         self._writer = writer
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -232,8 +245,11 @@ class Mux:
             # notifications/initialized and the rest: the engine ignores them, so do we.
             return
         msg_id = msg["id"]
-        session.requests += 1
-        self.totals["requests"] += 1
+        if not method.startswith("broker/"):  # the bridge's own methods are not the agent's requests
+            session.requests += 1
+            self.totals["requests"] += 1
+        if method == "initialize" and isinstance(params, dict):
+            session.client_info = describe_client(params.get("clientInfo"))
         if method == "ping":
             session.send(protocol.result(msg_id, {}))
         elif method == "broker/status":
@@ -256,8 +272,13 @@ class Mux:
             self._enqueue(session, msg_id, method, params)
 
     def _status_request(self, session: ClientSession, msg_id: Any, params: Any) -> None:
-        """broker/status: the status, and the session's declarations (readOnly, timeoutMs)."""
+        """broker/status: the status, and the session's declarations (readOnly, timeoutMs, transport, role, probe)."""
         if isinstance(params, dict):
+            if params.get("probe") is True:
+                session.probe = True  # mp-bridge / the election looking: not a client in the status
+            for key in ("transport", "role"):
+                if isinstance(params.get(key), str):
+                    setattr(session, key, params[key][:32])
             if params.get("readOnly") is True:
                 session.read_only = True  # sticky: a session never widens its own surface
                 self._start_read_only_probe()
@@ -662,6 +683,9 @@ class Mux:
                 {
                     "id": s.id,
                     "peer": s.peer,
+                    "client": s.client_info,
+                    "transport": s.transport,
+                    "role": s.role,
                     "connected_s": round(now - s.connected_at, 3),
                     "queued": self.queue.depth(s),
                     "in_flight": flight is not None and flight.owner is s,
@@ -670,6 +694,7 @@ class Mux:
                     "timeout_ms": s.timeout_ms,
                 }
                 for s in self.sessions.values()
+                if not s.probe
             ],
             "queue_depth": len(self.queue),
             "in_flight": None

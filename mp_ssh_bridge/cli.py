@@ -3,6 +3,8 @@
   every command takes --palace, resolved as mp-shim resolves it (one broker per memory)
   mp-bridge status [--json] [--all]   the broker, its engine, clients and queues (--all: every broker)
   mp-bridge doctor            check every link from settings to engine; exit 1 on a failure
+  mp-bridge logs [-f] [-n N]  the broker's log (host; over SSH in a container)
+  mp-bridge --version         the bridge's version and the engine's
   mp-bridge stop [--force] [--timeout S]
                               stop the broker, if it is proven to be ours (see
                               mp_ssh_bridge/stopping.py); exit 0 stopped or none
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -62,11 +65,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     b, e = st["broker"], st["engine"]
     con.print(f"[bold]broker[/] pid {b['pid']} v{b['version']}  palace {b['palace']}  round trip {snap['round_trip_ms']} ms")
     con.print(f"[bold]engine[/] pid {e['pid']} mempalace {e['version']}  {e['state']}  up {e['uptime_s']} s  restarts {e['restarts']}")
-    table = Table("client", "peer", "connected s", "queued", "in flight", "requests")
+    table = Table("#", "agent", "via", "role", "connected s", "queued", "in flight", "requests")
     for c in st["clients"]:
-        table.add_row(str(c["id"]), c["peer"], f"{c['connected_s']:.0f}", str(c["queued"]), "yes" if c["in_flight"] else "", str(c["requests"]))
+        table.add_row(str(c["id"]), c.get("client") or "?", c.get("transport") or c["peer"], c.get("role") or "",
+                      f"{c['connected_s']:.0f}", str(c["queued"]), "yes" if c["in_flight"] else "", str(c["requests"]))
     con.print(table)
-    con.print("totals: " + ", ".join(f"{k} {v}" for k, v in st["totals"].items()))
+    t = st["totals"]
+    con.print(f"since start: {t.get('requests', 0)} agent requests; {t.get('responses', 0)} answered, "
+              f"{t.get('errors', 0)} errors ({t.get('timeouts', 0)} deadlines, {t.get('outcome_unknown', 0)} outcome "
+              f"unknown), {t.get('cancelled', 0)} cancelled; {t.get('engine_requests', 0)} reached the engine "
+              "(initialize is answered from cache)")
     return 0
 
 
@@ -94,22 +102,62 @@ def _status_all(settings: Any, as_json: bool) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from mp_ssh_bridge.doctor import run_checks
+    from mp_ssh_bridge.doctor import Check, run_checks
     from mp_ssh_bridge.settings import load
 
     try:
         settings = load(palace=args.palace)
-    except Exception as exc:  # noqa: BLE001 - the first thing doctor must report
-        print(f"FAIL settings: {exc}")
-        return 1
-    checks = run_checks(settings)
+    except (ValueError, OSError) as exc:  # pydantic's ValidationError, a broken TOML file: the first thing to report
+        checks = [Check("fail", "settings", " ".join(str(exc).split()), "fix the MP_BRIDGE_* / MEMPALACE_* environment "
+                        "or the config file")]
+    else:
+        checks = run_checks(settings)
+    failed = any(c.level == "fail" for c in checks)
+    if args.json:
+        print(json.dumps({"ok": not failed, "checks": [
+            {"name": c.title, "status": c.level, "detail": c.detail, "fix": c.fix} for c in checks]}, indent=1))
+        return 1 if failed else 0
     con = _console()
     marks = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
     for c in checks:
         con.print(f"{marks[c.level]} [bold]{c.title}[/]: {c.detail}")
         if c.fix and c.level != "ok":
             con.print(f"      fix: {c.fix}")
-    return 1 if any(c.level == "fail" for c in checks) else 0
+    return 1 if failed else 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """The broker's log: on the host its file; in the container the host's, over SSH."""
+    from mp_ssh_bridge import brokerlog
+
+    settings = _load_settings(args)
+    if settings is None:
+        return 2
+    if settings.resolved_role() == "container":
+        if args.follow:
+            print("mp-bridge logs -f: following is for the host; here the last lines are shown", file=sys.stderr)
+        import asyncio
+
+        from mp_ssh_bridge import ssh
+
+        try:
+            status, out, err = asyncio.run(ssh.run_on_host(settings, "--logs", "--lines", str(args.lines),
+                                                           bound=settings.connect_timeout + 30))
+        except ssh.SSHBridgeError as exc:
+            print(f"mp-bridge logs: cannot read the host's broker log over SSH: {exc}", file=sys.stderr)
+            return 1
+        sys.stdout.write(out)
+        sys.stderr.write(err)
+        return status
+    log = settings.paths.log
+    print(brokerlog.tail(log, args.lines) or f"(no log at {log})", flush=True)
+    if args.follow:
+        try:
+            for line in brokerlog.follow(log):
+                print(line, flush=True)
+        except KeyboardInterrupt:
+            return 0
+    return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -153,8 +201,31 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _version() -> int:
+    """`mp-bridge --version`: this bridge, and the engine (mempalace) its broker would run."""
+    from mp_ssh_bridge import __version__, palace
+    from mp_ssh_bridge.enginecmd import EngineNotFound, resolve
+
+    settings = _load_settings()
+    engine = "engine: not checked"
+    if settings is not None:
+        try:
+            argv = resolve(settings.engine_argv)
+            _, version = palace.engine_resolve(argv, None, dict(os.environ))
+            engine = f"engine: mempalace {version} ({argv[0]})"
+        except (EngineNotFound, palace.EngineResolveError) as exc:
+            engine = f"engine: not found ({exc})"
+    print(f"mp-ssh-bridge {__version__}; {engine}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mp-bridge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="store_true", help="the bridge's version and the engine it would run")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--version"]:
+        return _version()
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--palace", help="the palace, as `mp-shim --palace` takes it (default: as the engine resolves it)")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -162,7 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--json", action="store_true", help="for scripts; never shows secrets")
     s.add_argument("--all", action="store_true", help="every broker this user runs (one per memory)")
     s.set_defaults(func=cmd_status)
-    sub.add_parser("doctor", parents=[common], help="check the set-up and say what is wrong").set_defaults(func=cmd_doctor)
+    d = sub.add_parser("doctor", parents=[common], help="check the set-up and say what is wrong (exit 1 on a failure)")
+    d.add_argument("--json", action="store_true", help='{"ok": bool, "checks": [{"name", "status", "detail", "fix"}]}')
+    d.set_defaults(func=cmd_doctor)
+    lg = sub.add_parser("logs", parents=[common], help="the broker's log (the host's, over SSH, in a container)")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (host) until Ctrl-C")
+    lg.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
+    lg.set_defaults(func=cmd_logs)
     st = sub.add_parser("stop", parents=[common], help="stop the broker (only a process proven to be it)")
     st.add_argument("--force", action="store_true", help="hung broker: SIGTERM, then SIGKILL it and its engine; clean up")
     st.add_argument(

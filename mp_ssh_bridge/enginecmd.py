@@ -44,7 +44,7 @@ def candidates(exe: str, path_env: str | None = None, beside: list[str] | None =
     searched last, after whatever the user's PATH says.
     """
     if os.sep in exe:
-        return [exe]
+        return [exe] if os.path.isfile(exe) and os.access(exe, os.X_OK) else []
     found = []
     folders = (path_env if path_env is not None else os.environ.get("PATH", os.defpath)).split(os.pathsep)
     folders += [os.path.dirname(sys.executable)] if beside is None else beside
@@ -67,5 +67,7 @@ def resolve(argv: list[str], path_env: str | None = None, beside: list[str] | No
             f"every {exe!r} found ({', '.join(found)}) is mp-shim itself (the shim installed as mempalace-mcp?); "
             "set MP_BRIDGE_ENGINE to the real engine, e.g. /path/to/venv/bin/mempalace-mcp"
         )
+    if os.sep in exe:
+        raise EngineNotFound(f"the memory engine {exe} does not exist or is not executable; fix MP_BRIDGE_ENGINE")
     raise EngineNotFound(f"the memory engine {exe!r} was not found on PATH; pip install mempalace, or set "
                          "MP_BRIDGE_ENGINE to its absolute path")

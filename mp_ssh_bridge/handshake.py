@@ -60,9 +60,9 @@ def broker_status(link: Link, timeout: float, params: dict[str, Any] | None = No
     return res
 
 
-def session_params(cfg: Config) -> dict[str, Any]:
+def session_params(cfg: Config, link: Link) -> dict[str, Any]:
     """What travels with the session: its deadline (the broker answers before it) and read-only surface."""
-    params: dict[str, Any] = {"timeoutMs": cfg.timeout_ms}
+    params: dict[str, Any] = {"timeoutMs": cfg.timeout_ms, "transport": link.transport, "role": cfg.resolved_role()}
     if cfg.read_only:
         params["readOnly"] = True
     return params
@@ -126,7 +126,7 @@ def prove(link: Link, cfg: Config, role: str, timeout: float | None = None) -> d
     Raises PalaceMismatch (-32067), or ShimError (BROKER_UNREACHABLE) when it does not answer as a broker.
     """
     try:
-        status = broker_status(link, cfg.connect_timeout if timeout is None else timeout, session_params(cfg))
+        status = broker_status(link, cfg.connect_timeout if timeout is None else timeout, session_params(cfg, link))
         check_identity(status, cfg, link.endpoint, role)
     except ShimError:
         link.close()

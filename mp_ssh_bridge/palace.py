@@ -179,7 +179,7 @@ config_dir = str(getattr(cfg, "config_dir", None) or getattr(cfg, "_config_dir")
 try:
     from importlib.metadata import version
     engine_version = version("mempalace")
-except Exception:
+except Exception:  # no distribution metadata (a source checkout): the version is only informative
     engine_version = None
 print(json.dumps({"palace": palace, "kg": os.path.join(palace, "knowledge_graph.sqlite3") if flag else DEFAULT_KG_PATH,
                   "config_dir": os.path.abspath(config_dir), "version": engine_version}))

@@ -319,12 +319,12 @@ class _Channel:
         if self.process is not None:
             try:
                 self.process.close()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - a channel the peer already dropped; the connection closes next
                 pass
         self.conn.close()
         try:
             await asyncio.wait_for(self.conn.wait_closed(), 3)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a dead or hung peer: close() was sent, waiting is best effort
             pass
 
 
@@ -346,7 +346,7 @@ async def _open_dial_stdio(settings: Settings, conn: asyncssh.SSHClientConnectio
         err = ""
         try:  # a process that failed has exited: its stderr is complete; a hung one gets 1 s
             err = _text(await asyncio.wait_for(process.stderr.read(), 1)).strip()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - only decorates the error below; its absence is no new error
             pass
         process.close()
         status = process.exit_status

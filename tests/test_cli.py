@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,11 +44,10 @@ def test_doctor_names_the_fix_for_a_shared_state_dir(home):
     (home / ".mempalace").chmod(0o777)
     doc = bridge("doctor")
     assert doc.returncode == 1
-    assert "FAIL" in doc.stdout and "chmod go-w" in doc.stdout
+    assert "FAIL" in doc.stdout and "chmod 700" in doc.stdout
 
 
 def test_doctor_flags_a_broker_that_does_not_answer(broker):
-    import os
     import signal
 
     os.kill(broker.proc.pid, signal.SIGSTOP)
@@ -56,3 +56,101 @@ def test_doctor_flags_a_broker_that_does_not_answer(broker):
     finally:
         os.kill(broker.proc.pid, signal.SIGCONT)
     assert doc.returncode == 1 and "alive but does not answer" in doc.stdout
+
+
+# --- doctor --json: each failing check provoked for real --------------------------------------
+def doctor_json(*args: str, env: dict[str, str] | None = None) -> tuple[int, dict]:
+
+    out = subprocess.run([str(BIN / "mp-bridge"), "doctor", "--json", *args], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, **(env or {})))
+    assert "Traceback" not in out.stderr, out.stderr
+    return out.returncode, json.loads(out.stdout)
+
+
+def _check(report: dict, name: str) -> dict:
+    found = [c for c in report["checks"] if c["name"] == name]
+    assert found, (name, report)
+    return found[-1]
+
+
+def test_doctor_json_healthy_host(broker):
+    code, report = doctor_json()
+    assert code == 0 and report["ok"] is True, report
+    assert _check(report, "broker")["status"] == "ok" and _check(report, "engine")["status"] == "ok"
+    assert {"name", "status", "detail", "fix"} <= set(report["checks"][0])
+
+
+def test_doctor_json_names_each_failure(home):
+    code, report = doctor_json(env={"MP_BRIDGE_ENGINE": "/nonexistent/mempalace-mcp"})
+    assert code == 1 and report["ok"] is False
+    assert _check(report, "engine command")["status"] == "fail" and _check(report, "engine command")["fix"]
+    (home / ".mempalace").mkdir(mode=0o755)
+    (home / ".mempalace").chmod(0o755)
+    code, report = doctor_json()
+    state_dir = _check(report, "state directory")
+    assert code == 1 and state_dir["status"] == "fail" and "chmod 700" in state_dir["fix"]
+    code, report = doctor_json(env={"MP_BRIDGE_CONNECT_TIMEOUT": "-1"})
+    assert code == 1 and _check(report, "settings")["status"] == "fail"
+
+
+def test_doctor_in_the_container_goes_over_ssh(sshd, broker, home, tmp_path):
+    """Before: it probed the host's UNIX path from broker.json and said FAIL 'alive but does not answer'."""
+    import shutil
+
+    from tests.sshd import write_broker_wrapper
+
+    ctr = home.parent / "ctr-doctor" / ".mempalace"
+    ctr.mkdir(parents=True, mode=0o700)
+    shutil.copyfile(broker.state_dir / "palace.id", ctr / "palace.id")
+    (ctr / "broker.json").symlink_to(broker.state_dir / "broker.json")  # the shared mount
+    wrapper = write_broker_wrapper(home.parent / "remote-broker-doctor.sh", home, broker.state_dir)
+    env = {"MP_BRIDGE_ROLE": "container", "MEMPALACE_PATH": str(ctr), "MP_BRIDGE_SSH_CONFIG": str(sshd.client_config),
+           "MP_BRIDGE_SSH_HOST": "host", "MP_BRIDGE_REMOTE_BROKER": str(wrapper)}
+    code, report = doctor_json(env=env)
+    assert code == 0 and report["ok"], report
+    assert "over SSH" in _check(report, "broker")["detail"] and _check(report, "ssh")["status"] == "ok"
+    logs = subprocess.run([str(BIN / "mp-bridge"), "logs", "-n", "5"], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, **env))
+    assert logs.returncode == 0 and str(broker.state_dir / "broker.log") in logs.stdout, logs  # the host's, over SSH
+    sshd.kill()  # the host's sshd is down: a plain failure that says so
+    code, report = doctor_json(env=dict(env, MP_BRIDGE_CONNECT_TIMEOUT="3"))
+    assert code == 1 and _check(report, "ssh")["status"] == "fail", report
+    assert "refused" in _check(report, "ssh")["detail"]
+
+
+def test_status_names_agents_and_does_not_count_itself(broker, tmp_path):
+    from tests.test_shim_support import ShimProc
+
+    s = ShimProc(stderr_path=tmp_path / "shim.err")
+    try:
+        assert "result" in s.initialize()
+        for _ in range(2):  # looking twice changes nothing: the probe is no client and no request
+            out = subprocess.run([str(BIN / "mp-bridge"), "status", "--json"], capture_output=True, text=True, timeout=60)
+            snap = json.loads(out.stdout)
+            clients = snap["status"]["clients"]
+            assert [(c["client"], c["transport"], c["role"]) for c in clients] == [("test 1", "unix", "host")], clients
+            assert snap["status"]["totals"]["requests"] == 1  # the agent's initialize only
+    finally:
+        s.close()
+
+
+def test_logs_version_and_rotation(home, tmp_path):
+
+    out = subprocess.run([str(BIN / "mempalace-broker"), "--ensure"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    logs = subprocess.run([str(BIN / "mp-bridge"), "logs", "-n", "20"], capture_output=True, text=True, timeout=60)
+    assert logs.returncode == 0 and "serving" in logs.stdout, logs.stdout
+    version = subprocess.run([str(BIN / "mp-bridge"), "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and f"mempalace {engine_facts()['version']}" in version.stdout
+    # a log over its bound is rotated under a process that writes it as its stderr, and nothing is lost
+    log = tmp_path / "broker.log"
+    code = ("import sys; from pathlib import Path; from mp_ssh_bridge import brokerlog\n"
+            "sys.stderr.write('x' * 200 + '\\n'); sys.stderr.flush()\n"
+            "assert brokerlog.rotate_if_big(Path(sys.argv[1]), max_bytes=100)\n"
+            "sys.stderr.write('after\\n'); sys.stderr.flush()\n")
+    with open(log, "ab") as fh:
+        subprocess.run([sys.executable, "-c", code, str(log)], stderr=fh, check=True, timeout=60, env=dict(os.environ))
+    assert log.read_text() == "after\n" and (tmp_path / "broker.log.1").read_text() == "x" * 200 + "\n"
+    from mp_ssh_bridge import brokerlog
+
+    assert brokerlog.tail(log, 2) == "x" * 200 + "\nafter"
