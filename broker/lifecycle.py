@@ -88,6 +88,7 @@ class BrokerProcess:
         if cached is not None:
             self.mux.seed(*cached)  # initialize and tools/list answered before the engine is up
             log.info("answering initialize and tools/list from the last run's engine until this one is up")
+        await self._check_engine_files()  # before anything is published: a refusing broker is never "healthy"
         palace_id = state.palace_id(self.paths)
         self.socket_path = self.paths.socket()
         await self.server.start_unix(self.socket_path)
@@ -128,7 +129,8 @@ class BrokerProcess:
             "state_dir": str(self.paths.root),
             "endpoints": endpoints,
         }
-        self._write_record()  # the dispatcher starts once the engine's files are checked (_warm_engine)
+        self.mux.start()
+        self._write_record()
         log.info("broker %s serving %s (id %s)", os.getpid(), memory, palace_id)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -181,13 +183,6 @@ class BrokerProcess:
     async def _warm_engine(self) -> None:
         """Start the engine now so the first client never pays the 0.6–1 s spawn; keep its answers for next time."""
         engine = self.mux.engine
-        try:
-            await self._check_engine_files()
-        except WrongFiles as exc:
-            log.error("%s; stopping", exc)
-            self._request_stop(str(exc))
-            return
-        self.mux.start()
         try:
             await engine.ensure_ready()
             self.mux._refresh_init_cache()

@@ -213,7 +213,7 @@ def _version() -> int:
             argv = resolve(settings.engine_argv)
             _, version = palace.engine_resolve(argv, None, dict(os.environ))
             engine = f"engine: mempalace {version} ({argv[0]})"
-        except (EngineNotFound, palace.EngineResolveError) as exc:
+        except (EngineNotFound, palace.EngineResolveError, ValueError) as exc:  # ValueError: MP_BRIDGE_ENGINE empty
             engine = f"engine: not found ({exc})"
     print(f"mp-ssh-bridge {__version__}; {engine}")
     return 0

@@ -79,13 +79,6 @@ def env_name(field: str) -> str:
     return ENV_NAMES.get(field) or f"MP_BRIDGE_{field.upper()}"
 
 
-def scope_of(field: str) -> str:
-    for scope, names in SCOPES.items():
-        if field in names:
-            return scope
-    raise KeyError(field)
-
-
 def session_only_env_names() -> frozenset[str]:
     """Variables a session may set that must never reach a broker it starts."""
     return frozenset(env_name(f) for scope in ("session", "client") for f in SCOPES[scope])
@@ -289,7 +282,7 @@ def fast_config(palace_flag: str | None, environ: Mapping[str, str] = os.environ
     cfg.connect_timeout = float(values.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT))  # type: ignore[arg-type]
     cfg.max_line_bytes = int(values.get("max_line_bytes", DEFAULT_MAX_LINE_BYTES))  # type: ignore[call-overload]
     cfg.log_level = str(values["log_level"]) if "log_level" in values else None
-    cfg.palace = expand(palace_flag) if palace_flag else (str(values["palace"]) if "palace" in values else None)
+    cfg.palace = os.path.abspath(palace_flag) if palace_flag else (str(values["palace"]) if "palace" in values else None)
     cfg.memory = resolve(cfg.palace, environ)
     cfg.state_dir = state_dir_for(cfg.memory, values.get("mempalace_path"))  # type: ignore[arg-type]
     return cfg

@@ -2,7 +2,7 @@
 
 Loaded only when the fast path (broker.json -> socket) did not give a
 connection, so it may import the settings model and the election client.
-DESIGN §3, in order:
+in order (README "How it works", docs/PROTOCOL.md):
 
 1. `MEMPALACE_BROKER` set: that endpoint, verbatim (`endpoints.dial`), no election.
 2. `broker.json`: connect, `broker/status` round trip, palace identity.
@@ -21,8 +21,6 @@ Runs in the shim's `connect` thread; everything here is blocking.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import subprocess
 import threading
@@ -87,10 +85,12 @@ def _host(cfg: Config, settings: Settings, fast_failure: str) -> Link:
         except (OSError, ShimError, ValueError) as exc:
             first = str(exc)
     log(20, f"no broker answered ({first}); electing one (bounded by {settings.ensure_timeout:g}s)")
-    from mp_ssh_bridge.election import EnsureError, ensure_broker
+    from mp_ssh_bridge.election import EnsureError, MemoryConflict, ensure_broker
 
     try:
         info = ensure_broker(settings)
+    except MemoryConflict as exc:
+        raise PalaceMismatch(f"palace mismatch: {exc}") from exc
     except EnsureError as exc:
         return degraded_or_refuse(cfg, settings, f"no broker could be started: {exc}", "host")
     try:
@@ -137,19 +137,21 @@ def _container(cfg: Config, settings: Settings) -> Link:
 
 # --------------------------------------------------------------------------- degraded mode
 def hold_lock(paths: state.StatePaths) -> tuple[int | None, bool]:
-    """(fd holding broker.lock, held_by_someone_else). (None, False) when the lock file cannot be used."""
+    """(fd holding broker.lock, held_by_someone_else). A lock that cannot be opened or taken counts as
+    held: when in doubt, no engine of our own (never two writers)."""
+    from mp_ssh_bridge.election import open_lock, try_lock
+
     try:
-        fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_lock(paths)
     except OSError:
-        return None, False
+        return None, True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None, True
-        return None, False
-    return fd, False
+        if try_lock(fd):
+            return fd, False
+    except OSError:
+        pass
+    os.close(fd)
+    return None, True
 
 
 def resolve_engine(settings: Settings) -> list[str]:
@@ -304,12 +306,11 @@ def degraded_or_refuse(cfg: Config, settings: Settings, reason: str, role: str) 
         if lock_fd is not None:
             os.close(lock_fd)
         raise ShimError(exc.code, f"{reason}; and degraded mode is impossible: {exc}") from exc
-    env = dict(os.environ)
+    from mp_ssh_bridge.election import broker_environment
+
+    env = broker_environment()  # no token or other session/client variable; read-only is the --read-only flag
     env["MEMPALACE_HUB_FORWARD"] = "0"  # a stdio server, never a proxy of some hub
     env[ENGINE_CHILD_ENV] = "1"  # a shim started as this engine refuses instead of recursing
-    for name in list(env):
-        if name.startswith("MP_BRIDGE_SETTINGS"):
-            env.pop(name)
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=2, env=env, bufsize=-1, close_fds=True

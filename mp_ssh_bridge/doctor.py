@@ -96,7 +96,7 @@ def _host_checks(settings: Settings, checks: list[Check]) -> None:
 
     try:
         checks.append(Check("ok", "engine command", " ".join(resolve(settings.engine_argv))))
-    except EngineNotFound as exc:
+    except (EngineNotFound, ValueError) as exc:  # ValueError: an empty MP_BRIDGE_ENGINE
         checks.append(Check("fail", "engine command", str(exc), "pip install mempalace, or set MP_BRIDGE_ENGINE"))
 
 
@@ -168,7 +168,7 @@ def _container_checks(settings: Settings, checks: list[Check]) -> None:
     started = time.perf_counter()
     try:
         link = AsyncLink(run_async(ssh.open_ssh_url(settings, url), bound))
-    except ShimError as exc:
+    except (ShimError, TimeoutError) as exc:
         checks.append(Check("fail", "broker over SSH", f"{url}: {exc}", "see the message"))
         return
     try:

@@ -37,6 +37,10 @@ class EnsureError(Exception):
     """No healthy broker could be reached or started (the message says why)."""
 
 
+class MemoryConflict(EnsureError):
+    """The broker of this state directory serves other files than the ones asked for (-32067 to an agent)."""
+
+
 def open_lock(paths: state.StatePaths) -> int:
     return os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
@@ -94,17 +98,26 @@ def describe(record: dict[str, Any], started: bool) -> dict[str, Any]:
 def check_palace(settings: Settings, record: dict[str, Any]) -> None:
     why = palace.mismatch(settings.memory, record)
     if why:
-        raise EnsureError(
+        raise MemoryConflict(
             f"the broker in {settings.paths.root} (pid {record.get('pid')}) does not serve the memory asked for: "
             f"{why}; one state directory serves one set of files — leave MEMPALACE_PATH unset (each set of files "
             "gets its own state directory) or point it elsewhere"
         )
 
 
+# Variables mempalace reads as paths: a relative one means "from the agent's cwd" to a plain engine, and the
+# broker (and its engine) run in "/": they get the absolute path the electing session meant.
+PATH_VARIABLES = (*palace.PALACE_ENV, "MEMPALACE_CONFIG_DIR")
+
+
 def broker_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The electing process's environment minus everything that belongs to one session."""
     drop = config.session_only_env_names() | {config.ENGINE_CHILD_ENV}
-    return {k: v for k, v in (os.environ if environ is None else environ).items() if k not in drop}
+    env = {k: v for k, v in (os.environ if environ is None else environ).items() if k not in drop}
+    for name in PATH_VARIABLES:
+        if env.get(name) and not os.path.isabs(os.path.expanduser(env[name])):
+            env[name] = os.path.abspath(os.path.expanduser(env[name]))
+    return env
 
 
 def broker_argv(settings: Settings, lock_fd: int) -> list[str]:
@@ -140,14 +153,9 @@ def spawn_detached(settings: Settings, lock_fd: int) -> None:
 
 
 def log_tail(settings: Settings, lines: int = 15) -> str:
-    try:
-        with open(settings.paths.log, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 8192))
-            text = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
+    from mp_ssh_bridge import brokerlog
+
+    return brokerlog.tail(settings.paths.log, lines)
 
 
 def ensure_broker(settings: Settings, timeout: float | None = None) -> dict[str, Any]:
@@ -169,7 +177,10 @@ def ensure_broker(settings: Settings, timeout: float | None = None) -> dict[str,
         other = state.live_degraded_writer(paths, settings.heartbeat_stale_after)
         if other is not None:
             raise EnsureError(state.describe_degraded(other, paths))
-        fd = open_lock(paths)
+        try:
+            fd = open_lock(paths)
+        except OSError as exc:
+            raise EnsureError(f"cannot open {paths.lock}: {exc.strerror or exc}") from exc
         try:
             if try_lock(fd):
                 if spawned:
@@ -178,6 +189,8 @@ def ensure_broker(settings: Settings, timeout: float | None = None) -> dict[str,
                     )
                 spawn_detached(settings, fd)
                 spawned = True
+        except OSError as exc:
+            raise EnsureError(f"cannot elect a broker in {paths.root}: {exc.strerror or exc}") from exc
         finally:
             os.close(fd)  # the broker keeps the lock through its own copy
         if time.monotonic() >= deadline:

@@ -62,7 +62,9 @@ def broker_status(link: Link, timeout: float, params: dict[str, Any] | None = No
 
 def session_params(cfg: Config, link: Link) -> dict[str, Any]:
     """What travels with the session: its deadline (the broker answers before it) and read-only surface."""
-    params: dict[str, Any] = {"timeoutMs": cfg.timeout_ms, "transport": link.transport, "role": cfg.resolved_role()}
+    # pi's own timer is a JavaScript setTimeout: nothing above 2**31-1 ms exists; the broker refuses more.
+    params: dict[str, Any] = {"timeoutMs": min(cfg.timeout_ms, 2**31 - 1), "transport": link.transport,
+                              "role": cfg.resolved_role()}
     if cfg.read_only:
         params["readOnly"] = True
     return params

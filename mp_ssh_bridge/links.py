@@ -158,6 +158,10 @@ class AsyncLink(Link):
             frame: bytes | None = run_async(self.conn.read_frame(), timeout)
         except LineTooLong as exc:
             raise _too_long(exc) from exc
+        except (OSError, TimeoutError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - asyncssh's ConnectionLost and kin are not OSErrors: make them one
+            raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
         return frame
 
     def send(self, data: bytes) -> None:

@@ -55,17 +55,16 @@ class Memory:
     def __repr__(self) -> str:
         return f"Memory(palace={self.palace!r}, kg={self.kg!r}, config_dir={self.config_dir!r})"
 
-    def same_files(self, other: Memory) -> bool:
-        """Equal files on this machine: symlinked spellings of one file are one file."""
-        return all(_same(a, b) for a, b in ((self.palace, other.palace), (self.kg, other.kg),
-                                             (self.config_dir, other.config_dir)))
-
     def key(self, home: str | None = None) -> str:
-        """A short name for this set of files that is the same on both sides of a home-relative bind mount."""
+        """A short name for this palace that is the same on both sides of a home-relative bind mount.
+
+        The palace alone: one palace has one broker whatever else differs (sessions whose knowledge
+        graph or config dir differ are refused by `mismatch`, never given a second writer).
+        """
         import zlib  # hashlib would cost every agent start ~7 ms; a name needs no cryptography
 
         base = os.path.expanduser("~") if home is None else home
-        data = "\0".join(_home_relative(p, base) for p in (self.palace, self.kg, self.config_dir)).encode()
+        data = _home_relative(self.palace, base).encode()
         return f"{zlib.crc32(data):08x}{zlib.adler32(data):08x}"  # a 64-bit name; palace.id still guards identity
 
 
@@ -131,10 +130,10 @@ def _configured_palace(config: str) -> str | None:
 def resolve(palace_flag: str | None, environ: Mapping[str, str] = os.environ,
             home: str | None = None) -> Memory:
     """The files `mempalace-mcp [--palace FLAG]` opens with this environment (mempalace 3.11's rules)."""
-    home = os.path.expanduser("~") if home is None else home
+    home = (environ.get("HOME") or os.path.expanduser("~")) if home is None else home
     config = config_dir(environ, home)
     if palace_flag:
-        palace = os.path.abspath(os.path.expanduser(palace_flag))
+        palace = os.path.abspath(palace_flag)  # as mempalace-mcp --palace: abspath, no ~ expansion
     else:
         env = next((environ[name] for name in PALACE_ENV if environ.get(name)), None)
         if env:
@@ -149,17 +148,16 @@ def state_dir_for(memory: Memory, explicit: str | os.PathLike[str] | None, home:
     """Where the broker of `memory` keeps broker.json, .sock, .lock and palace.id.
 
     `MEMPALACE_PATH` (explicit) wins: one state directory, one palace, as before. Otherwise
-    `~/.mempalace` for the legacy layout (palace `~/.mempalace/palace`, KG
-    `~/.mempalace/knowledge_graph.sqlite3` — pi-devbox bind-mounts exactly this directory,
-    so both sides find it), and `~/.mempalace/brokers/<key>` for any other set of files;
-    the key is computed from home-relative paths, so it is the same on both sides of a
-    home-relative mount.
+    `~/.mempalace` for the legacy palace `~/.mempalace/palace` (pi-devbox bind-mounts exactly
+    this directory, so both sides find it), and `~/.mempalace/brokers/<key>` for any other
+    palace; the key is computed from the home-relative palace path, so it is the same on both
+    sides of a home-relative mount. One palace, one state directory, one broker.
     """
     if explicit:
         return os.path.abspath(os.path.expanduser(os.fspath(explicit)))
     home = os.path.expanduser("~") if home is None else home
     root = os.path.join(home, ".mempalace")
-    if memory.palace == os.path.join(root, "palace") and memory.kg == os.path.join(root, KG_NAME):
+    if memory.palace == os.path.join(root, "palace"):
         return root
     return os.path.join(root, "brokers", memory.key(home))
 

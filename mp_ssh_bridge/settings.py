@@ -67,7 +67,7 @@ class _Base(BaseSettings):
         default=None,
         description="State directory (env MEMPALACE_PATH): broker.lock/.sock/.json and palace.id live here. "
         "Default: ~/.mempalace for the legacy layout, else ~/.mempalace/brokers/<key> per set of files "
-        "(state.state_dir_for).",
+        "(palace.state_dir_for).",
     )
     palace: Path | None = Field(
         default=None,
@@ -262,7 +262,7 @@ class SessionSettings(_Base):
         cfg.connect_timeout = self.connect_timeout
         cfg.max_line_bytes = self.max_line_bytes
         cfg.log_level = self.log_level if "log_level" in self.model_fields_set else None
-        cfg.palace = config.expand(palace_flag) if palace_flag else (str(self.palace) if self.palace else None)
+        cfg.palace = os.path.abspath(palace_flag) if palace_flag else (str(self.palace) if self.palace else None)
         cfg.memory = resolve(cfg.palace)
         cfg.state_dir = state_dir_for(cfg.memory, self.mempalace_path)
         return cfg

@@ -26,11 +26,15 @@ USAGE = """usage: mp-shim [--palace PATH] [--backend NAME] [--transport stdio] [
 MCP stdio server for MemPalace through the single-writer broker (a drop-in for
 mempalace-mcp: its arguments are accepted; those that do not apply are ignored).
 
-environment: MEMPALACE_PATH (state dir, default ~/.mempalace), MEMPALACE_BROKER
-(endpoint URL: unix:///path, tcp://host:port, ssh://alias/path),
-MEMPALACE_BROKER_TOKEN, MEMPALACE_MCP_TIMEOUT_MS (per-request deadline, default
-60000, 0 = none), MP_BRIDGE_ENGINE (the real engine for degraded mode),
-MP_BRIDGE_LOG_LEVEL (stderr logging, default WARNING)."""
+The same arguments and environment reach the same memory as a plain
+mempalace-mcp (palace, knowledge graph, config: mempalace's own resolution).
+
+environment: MEMPALACE_PATH (state dir; default one per memory under
+~/.mempalace), MEMPALACE_BROKER (endpoint URL: unix:///path, tcp://host:port,
+ssh://alias/path), MEMPALACE_BROKER_TOKEN, MEMPALACE_MCP_TIMEOUT_MS (per-request
+deadline, default 60000; the broker answers just before it; 0 = the broker's
+own), MP_BRIDGE_ENGINE (the real engine), MP_BRIDGE_LOG_LEVEL (stderr logging,
+default WARNING)."""
 
 _VALUE_FLAGS = ("--palace", "--backend", "--transport", "--host", "--port", "--tls-cert", "--tls-key")
 
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             log(30, f"{item} ignored: mp-shim always speaks stdio")
         else:
             log(20, f"argument {item} ignored")
-    cfg = load_config(args["palace"])
+    # As mempalace-mcp --palace: made absolute against our cwd, `~` NOT expanded (the engine does not either).
+    cfg = load_config(os.path.abspath(args["palace"]) if args["palace"] else None)
     if cfg is None:
         return 2
     cfg.read_only = cfg.read_only or args["read_only"]

@@ -15,7 +15,7 @@ What `connect_container(settings)` does, every step bounded:
    channel open) and skip step 3.
 3. run `<remote_broker> --ensure [--palace P]` on the host (every argument
    quoted), parse its one JSON line, and check the palace identity: the host
-   broker's `palace_id` against the container's own `$MEMPALACE_PATH/palace.id`
+   broker's `palace_id` against the container's own state directory's `palace.id`
    (the same file seen through the mount) — paths differ across the mount,
    identities do not.
 4. open the broker socket: direct-streamlocal (`open_unix_connection`); when
@@ -209,10 +209,14 @@ def remote_argv(settings: Settings, *args: str) -> str:
     return " ".join(shlex.quote(w) for w in [*words, *args])
 
 
+def remote_palace_args(settings: Settings) -> list[str]:
+    """Which memory on the host: `--palace MP_BRIDGE_REMOTE_PALACE`, or nothing (the host's settings decide).
+    The container's own palace path is never passed: paths differ across the mount."""
+    return ["--palace", settings.remote_palace] if settings.remote_palace else []
+
+
 def ensure_args(settings: Settings) -> list[str]:
-    """The remote --ensure arguments. The container's own palace path is NOT passed:
-    paths differ across the mount; the host side's settings decide."""
-    return ["--ensure", *(["--palace", settings.remote_palace] if settings.remote_palace else [])]
+    return ["--ensure", *remote_palace_args(settings)]
 
 
 def ensure_command(settings: Settings) -> str:
@@ -262,10 +266,11 @@ async def run_broker_command(
 
 
 async def run_on_host(settings: Settings, *args: str, bound: float) -> tuple[int, str, str]:
-    """Connect (per the user's SSH config), run `<remote_broker> ARGS`, close. For `mp-bridge` in a container."""
+    """Connect (per the user's SSH config), run `<remote_broker> ARGS --palace ...`, close: `mp-bridge` in a
+    container acts on the broker of the memory its sessions reach."""
     conn = await connect(settings)
     try:
-        return await run_broker_command(settings, conn, *args, bound=bound)
+        return await run_broker_command(settings, conn, *args, *remote_palace_args(settings), bound=bound)
     finally:
         await _Channel(conn).close()
 

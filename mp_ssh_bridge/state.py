@@ -1,4 +1,4 @@
-"""The state directory (`$MEMPALACE_PATH`, default `~/.mempalace`).
+"""A memory's state directory (`$MEMPALACE_PATH`, else one per palace: `palace.state_dir_for`).
 
 It holds `broker.lock` (flock'ed by the one broker for its whole life),
 `broker.sock`, `broker.json` (written atomically, owner-only, with a
@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mp_ssh_bridge import config, hostinfo
+from mp_ssh_bridge import hostinfo
 
-DEFAULT_STATE_DIR = config.DEFAULT_STATE_DIR
 BROKER_JSON_VERSION = 1
 
 

@@ -261,3 +261,18 @@ def test_read_only_flag_keeps_its_meaning_through_the_shared_broker(host_role: P
     finally:
         for s in (ro, env_ro, rw):
             s.close()
+
+
+def test_same_palace_other_knowledge_graph_is_refused_not_given_a_second_writer(host_role: Path, broker,
+                                                                                 tmp_path: Path) -> None:
+    """`--palace P` keeps the KG inside P; without it the KG is ~/.mempalace's: one palace, one broker, so the
+    second kind of session is told why instead of getting a second engine on the palace."""
+    default = broker.record["palace"]
+    s = ShimProc("--palace", default, stderr_path=tmp_path / "shim.err")
+    try:
+        r = s.call("ping", timeout=60)
+        assert r["error"]["code"] == protocol.PALACE_MISMATCH, r
+        assert "knowledge graph" in r["error"]["message"] and "--palace" in r["error"]["message"]
+    finally:
+        s.close()
+    assert len(broker_pids(broker.state_dir)) == 1

@@ -179,6 +179,9 @@ def test_palace_resolution_follows_mempalace(tmp_path):
     assert state_dir_for(fresh, None, home) == f"{home}/.mempalace/brokers/{fresh.key(home)}"
     assert state_dir_for(fresh, "/explicit", home) == "/explicit"
     assert fresh.key(home) != flagged.key(home)
+    same_palace = resolve(fresh.palace, {}, home)  # --palace naming the same palace: another KG, same broker
+    assert same_palace.kg != fresh.kg and state_dir_for(same_palace, None, home) == state_dir_for(fresh, None, home)
+    assert resolve("~/x", {}, home).palace == os.path.abspath("~/x")  # as mempalace-mcp: no ~ expansion
     other_home = resolve(None, {}, "/home/developer")  # the same layout seen through a home-relative mount
     assert other_home.key("/home/developer") == fresh.key(home)
 
