@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dial-stdio", dest="dial_stdio", action="store_true", help="bridge stdin/stdout to the broker socket (SSH fallback)")
     p.add_argument("--socket", help="--dial-stdio: socket path (default: from broker.json)")
+    p.add_argument("--check", action="store_true", help="scar files and sqlite quick_check of the palace, as JSON")
     p.add_argument("--logs", action="store_true", help="print the end of the broker's log (what `mp-bridge logs` shows)")
     p.add_argument("--lines", type=int, default=50, help="--logs: how many lines (default 50)")
     p.add_argument("--version", action="store_true")
@@ -88,10 +89,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return dial_main(args)
     try:
-        settings = settings_from(args, serving=not (args.stop or args.ensure or args.logs))
+        settings = settings_from(args, serving=not (args.stop or args.ensure or args.logs or args.check))
     except ValueError as exc:  # pydantic's ValidationError, a broken config file: the user's to fix
         print(f"mempalace-broker: invalid settings: {exc}", file=sys.stderr)
         return 2
+    if args.check:
+        from mp_ssh_bridge import palacecheck
+
+        print(json.dumps(palacecheck.report(settings.memory.palace, settings.memory.kg)), flush=True)
+        return 0
     if args.logs:
         from mp_ssh_bridge import brokerlog
 

@@ -55,27 +55,54 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(snap, indent=1, default=str))
         return 0 if snap["status"] else 1
-    from rich.table import Table
-
     con = _console()
+    if not args.watch:
+        con.print(_status_view(snap))
+        return 0 if snap["status"] else 1
+    import time
+
+    from rich.live import Live
+
+    try:
+        with Live(_status_view(snap), console=con, refresh_per_second=4, transient=False) as live:
+            while True:
+                time.sleep(1.0)
+                live.update(_status_view(snapshot(settings)))
+    except KeyboardInterrupt:
+        return 0
+
+
+def _status_view(snap: dict[str, Any]) -> Any:
+    """What `status` shows (and `status --watch` refreshes in place), as one rich renderable."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     st = snap["status"]
     if not st:
-        con.print(f"[yellow]No broker answers for[/] {snap['state_dir']}" + (" (stale broker.json)" if snap["record"] else ""))
-        return 1
+        stale = " (stale broker.json)" if snap["record"] else ""
+        return Text.from_markup(f"[yellow]No broker answers for[/] {snap['state_dir']}{stale}")
     b, e = st["broker"], st["engine"]
-    con.print(f"[bold]broker[/] pid {b['pid']} v{b['version']}  palace {b['palace']}  round trip {snap['round_trip_ms']} ms")
-    con.print(f"[bold]engine[/] pid {e['pid']} mempalace {e['version']}  {e['state']}  up {e['uptime_s']} s  restarts {e['restarts']}")
     table = Table("#", "agent", "via", "role", "connected s", "queued", "in flight", "requests")
     for c in st["clients"]:
         table.add_row(str(c["id"]), c.get("client") or "?", c.get("transport") or c["peer"], c.get("role") or "",
                       f"{c['connected_s']:.0f}", str(c["queued"]), "yes" if c["in_flight"] else "", str(c["requests"]))
-    con.print(table)
     t = st["totals"]
-    con.print(f"since start: {t.get('requests', 0)} agent requests; {t.get('responses', 0)} answered, "
-              f"{t.get('errors', 0)} errors ({t.get('timeouts', 0)} deadlines, {t.get('outcome_unknown', 0)} outcome "
-              f"unknown), {t.get('cancelled', 0)} cancelled; {t.get('engine_requests', 0)} reached the engine "
-              "(initialize is answered from cache)")
-    return 0
+    flight = st.get("in_flight")
+    running = (f"running: {flight.get('tool') or flight.get('method')} for client {flight.get('client')} "
+               f"({flight.get('running_s')} s)") if flight else "running: nothing"
+    return Group(
+        Text.from_markup(f"[bold]broker[/] pid {b['pid']} v{b['version']}  palace {b['palace']}  "
+                         f"round trip {snap['round_trip_ms']} ms"),
+        Text.from_markup(f"[bold]engine[/] pid {e['pid']} mempalace {e['version']}  {e['state']}  "
+                         f"up {e['uptime_s']} s  restarts {e['restarts']}"),
+        table,
+        Text(f"{running}; queued: {st.get('queue_depth', 0)}"),
+        Text(f"since start: {t.get('requests', 0)} agent requests; {t.get('responses', 0)} answered, "
+             f"{t.get('errors', 0)} errors ({t.get('timeouts', 0)} deadlines, {t.get('outcome_unknown', 0)} outcome "
+             f"unknown), {t.get('cancelled', 0)} cancelled; {t.get('engine_requests', 0)} reached the engine "
+             "(initialize is answered from cache)"),
+    )
 
 
 def _status_all(settings: Any, as_json: bool) -> int:
@@ -232,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("status", parents=[common], help="show the broker, engine, clients")
     s.add_argument("--json", action="store_true", help="for scripts; never shows secrets")
     s.add_argument("--all", action="store_true", help="every broker this user runs (one per memory)")
+    s.add_argument("--watch", action="store_true", help="refresh in place every second until Ctrl-C")
     s.set_defaults(func=cmd_status)
     d = sub.add_parser("doctor", parents=[common], help="check the set-up and say what is wrong (exit 1 on a failure)")
     d.add_argument("--json", action="store_true", help='{"ok": bool, "checks": [{"name", "status", "detail", "fix"}]}')

@@ -7,6 +7,7 @@ is usually the cause of the rest.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from dataclasses import dataclass
@@ -92,12 +93,34 @@ def _host_checks(settings: Settings, checks: list[Check]) -> None:
     other = state.live_degraded_writer(paths, settings.heartbeat_stale_after)
     if other is not None:
         checks.append(Check("warn", "degraded mode", state.describe_degraded(other, paths)))
+    from mp_ssh_bridge import palacecheck
+
+    _palace_health_checks(palacecheck.report(settings.memory.palace, settings.memory.kg), "", checks)
     from mp_ssh_bridge.enginecmd import EngineNotFound, resolve
 
     try:
         checks.append(Check("ok", "engine command", " ".join(resolve(settings.engine_argv))))
     except (EngineNotFound, ValueError) as exc:  # ValueError: an empty MP_BRIDGE_ENGINE
         checks.append(Check("fail", "engine command", str(exc), "pip install mempalace, or set MP_BRIDGE_ENGINE"))
+
+
+def _palace_health_checks(report: dict[str, Any], where: str, checks: list[Check]) -> None:
+    """Scar files and sqlite quick_check results (palacecheck.report), from this host or the broker's."""
+    scars = report.get("scars") or []
+    if scars:
+        shown = ", ".join(str(s) for s in scars[:5]) + (f" and {len(scars) - 5} more" if len(scars) > 5 else "")
+        checks.append(Check("warn", "scar files", f"{len(scars)} left by mempalace's repair machinery{where}: {shown}",
+                            "they mark past damage (often two writers at once); keep them until the memory is "
+                            "checked, then move them away"))
+    else:
+        checks.append(Check("ok", "scar files", f"none{where}"))
+    for name in ("chroma.sqlite3", "knowledge_graph.sqlite3"):
+        result = str(report.get(name))
+        if result in ("ok", "absent"):
+            checks.append(Check("ok", f"{name} quick_check", f"{result}{where}"))
+        else:
+            checks.append(Check("fail", f"{name} quick_check", f"{result[:300]}{where}",
+                                "stop the broker (mp-bridge stop), back the file up, then repair it with mempalace"))
 
 
 def _broker_status_checks(settings: Settings, st: dict[str, Any], record: dict[str, Any] | None, how: str,
@@ -181,3 +204,13 @@ def _container_checks(settings: Settings, checks: list[Check]) -> None:
     rt = round((time.perf_counter() - started) * 1000, 1)
     _broker_status_checks(settings, st, record, f"reached over SSH ({link.conn.info.get('transport_detail')}) "
                           f"in {rt} ms", checks)
+    try:  # on the host, where the files live: SQLite's WAL shared memory does not cross the VM boundary
+        status, out, err = run_async(ssh.run_on_host(settings, "--check", bound=settings.connect_timeout + 60), bound)
+        report = json.loads(out.strip().splitlines()[-1]) if status == 0 else None
+    except (ShimError, TimeoutError, ValueError, IndexError):
+        report = None
+    if isinstance(report, dict):
+        _palace_health_checks(report, " (checked on the host)", checks)
+    else:
+        checks.append(Check("warn", "palace files", "the host did not report on its palace files",
+                            f"on the host: mp-bridge doctor (or {settings.remote_broker} --check)"))

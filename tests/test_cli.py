@@ -109,6 +109,7 @@ def test_doctor_in_the_container_goes_over_ssh(sshd, broker, home, tmp_path):
     code, report = doctor_json(env=env)
     assert code == 0 and report["ok"], report
     assert "over SSH" in _check(report, "broker")["detail"] and _check(report, "ssh")["status"] == "ok"
+    assert "checked on the host" in _check(report, "scar files")["detail"]
     logs = subprocess.run([str(BIN / "mp-bridge"), "logs", "-n", "5"], capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, **env))
     assert logs.returncode == 0 and str(broker.state_dir / "broker.log") in logs.stdout, logs  # the host's, over SSH
@@ -154,3 +155,31 @@ def test_logs_version_and_rotation(home, tmp_path):
     from mp_ssh_bridge import brokerlog
 
     assert brokerlog.tail(log, 2) == "x" * 200 + "\nafter"
+
+
+def test_status_watch_refreshes_until_interrupted(broker):
+    import signal
+    import time
+
+    proc = subprocess.Popen([str(BIN / "mp-bridge"), "status", "--watch"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(3.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert f"pid {broker.proc.pid}" in " ".join(out.split())
+
+
+def test_doctor_names_scar_files_and_a_corrupt_database(broker, tmp_path):
+    from pathlib import Path
+
+    palace_dir = Path(broker.record["palace"])
+    palace_dir.mkdir(parents=True, exist_ok=True)
+    (palace_dir / "chroma.sqlite3.corrupt-20260528").write_bytes(b"scar")
+    code, report = doctor_json()
+    assert _check(report, "scar files")["status"] == "warn" and "corrupt-20260528" in _check(report, "scar files")["detail"]
+    kg = Path(broker.record["kg"])
+    kg.parent.mkdir(parents=True, exist_ok=True)
+    kg.write_bytes(b"SQLite format 3\x00" + b"\x07" * 4096)  # a damaged database file
+    code, report = doctor_json()
+    assert code == 1 and _check(report, "knowledge_graph.sqlite3 quick_check")["status"] == "fail", report

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 SERVER_PKG = "mp_ssh_bridge_broker"  # the import name of broker/ (pyproject package-dir)
 
 CORE = {"__init__", "protocol", "errors", "config", "diag", "urls", "links", "handshake", "state", "hostinfo",
-        "settings", "election", "enginecmd", "stopping", "palace", "brokerlog"}
+        "settings", "election", "enginecmd", "stopping", "palace", "brokerlog", "palacecheck"}
 CLIENT = {"shim", "session", "endpoints", "discovery", "ssh", "connection", "cli", "doctor", "status"}
 
 
