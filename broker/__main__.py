@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from(args, serving=not (args.stop or args.ensure or args.logs or args.check))
     except ValueError as exc:  # pydantic's ValidationError, a broken config file: the user's to fix
-        print(f"mempalace-broker: invalid settings: {exc}", file=sys.stderr)
+        from mp_ssh_bridge.stopping import describe_settings_error
+
+        print(f"mempalace-broker: {describe_settings_error(exc)}", file=sys.stderr)
         return 2
     if args.check:
         from mp_ssh_bridge import palacecheck

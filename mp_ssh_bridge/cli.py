@@ -163,19 +163,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if settings.resolved_role() == "container":
         if args.follow:
             print("mp-bridge logs -f: following is for the host; here the last lines are shown", file=sys.stderr)
-        import asyncio
-
-        from mp_ssh_bridge import ssh
-
-        try:
-            status, out, err = asyncio.run(ssh.run_on_host(settings, "--logs", "--lines", str(args.lines),
-                                                           bound=settings.connect_timeout + 30))
-        except ssh.SSHBridgeError as exc:
-            print(f"mp-bridge logs: cannot read the host's broker log over SSH: {exc}", file=sys.stderr)
-            return 1
-        sys.stdout.write(out)
-        sys.stderr.write(err)
-        return status
+        return _relay_on_host(settings, ["--logs", "--lines", str(args.lines)], settings.connect_timeout + 30,
+                              "read the host's broker log")
     log = settings.paths.log
     print(brokerlog.tail(log, args.lines) or f"(no log at {log})", flush=True)
     if args.follow:
@@ -202,16 +191,21 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def _stop_over_ssh(settings: Any, force: bool, timeout: float | None) -> int:
     """Container role: run `mempalace-broker --stop` on the host (where the proof can be made); relay it."""
+    words = ["--stop", *(["--force"] if force else []), *(["--timeout", f"{timeout:g}"] if timeout is not None else [])]
+    bound = (settings.shutdown_grace + 5.0 if timeout is None else timeout) + REMOTE_STOP_MARGIN
+    return _relay_on_host(settings, words, bound, "stop the host's broker")
+
+
+def _relay_on_host(settings: Any, words: list[str], bound: float, what: str) -> int:
+    """Container role: `mempalace-broker WORDS` on the host over SSH; its output and exit status are ours."""
     import asyncio
 
     from mp_ssh_bridge import ssh
 
-    words = ["--stop", *(["--force"] if force else []), *(["--timeout", f"{timeout:g}"] if timeout is not None else [])]
-    bound = (settings.shutdown_grace + 5.0 if timeout is None else timeout) + REMOTE_STOP_MARGIN
     try:
         status, out, err = asyncio.run(ssh.run_on_host(settings, *words, bound=bound))
     except ssh.SSHBridgeError as exc:
-        print(f"mp-bridge stop: cannot stop the host's broker over SSH (Host {settings.ssh_host}): {exc}", file=sys.stderr)
+        print(f"mp-bridge: cannot {what} over SSH (Host {settings.ssh_host}): {exc}", file=sys.stderr)
         return 1
     sys.stdout.write(out)
     sys.stderr.write(err)
