@@ -143,6 +143,15 @@ class SSHServer:
         )
         return path
 
+    def container_env(self, state_dir: Path, remote_broker: Path, config: Path | None = None,
+                      **extra: str) -> dict[str, str]:
+        """What a container session's environment says to reach this server's host: role, its own state
+        directory (the mount), the SSH config (this server's client config unless `config`), the alias
+        `host`, and the remote broker command."""
+        return {"MP_BRIDGE_ROLE": "container", "MEMPALACE_PATH": str(state_dir),
+                "MP_BRIDGE_SSH_CONFIG": str(config or self.client_config), "MP_BRIDGE_SSH_HOST": "host",
+                "MP_BRIDGE_REMOTE_BROKER": str(remote_broker), **extra}
+
     def wrong_known_hosts(self) -> Path:
         """A known_hosts that records ANOTHER key for [127.0.0.1]:PORT."""
         other = self.dir / "other_host_ed25519"

@@ -104,8 +104,7 @@ def test_doctor_in_the_container_goes_over_ssh(sshd, broker, home, tmp_path):
     shutil.copyfile(broker.state_dir / "palace.id", ctr / "palace.id")
     (ctr / "broker.json").symlink_to(broker.state_dir / "broker.json")  # the shared mount
     wrapper = write_broker_wrapper(home.parent / "remote-broker-doctor.sh", home, broker.state_dir)
-    env = {"MP_BRIDGE_ROLE": "container", "MEMPALACE_PATH": str(ctr), "MP_BRIDGE_SSH_CONFIG": str(sshd.client_config),
-           "MP_BRIDGE_SSH_HOST": "host", "MP_BRIDGE_REMOTE_BROKER": str(wrapper)}
+    env = sshd.container_env(ctr, wrapper)
     code, report = doctor_json(env=env)
     assert code == 0 and report["ok"], report
     assert "over SSH" in _check(report, "broker")["detail"] and _check(report, "ssh")["status"] == "ok"

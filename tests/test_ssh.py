@@ -441,10 +441,7 @@ def test_palace_mismatch_over_ssh_reaches_the_agent_as_32067(
     from tests.test_shim_support import ShimProc
 
     (ctr_state / "palace.id").write_text(str(uuid.uuid4()) + "\n")
-    env = {
-        "MP_BRIDGE_ROLE": "container", "MEMPALACE_PATH": str(ctr_state), "MP_BRIDGE_SSH_CONFIG": str(sshd.client_config),
-        "MP_BRIDGE_SSH_HOST": "host", "MP_BRIDGE_REMOTE_BROKER": str(wrapper),
-    }
+    env = sshd.container_env(ctr_state, wrapper)
     s = ShimProc(env=env, stderr_path=tmp_path / "shim.err")
     try:
         r = s.call("ping", timeout=60)
@@ -462,10 +459,7 @@ def test_unverifiable_host_key_never_leads_to_degraded_mode(
     from tests.test_shim_support import ShimProc
 
     cfg = sshd.write_client_config(sshd.dir / "ssh_config.mitm", known_hosts=sshd.wrong_known_hosts())
-    env = {
-        "MP_BRIDGE_ROLE": "container", "MEMPALACE_PATH": str(ctr_state), "MP_BRIDGE_SSH_CONFIG": str(cfg),
-        "MP_BRIDGE_SSH_HOST": "host", "MP_BRIDGE_REMOTE_BROKER": str(wrapper),
-    }
+    env = sshd.container_env(ctr_state, wrapper, config=cfg)
     s = ShimProc(env=env, stderr_path=tmp_path / "shim.err")
     try:
         r = s.call("ping", timeout=60)
@@ -667,14 +661,7 @@ def test_shim_over_ssh_survives_sshd_restart(
     (once sshd is back) the next call works without restarting the agent."""
     from tests.test_shim_support import ShimProc
 
-    env = {
-        "MP_BRIDGE_ROLE": "container",
-        "MEMPALACE_PATH": str(ctr_state),
-        "MP_BRIDGE_SSH_CONFIG": str(sshd.client_config),
-        "MP_BRIDGE_SSH_HOST": "host",
-        "MP_BRIDGE_REMOTE_BROKER": str(wrapper),
-        "MEMPALACE_MCP_TIMEOUT_MS": "60000",
-    }
+    env = sshd.container_env(ctr_state, wrapper, MEMPALACE_MCP_TIMEOUT_MS="60000")
     s = ShimProc(env=env, stderr_path=tmp_path / "shim.err")
     try:
         init = s.call("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}, timeout=60)

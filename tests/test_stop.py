@@ -262,13 +262,7 @@ def test_container_stops_the_host_broker_over_ssh(sshd: Any, broker: BrokerHandl
     ctr_state = home.parent / "ctr" / ".mempalace"
     ctr_state.mkdir(parents=True, mode=0o700)
     wrapper = write_broker_wrapper(home.parent / "remote-broker.sh", home, host_state)
-    env = {
-        "MP_BRIDGE_ROLE": "container",
-        "MEMPALACE_PATH": str(ctr_state),
-        "MP_BRIDGE_SSH_CONFIG": str(sshd.client_config),
-        "MP_BRIDGE_SSH_HOST": "host",
-        "MP_BRIDGE_REMOTE_BROKER": str(wrapper),
-    }
+    env = sshd.container_env(ctr_state, wrapper)
     res = bridge("stop", env=env)
     assert res.returncode == 0, output(res)
     assert f"stopped broker pid {broker.proc.pid}" in res.stdout
