@@ -5,6 +5,12 @@ arrival order and exits by itself after idle hours, so the broker starts it
 on demand, initializes it once, restarts it with backoff and a budget, and
 kills it (SIGTERM, then SIGKILL) when it stalls. Spawning costs 0.6–1 s, so
 clients see it at most once per restart, never per session.
+
+Because it answers in order, a reply to request N also proves that every older
+request still unanswered never will be (an engine that drops a request whose
+handling raised, as mempalace 3.4.0 does): those fail at once with EngineNoReply,
+and a stderr line that hints at such a drop makes the broker send a `ping` to
+get that proof within milliseconds (broker/guard.py) instead of a stall kill.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 
 from mp_ssh_bridge import enginecmd, protocol
 from mp_ssh_bridge.settings import BrokerSettings
+from mp_ssh_bridge_broker import guard
 from mp_ssh_bridge_broker.tasks import Tasks
 
 log = logging.getLogger("broker.engine")
@@ -33,10 +40,25 @@ class EngineExited(Exception):
     """The engine exited while a request was outstanding."""
 
     def __init__(self, returncode: int | None, stderr_tail: str) -> None:
-        detail = f"exit code {returncode}" if returncode is not None else "killed"
+        detail = describe_exit(returncode) if returncode is not None else "killed"
         super().__init__(f"engine exited ({detail})")
         self.returncode = returncode
         self.stderr_tail = stderr_tail
+
+
+class EngineNoReply(Exception):
+    """The engine answered a later request first: it dropped this one (handling it raised) and keeps running."""
+
+    def __init__(self, logged: str) -> None:
+        super().__init__("the engine dropped this request without an answer")
+        self.logged = logged  # what the engine wrote on stderr since the request was sent
+
+    @property
+    def summary(self) -> str:
+        """The logged line that says what failed (the last one that looks like an error), or ""."""
+        lines = self.logged.splitlines()
+        hinted = [line for line in lines if guard.hints_no_reply(line)]
+        return (hinted or lines or [""])[-1][:300]
 
 
 class Engine:
@@ -52,6 +74,10 @@ class Engine:
         self._tasks = Tasks("engine")  # every task started here: readers, sends, restart
         self._readers: list[asyncio.Task[None]] = []  # this child's stdout/stderr readers, joined at kill/stop
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._stderr_times: collections.deque[tuple[float, str]] = collections.deque(maxlen=50)
+        self._sent_at: dict[int, float] = {}  # engine id -> when it was written (to name what was logged since)
+        self._barrier: asyncio.Task[None] | None = None  # the ping that settles older unanswered requests
+        self._barrier_again = False
         self._restart_times: collections.deque[float] = collections.deque()
         self._failures = 0
         self._cooldown_until = 0.0
@@ -115,6 +141,17 @@ class Engine:
                     if self._failures >= 3:
                         self._cooldown_until = time.monotonic() + self.settings.engine_backoff_max
                         raise
+
+    def health(self) -> dict[str, object]:
+        """For `broker/status` (and so `mp-bridge doctor`): why the last start failed, and how long restarts
+        stay paused; empty when the engine came up since."""
+        left = self._cooldown_until - time.monotonic()
+        out: dict[str, object] = {}
+        if self._last_error and self.state != "ready":
+            out["last_error"] = self._last_error[-800:]
+        if left > 0:
+            out["cooldown_s"] = round(left, 1)
+        return out
 
     def _restart_delay(self) -> float:
         """Seconds to wait before the next start; raises when the restart budget is spent.
@@ -228,11 +265,53 @@ class Engine:
         engine_id = self._next_id
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[engine_id] = fut
-        await self.send(protocol.request(engine_id, method, params))
+        self._sent_at[engine_id] = time.monotonic()
+        await self.send(protocol.request(engine_id, method, params))  # written before any await: ids go in order
         return engine_id, fut
 
     def forget(self, engine_id: int) -> None:
         self._pending.pop(engine_id, None)
+        self._sent_at.pop(engine_id, None)
+
+    # --- requests the engine dropped (broker/guard.py) ----------------------------
+    def _answered(self, engine_id: int) -> None:
+        """Request `engine_id` was answered: every older one still pending was dropped (in-order engine)."""
+        self._sent_at.pop(engine_id, None)
+        for older in sorted(k for k in self._pending if isinstance(k, int) and k < engine_id):
+            fut = self._pending.pop(older)
+            logged = self._logged_since(self._sent_at.pop(older, 0.0))
+            log.warning("engine dropped request %s without an answer%s", older, f" ({logged})" if logged else "")
+            if not fut.done():
+                fut.set_exception(EngineNoReply(logged))
+                fut.exception()  # mark retrieved: a waiter that gave up must not log it
+
+    def _logged_since(self, since: float) -> str:
+        lines = [text for at, text in self._stderr_times if at >= since]
+        return "\n".join(lines[-5:])[-600:]
+
+    def _probe_dropped(self) -> None:
+        """A stderr hint: ask for proof (a ping's answer) that older requests were dropped; one ping at a time."""
+        if not self._pending:
+            return
+        if self._barrier is not None and not self._barrier.done():
+            self._barrier_again = True  # a request sent after that ping may be the one: ping once more
+            return
+        self._barrier = self._tasks.spawn(self._barrier_ping(), name="engine-barrier")
+
+    async def _barrier_ping(self) -> None:
+        again = True
+        while again and self.running():
+            self._barrier_again = False
+            try:
+                engine_id, fut = await self.request("ping", None)
+            except EngineUnavailable:
+                return
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), self.settings.stall_timeout)
+            except (asyncio.TimeoutError, EngineExited, EngineNoReply):
+                self.forget(engine_id)
+                return
+            again = self._barrier_again
 
     async def send(self, message: dict[str, Any]) -> None:
         proc = self._proc
@@ -266,7 +345,10 @@ class Engine:
                 if not isinstance(msg, dict):
                     continue
                 if protocol.is_response(msg):
-                    fut = self._pending.pop(msg.get("id"), None)  # type: ignore[arg-type]
+                    engine_id = msg.get("id")
+                    fut = self._pending.pop(engine_id, None)  # type: ignore[arg-type]
+                    if isinstance(engine_id, int) and fut is not None:
+                        self._answered(engine_id)
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
                     else:
@@ -290,7 +372,10 @@ class Engine:
             text = raw.decode("utf-8", "replace").rstrip()
             if text:
                 self._stderr_tail.append(text)
+                self._stderr_times.append((time.monotonic(), text))
                 log.info("engine: %s", text)
+                if guard.hints_no_reply(text):
+                    self._probe_dropped()
 
     async def _on_exit(self, proc: asyncio.subprocess.Process) -> None:
         try:
@@ -300,7 +385,7 @@ class Engine:
             code = await proc.wait()
         if self._proc is proc:
             self.state = "stopped"
-            self.last_exit = f"exit code {code}" if code >= 0 else f"signal {-code}"
+            self.last_exit = describe_exit(code)
             log.warning("engine pid %s exited: %s", proc.pid, self.last_exit)
             if code != 0 and not self._stopping:
                 # A crash or a stall kill: bring a warm engine back now, so the next
@@ -309,6 +394,7 @@ class Engine:
                 self._restart_task = self._tasks.spawn(self._restart_after_crash(), name="engine-restart")
         exc = EngineExited(code, self.stderr_tail())
         pending, self._pending = self._pending, {}
+        self._sent_at.clear()
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(exc)
@@ -375,6 +461,22 @@ class Engine:
                 await asyncio.wait_for(task, 5)
             except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
                 task.cancel()
+
+
+def describe_exit(returncode: int) -> str:
+    """`exit code 1`, or `signal SIGKILL (9)` for a child a signal ended (returncode -9): by name, because the
+    numbers differ between the platforms (SIGUSR1 is 10 on Linux, 30 on macOS; SIGBUS 7 and 10)."""
+    if returncode >= 0:
+        return f"exit code {returncode}"
+    return f"signal {signal_name(-returncode)}"
+
+
+def signal_name(number: int) -> str:
+    """`SIGTERM (15)`; just the number for one this platform has no name for."""
+    try:
+        return f"{signal.Signals(number).name} ({number})"
+    except ValueError:
+        return str(number)
 
 
 def _version() -> str:

@@ -25,8 +25,8 @@ from typing import Any
 
 from mp_ssh_bridge import enginecmd, protocol
 from mp_ssh_bridge.settings import BrokerSettings
-from mp_ssh_bridge_broker import readonly, tools
-from mp_ssh_bridge_broker.engine import Engine, EngineExited, EngineUnavailable
+from mp_ssh_bridge_broker import guard, readonly, startup, tools
+from mp_ssh_bridge_broker.engine import Engine, EngineExited, EngineNoReply, EngineUnavailable
 from mp_ssh_bridge_broker.queue import FairQueue
 from mp_ssh_bridge_broker.tasks import Tasks
 
@@ -67,12 +67,15 @@ def describe_client(info: Any) -> str:
 
 
 def announce_list_changed(result: dict[str, Any]) -> dict[str, Any]:
-    """An initialize result that declares `tools.listChanged`: the broker may send it (cold-start cache)."""
+    """An initialize result that declares what the broker itself sends: `tools.listChanged` (cold-start
+    cache) and `logging` (start-up notices, broker/startup.py)."""
     out = copy.deepcopy(result)
     caps = out.setdefault("capabilities", {})
     if isinstance(caps, dict):
         tools_cap = caps.get("tools")
         caps["tools"] = dict(tools_cap if isinstance(tools_cap, dict) else {}, listChanged=True)
+        if not isinstance(caps.get("logging"), dict):
+            caps["logging"] = {}
     return out
 
 
@@ -95,6 +98,7 @@ class ClientSession:
         self.transport = "unix" if peer.startswith("unix") else peer.split(" ", 1)[0]  # the shim says (broker/status)
         self.role = ""  # host / container, as the shim declared it
         self.probe = False  # mp-bridge's or the election's look at the status: not listed as a client
+        self.log_level: str | None = None  # from its logging/setLevel; None: it asked for nothing
         self.closed = False
         self._writer = writer
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -202,8 +206,11 @@ class Mux:
         self.accepting = True
         self._tasks = Tasks("mux")  # dispatcher, read-only probe, forwarded cancels; cancelled at shutdown
         self._dispatcher: asyncio.Task[None] | None = None
+        self._dispatching: Job | None = None  # taken from the queue, in _run (maybe still waiting for the engine)
         self.status_extra: dict[str, Any] = {}
         self._read_only_probe: asyncio.Task[frozenset[str] | None] | None = None
+        # Sessions whose requests wait for a loading engine hear how it goes (MCP log notices).
+        self.startup = startup.StartupNotices(self.engine, lambda: list(self.sessions.values()))
 
     # --- sessions ------------------------------------------------------------------
     def attach(self, session: ClientSession) -> None:
@@ -258,8 +265,12 @@ class Mux:
             session.send(protocol.result(msg_id, {"ok": True}))
         elif method.startswith("broker/"):
             self._error(session, msg_id, protocol.METHOD_NOT_FOUND, f"Unknown broker method: {method}")
+        elif method == "logging/setLevel":  # the broker's own log notices (the engine implements no logging)
+            self._set_log_level(session, msg_id, params)
         elif not self.accepting:
-            self._error(session, msg_id, protocol.SHUTTING_DOWN, "broker is shutting down; request not executed")
+            self.totals["errors"] += 1  # outcome not_executed: mp-shim sends it again to the next broker
+            session.send(protocol.error(msg_id, protocol.SHUTTING_DOWN, "broker is shutting down; request not "
+                                        "executed", {"outcome": "not_executed"}))
         elif _id_key(msg_id) in session.pending:
             self._error(
                 session, msg_id, protocol.INVALID_REQUEST, f"id {msg_id!r} is already used by a pending request"
@@ -268,8 +279,10 @@ class Mux:
             session.send(protocol.result(msg_id, self._cached_initialize(params)))
         elif method == "tools/list" and self._early_tools(session) is not None:
             session.send(protocol.result(msg_id, self._early_tools(session)))
+        elif guard.invalid_params(method, params) is not None:  # what an older engine would never answer
+            self._error(session, msg_id, protocol.INVALID_PARAMS, str(guard.invalid_params(method, params)))
         else:
-            self._enqueue(session, msg_id, method, params)
+            self._enqueue(session, msg_id, method, guard.envelope_params(params))
 
     def _status_request(self, session: ClientSession, msg_id: Any, params: Any) -> None:
         """broker/status: the status, and the session's declarations (readOnly, timeoutMs, transport, role, probe)."""
@@ -295,6 +308,18 @@ class Mux:
                     return
                 session.timeout_ms = value
         session.send(protocol.result(msg_id, self.status()))
+
+    def _set_log_level(self, session: ClientSession, msg_id: Any, params: Any) -> None:
+        """logging/setLevel: the lowest level of the broker's notices this session hears (kept per session)."""
+        level = params.get("level") if isinstance(params, dict) else None
+        if not startup.valid_level(level):
+            self._error(
+                session, msg_id, protocol.INVALID_PARAMS,
+                f"Invalid params: level must be one of {', '.join(startup.LEVELS)}, got {level!r:.40}",
+            )
+            return
+        session.log_level = level
+        session.send(protocol.result(msg_id, {}))
 
     def _cached_initialize(self, params: Any) -> dict[str, Any] | None:
         version = params.get("protocolVersion") if isinstance(params, dict) else None
@@ -346,6 +371,7 @@ class Mux:
         loop = asyncio.get_running_loop()
         job.timer = loop.call_at(loop.time() + (job.deadline - now), self._expire, job)
         self.queue.put(job)
+        self.startup.waiting(session)  # a loading engine: tell the session its request waits, and how long
 
     def _rewrite_progress_token(self, job: Job) -> None:
         params = job.params
@@ -390,6 +416,11 @@ class Mux:
         if job.state == "queued":
             self.queue.remove(job)
             others = len(self.queue)
+            loading = None if self.in_flight is not None else self.startup.deadline_error(waited, limit, others)
+            if loading is not None:  # it waited for the engine to come up, not behind other work
+                self._reply_error(job, protocol.DEADLINE_EXCEEDED, *loading)
+                self._finish(job)
+                return
             why, busy_with = self._why_not_run(job)
             self._reply_error(
                 job,
@@ -434,6 +465,7 @@ class Mux:
             job = await self.queue.get()
             if job.state != "queued":
                 continue
+            self._dispatching = job  # kept if cancelled: shutdown answers it when it never reached the engine
             try:
                 await self._run(job)
             except asyncio.CancelledError:
@@ -442,15 +474,15 @@ class Mux:
                 log.exception("internal error while serving %s", job.method)
                 self._reply_error(job, protocol.INTERNAL_ERROR, "internal broker error; outcome unknown")
                 self._finish(job)
+            self._dispatching = None
 
     async def _run(self, job: Job) -> None:
         try:
             await self.engine.ensure_ready()
         except EngineUnavailable as exc:
+            failure = self.startup.unavailable_error(exc)  # kept: later notices and deadlines name it too
             if job.state == "queued":
-                self._reply_error(
-                    job, protocol.ENGINE_UNAVAILABLE, f"memory engine unavailable: {exc}; request NOT executed"
-                )
+                self._reply_error(job, protocol.ENGINE_UNAVAILABLE, *failure)
                 self._finish(job)
             return
         self._refresh_init_cache()
@@ -502,6 +534,18 @@ class Mux:
                 f"the memory engine stalled ({stalled:.0f}s without an answer) and was restarted; this "
                 "request's outcome is unknown and it was NOT retried",
                 {"outcome": "unknown"},
+            )
+            self._finish(job)
+            return
+        except EngineNoReply as exc:  # it answered a later request: this one was dropped, the engine lives on
+            self.totals["outcome_unknown"] += 1
+            said = f" (it logged: {exc.summary})" if exc.summary else ""
+            self._reply_error(
+                job,
+                protocol.OUTCOME_UNKNOWN,
+                f"the memory engine failed on this request and sent no answer{said}; whether it took effect is "
+                "unknown and it was NOT retried. The engine keeps serving the other requests",
+                {"outcome": "unknown", "engine_log": exc.logged},
             )
             self._finish(job)
             return
@@ -571,6 +615,7 @@ class Mux:
         if self._cache_generation == self.engine.starts:
             return
         self._cache_generation = self.engine.starts
+        self.startup.ready()  # once per engine start: the sessions told it was loading hear it is up
         self.init_cache.clear()
         result = self.engine.initialize_result
         if result is not None:
@@ -590,8 +635,16 @@ class Mux:
                 session.send(dict(msg, params=dict(params, progressToken=original)))
             return
         job = self.in_flight
-        if job is not None and not job.replied:
+        if job is not None and not job.replied and self._hears(job.owner, msg):
             job.owner.send(msg)  # e.g. a log message emitted while serving this client
+
+    @staticmethod
+    def _hears(session: ClientSession, msg: dict[str, Any]) -> bool:
+        """A log message is passed on at or above the level the session set (logging/setLevel)."""
+        params = msg.get("params")
+        if msg.get("method") != "notifications/message" or not isinstance(params, dict):
+            return True
+        return startup.level_allows(session.log_level, str(params.get("level")))
 
     # --- replies -------------------------------------------------------------------------
     def _reply(self, job: Job, message: dict[str, Any]) -> None:
@@ -635,11 +688,16 @@ class Mux:
         the sessions' writers, and every task this Mux spawned.
         """
         self.accepting = False
+        why = f" ({reason})" if reason else ""
+
+        def not_executed(job: Job) -> None:  # mp-shim sends it again to the next broker
+            self._reply_error(job, protocol.SHUTTING_DOWN, f"broker is shutting down{why}; request NOT executed",
+                              {"outcome": "not_executed"})
+            self._finish(job)
+
         for job in self.queue.jobs():
             self.queue.remove(job)
-            why = f" ({reason})" if reason else ""
-            self._reply_error(job, protocol.SHUTTING_DOWN, f"broker is shutting down{why}; request NOT executed")
-            self._finish(job)
+            not_executed(job)
         deadline = time.monotonic() + grace
         while self.in_flight is not None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -649,12 +707,19 @@ class Mux:
                 await self._dispatcher
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
+        taken, self._dispatching = self._dispatching, None
+        if taken is not None and taken.state == "queued":  # taken, but still waiting for the engine (or the probe)
+            not_executed(taken)
+        for job in self.queue.jobs():  # put back meanwhile (another event_wait slice): never sent again either
+            self.queue.remove(job)
+            not_executed(job)
         flight = self.in_flight
         if flight is not None:
             self._reply_error(
                 flight, protocol.OUTCOME_UNKNOWN, "broker shut down during this request; outcome unknown", {"outcome": "unknown"}
             )
             self._finish(flight)
+        self.startup.close()
         await self.engine.stop()
         for session in list(self.sessions.values()):
             session.close()
@@ -678,6 +743,7 @@ class Mux:
                 "restarts": engine.restarts,
                 "starts": engine.starts,
                 "last_exit": engine.last_exit,
+                **engine.health(),
             },
             "clients": [
                 {

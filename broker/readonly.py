@@ -8,6 +8,13 @@ across versions), so the broker asks the engine itself: it starts the same
 command once with `--read-only` on a throwaway palace and config directory
 (never the real palace: one process owns that) and keeps its tools/list.
 Refusals mirror the engine's: code -32003, "Server is in read-only mode".
+
+Where the engine cannot say, the tools are classified here. mempalace before
+3.11 has no read-only mode and ignores the unknown flag (3.4.0 lists all its
+tools, write tools included), and a probe can fail outright. A surface that
+still lists a known write tool is not a read-only surface: the session then
+gets the engine's tools that are in READ_TOOLS, the tools mempalace 3.11 keeps
+in read-only mode, and nothing else (an unknown tool is never assumed safe).
 """
 
 from __future__ import annotations
@@ -24,9 +31,46 @@ log = logging.getLogger("broker.readonly")
 
 READ_ONLY_REFUSED = -32003  # what mempalace itself answers in --read-only mode
 
+# mempalace 3.11's --read-only surface (every tool it keeps; 3.4.0's read tools are among them).
+READ_TOOLS = frozenset({
+    "mempalace_artifact_get", "mempalace_check_duplicate", "mempalace_diary_read", "mempalace_event_list",
+    "mempalace_event_wait", "mempalace_find_tunnels", "mempalace_follow_tunnels", "mempalace_get_aaak_spec",
+    "mempalace_get_drawer", "mempalace_get_drawers", "mempalace_get_taxonomy", "mempalace_graph_stats",
+    "mempalace_kg_query", "mempalace_kg_stats", "mempalace_kg_timeline", "mempalace_list_drawers",
+    "mempalace_list_hallways", "mempalace_list_rooms", "mempalace_list_tunnels", "mempalace_list_wings",
+    "mempalace_mesh_peers", "mempalace_reconnect", "mempalace_search", "mempalace_status", "mempalace_traverse",
+})
+# The tools mempalace 3.11 refuses in read-only mode (3.4.0's write tools are among them): one of these in a
+# "--read-only" tool list means the engine ignored the flag.
+WRITE_TOOLS = frozenset({
+    "mempalace_add_drawer", "mempalace_artifact_put", "mempalace_checkpoint", "mempalace_create_tunnel",
+    "mempalace_delete_by_source", "mempalace_delete_drawer", "mempalace_delete_drawers", "mempalace_delete_hallway",
+    "mempalace_delete_tunnel", "mempalace_diary_write", "mempalace_event_ack", "mempalace_event_append",
+    "mempalace_hook_settings", "mempalace_kg_add", "mempalace_kg_invalidate", "mempalace_kg_supersede",
+    "mempalace_memories_filed_away", "mempalace_mine", "mempalace_patch_submit", "mempalace_sync",
+    "mempalace_task_create", "mempalace_update_drawer",
+})
 
-async def probe_read_only_tools(argv: list[str], timeout: float) -> frozenset[str] | None:
-    """Names of the tools `argv --read-only` lists, or None when the engine has no read-only mode."""
+
+def classify(listed: frozenset[str] | None) -> frozenset[str]:
+    """The tools a read-only session may use, from what `engine --read-only` listed (None: it listed nothing)."""
+    if listed is not None and not listed & WRITE_TOOLS:
+        return listed  # the engine's own read-only surface
+    if listed is None:
+        log.warning("the engine listed no read-only tool surface; read-only sessions get the known read tools")
+        return READ_TOOLS
+    log.warning("the engine has no read-only mode (its --read-only list has write tools); read-only sessions get "
+                "its known read tools only")
+    return listed & READ_TOOLS
+
+
+async def probe_read_only_tools(argv: list[str], timeout: float) -> frozenset[str]:
+    """The tools a read-only session may use with this engine: its `--read-only` surface, else classify()'s."""
+    return classify(await _listed_read_only(argv, timeout))
+
+
+async def _listed_read_only(argv: list[str], timeout: float) -> frozenset[str] | None:
+    """Names of the tools `argv --read-only` lists, or None when it lists none (exits, times out)."""
     scratch = tempfile.mkdtemp(prefix="mp-broker-ro-")
     env = dict(os.environ, MEMPALACE_HUB_FORWARD="0", MEMPALACE_CONFIG_DIR=os.path.join(scratch, "config"))
     env.pop("MEMPALACE_EAGER_WARMUP", None)
@@ -70,8 +114,8 @@ async def probe_read_only_tools(argv: list[str], timeout: float) -> frozenset[st
 
 def refusal(msg_id: object, tool: str | None, known: bool) -> dict:
     why = "Server is in read-only mode; this tool is disabled" if known else (
-        "Server is in read-only mode, and the engine publishes no read-only tool surface "
-        "(mempalace-mcp --read-only needs mempalace >= 3.11); every tool is disabled"
+        "Server is in read-only mode, and the memory engine cannot be found to say which tools only read; "
+        "every tool is disabled"
     )
     return protocol.error(msg_id, READ_ONLY_REFUSED, why, {"tool": tool})
 

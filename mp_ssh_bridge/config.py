@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import sys
 
+from mp_ssh_bridge import enginerules
 from mp_ssh_bridge.palace import Memory, resolve, state_dir_for
 
 TYPE_CHECKING = False
@@ -67,7 +68,7 @@ SCOPES: dict[str, tuple[str, ...]] = {
     "broker": (
         "engine", "engine_eager_warmup", "engine_restart_budget", "engine_restart_window", "engine_backoff_max",
         "engine_start_timeout", "strip_root_combinators", "request_timeout", "stall_timeout", "event_wait_slice",
-        "shutdown_grace", "idle_exit_minutes", "heartbeat_interval", "tcp",
+        "shutdown_grace", "idle_exit_minutes", "heartbeat_interval", "tcp", "tcp_advertise",
     ),
     # Every process reads its own value (its own connections, its own log).
     "process": ("connect_timeout", "max_line_bytes", "heartbeat_stale_after", "log_level"),
@@ -260,6 +261,16 @@ def raw_values(environ: Mapping[str, str], file_values: Mapping[str, Any], field
     return out
 
 
+def engine_command(environ: Mapping[str, str], file_values: Mapping[str, Any]) -> str | None:
+    """The engine command a broker started from here would run (MP_BRIDGE_ENGINE, else the file's `engine`).
+
+    A broker-scope setting, read by a session only to know which mempalace rules resolve its files
+    (enginerules): the broker it elects inherits this environment and reads the same file.
+    """
+    raw = raw_values(environ, file_values, ("engine",)).get("engine")
+    return raw if isinstance(raw, str) else None
+
+
 def fast_config(palace_flag: str | None, environ: Mapping[str, str] = os.environ) -> Config:
     """Environment (and the config file when present) read as the settings model would.
 
@@ -283,6 +294,7 @@ def fast_config(palace_flag: str | None, environ: Mapping[str, str] = os.environ
     cfg.max_line_bytes = int(values.get("max_line_bytes", DEFAULT_MAX_LINE_BYTES))  # type: ignore[call-overload]
     cfg.log_level = str(values["log_level"]) if "log_level" in values else None
     cfg.palace = os.path.abspath(palace_flag) if palace_flag else (str(values["palace"]) if "palace" in values else None)
-    cfg.memory = resolve(cfg.palace, environ)
+    rules = enginerules.for_command(engine_command(environ, file_values), environ)
+    cfg.memory = resolve(cfg.palace, environ, rules=rules)
     cfg.state_dir = state_dir_for(cfg.memory, values.get("mempalace_path"))  # type: ignore[arg-type]
     return cfg

@@ -6,10 +6,13 @@ mempalace 3.11 user keeps drawers under `~/.config/mempalace/palace`, not
 `~/.mempalace/palace`; without `--palace` the knowledge graph is
 `~/.mempalace/knowledge_graph.sqlite3`, with it `<palace>/knowledge_graph.sqlite3`).
 
-Two answers, kept equal by tests/test_dropin.py:
-- `resolve()`: mempalace 3.11's own rules (`mempalace/config.py`,
+Two answers, kept equal by tests/test_dropin.py (with every supported engine version):
+- `resolve()`: mempalace's own rules (`mempalace/config.py`,
   `mcp_server/_guards.py: _resolve_kg_path`) in stdlib Python, cheap enough for
-  the shim's start-up;
+  the shim's start-up. The rules changed between versions (3.4 keeps everything
+  under `~/.mempalace`; 3.11 follows XDG and reads one more variable), so they
+  are a `Rules` value: `RULES_3_11` by default, or what `enginerules` learned
+  from the engine actually installed;
 - `engine_resolve()`: the engine's answer, computed by its own code in its own
   interpreter (it may live in another environment, a uv tool, and be another
   version than anything the bridge could import). The broker asks it once at
@@ -30,6 +33,53 @@ if TYPE_CHECKING:
 KG_NAME = "knowledge_graph.sqlite3"
 LEGACY_MARKERS = ("config.json", "people_map.json")
 PALACE_ENV = ("MEMPALACE_PALACE_PATH", "MEMPALACE_PALACE", "MEMPAL_PALACE_PATH")  # precedence, as mempalace 3.11
+
+
+class Rules:
+    """How one mempalace version resolves its files (the parts that differ between versions).
+
+    - xdg: without a legacy install the config dir is `$XDG_CONFIG_HOME/mempalace` or `~/.config/mempalace`
+      (3.11); False: always `~/.mempalace` (3.4);
+    - config_env: `MEMPALACE_CONFIG_DIR` names the config dir (3.11);
+    - palace_env: the palace variables it reads, in PALACE_ENV's precedence (3.4 has no MEMPALACE_PALACE);
+    - config_bom: its config.json may start with a UTF-8 BOM (3.11 reads it; 3.4 ignores such a file).
+    """
+
+    __slots__ = ("xdg", "config_env", "palace_env", "config_bom")
+
+    def __init__(self, xdg: bool, config_env: bool, palace_env: tuple[str, ...], config_bom: bool) -> None:
+        self.xdg = xdg
+        self.config_env = config_env
+        self.palace_env = tuple(name for name in PALACE_ENV if name in palace_env)
+        self.config_bom = config_bom
+
+    def as_dict(self) -> dict[str, object]:
+        return {"xdg": self.xdg, "config_env": self.config_env, "palace_env": list(self.palace_env),
+                "config_bom": self.config_bom}
+
+    @classmethod
+    def from_dict(cls, data: object) -> Rules | None:
+        """Rules from `as_dict()` output (a cache file, the engine's answer); None when malformed."""
+        if not isinstance(data, dict):
+            return None
+        xdg, env, names, bom = (data.get(k) for k in ("xdg", "config_env", "palace_env", "config_bom"))
+        if not (isinstance(xdg, bool) and isinstance(env, bool) and isinstance(bom, bool) and isinstance(names, list)):
+            return None
+        return cls(xdg, env, tuple(n for n in names if isinstance(n, str)), bom)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Rules) and self.as_dict() == other.as_dict()
+
+    def __hash__(self) -> int:
+        return hash((self.xdg, self.config_env, self.palace_env, self.config_bom))
+
+    def __repr__(self) -> str:
+        return f"Rules({self.as_dict()})"
+
+
+RULES_3_11 = Rules(xdg=True, config_env=True, palace_env=PALACE_ENV, config_bom=True)
+RULES_3_4 = Rules(xdg=False, config_env=False, palace_env=("MEMPALACE_PALACE_PATH", "MEMPAL_PALACE_PATH"),
+                  config_bom=False)
 
 
 class Memory:
@@ -87,7 +137,12 @@ def mismatch(mine: Memory, theirs: dict[str, object]) -> str | None:
 
 
 def _same(a: str, b: str) -> bool:
-    return a == b or os.path.realpath(a) == os.path.realpath(b)
+    """One file by the file system, not by spelling (macOS: case, normalization, /var -> /private/var)."""
+    if a == b:
+        return True  # the fast path's case: no stat
+    from mp_ssh_bridge.samepath import same_file
+
+    return same_file(a, b)
 
 
 def _home_relative(path: str, home: str) -> str:
@@ -101,13 +156,14 @@ def _has_legacy_install(legacy: str) -> bool:
     return os.path.isfile(os.path.join(legacy, "palace", "chroma.sqlite3"))
 
 
-def config_dir(environ: Mapping[str, str], home: str) -> str:
-    """mempalace 3.11's config dir: MEMPALACE_CONFIG_DIR, a real legacy ~/.mempalace, XDG_CONFIG_HOME, ~/.config."""
-    explicit = environ.get("MEMPALACE_CONFIG_DIR")
+def config_dir(environ: Mapping[str, str], home: str, rules: Rules = RULES_3_11) -> str:
+    """The config dir: MEMPALACE_CONFIG_DIR, a real legacy ~/.mempalace, XDG_CONFIG_HOME, ~/.config (3.11);
+    always ~/.mempalace for an engine without XDG support (3.4)."""
+    explicit = environ.get("MEMPALACE_CONFIG_DIR") if rules.config_env else None
     if explicit and explicit.strip():
         return os.path.expanduser(explicit)
     legacy = os.path.join(home, ".mempalace")
-    if os.path.isdir(legacy) and _has_legacy_install(legacy):
+    if not rules.xdg or os.path.isdir(legacy) and _has_legacy_install(legacy):
         return legacy
     xdg = environ.get("XDG_CONFIG_HOME")
     if xdg and xdg.strip():
@@ -117,10 +173,10 @@ def config_dir(environ: Mapping[str, str], home: str) -> str:
     return os.path.join(home, ".config", "mempalace")
 
 
-def _configured_palace(config: str) -> str | None:
+def _configured_palace(config: str, rules: Rules = RULES_3_11) -> str | None:
     try:
         with open(os.path.join(config, "config.json"), "rb") as fh:
-            data = json.loads(fh.read().decode("utf-8-sig"))
+            data = json.loads(fh.read().decode("utf-8-sig" if rules.config_bom else "utf-8"))
     except (OSError, ValueError):
         return None
     value = data.get("palace_path") if isinstance(data, dict) else None
@@ -128,18 +184,19 @@ def _configured_palace(config: str) -> str | None:
 
 
 def resolve(palace_flag: str | None, environ: Mapping[str, str] = os.environ,
-            home: str | None = None) -> Memory:
-    """The files `mempalace-mcp [--palace FLAG]` opens with this environment (mempalace 3.11's rules)."""
+            home: str | None = None, rules: Rules = RULES_3_11) -> Memory:
+    """The files `mempalace-mcp [--palace FLAG]` opens with this environment, by `rules` (default mempalace 3.11's)."""
     home = (environ.get("HOME") or os.path.expanduser("~")) if home is None else home
-    config = config_dir(environ, home)
+    config = config_dir(environ, home, rules)
     if palace_flag:
         palace = os.path.abspath(palace_flag)  # as mempalace-mcp --palace: abspath, no ~ expansion
     else:
-        env = next((environ[name] for name in PALACE_ENV if environ.get(name)), None)
+        env = next((environ[name] for name in rules.palace_env if environ.get(name)), None)
         if env:
             palace = os.path.abspath(os.path.expanduser(env))
         else:
-            palace = os.path.abspath(os.path.expanduser(_configured_palace(config) or os.path.join(config, "palace")))
+            configured = _configured_palace(config, rules)
+            palace = os.path.abspath(os.path.expanduser(configured or os.path.join(config, "palace")))
     kg = os.path.join(palace, KG_NAME) if palace_flag else os.path.join(home, ".mempalace", KG_NAME)
     return Memory(palace, kg, os.path.abspath(config), bool(palace_flag))
 
@@ -151,15 +208,25 @@ def state_dir_for(memory: Memory, explicit: str | os.PathLike[str] | None, home:
     `~/.mempalace` for the legacy palace `~/.mempalace/palace` (pi-devbox bind-mounts exactly
     this directory, so both sides find it), and `~/.mempalace/brokers/<key>` for any other
     palace; the key is computed from the home-relative palace path, so it is the same on both
-    sides of a home-relative mount. One palace, one state directory, one broker.
+    sides of a home-relative mount. One palace, one state directory, one broker: the key is made of
+    the palace's one spelling on this machine (samepath.canonical: symlinks resolved, on macOS the
+    names as on disk), so `/var/...` and `/private/var/...`, or `~/Work` and `~/work` on a Mac, find
+    one broker.
     """
     if explicit:
         return os.path.abspath(os.path.expanduser(os.fspath(explicit)))
     home = os.path.expanduser("~") if home is None else home
     root = os.path.join(home, ".mempalace")
-    if memory.palace == os.path.join(root, "palace"):
+    legacy = os.path.join(root, "palace")
+    if memory.palace == legacy:
+        return root  # the common case, decided without touching the disk
+    from mp_ssh_bridge.samepath import canonical  # ~30 us: realpath (macOS: and the names on disk)
+
+    spelled = canonical(memory.palace)
+    if spelled == canonical(legacy):
         return root
-    return os.path.join(root, "brokers", memory.key(home))
+    key = Memory(spelled, memory.kg, memory.config_dir, memory.palace_flag).key(canonical(home))
+    return os.path.join(root, "brokers", key)
 
 
 # --------------------------------------------------------------------------- the engine's own answer

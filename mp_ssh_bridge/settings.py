@@ -27,8 +27,8 @@ from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from mp_ssh_bridge import config, state
-from mp_ssh_bridge.palace import Memory, resolve, state_dir_for
+from mp_ssh_bridge import config, enginerules, state
+from mp_ssh_bridge.palace import Memory, Rules, resolve, state_dir_for
 
 APP_NAME = config.APP_NAME
 
@@ -107,8 +107,16 @@ class _Base(BaseSettings):
     # --- derived ------------------------------------------------------------------------------
     @property
     def memory(self) -> Memory:
-        """The files the engine opens with these settings (as a plain mempalace-mcp would)."""
-        return resolve(str(self.palace) if self.palace else None)
+        """The files the engine opens with these settings (as a plain mempalace-mcp would, by its version's rules)."""
+        return resolve(str(self.palace) if self.palace else None, rules=self.engine_rules())
+
+    def engine_rules(self) -> Rules:
+        """How the engine a broker elected from here would run resolves its files (config.engine_command)."""
+        try:
+            file_values = config.read_config_file(config.config_file_path())
+        except (OSError, ValueError):
+            file_values = {}
+        return enginerules.for_command(config.engine_command(os.environ, file_values))
 
     @property
     def state_dir(self) -> Path:
@@ -168,6 +176,13 @@ class BrokerSettings(_Base):
     tcp: str | None = Field(
         default=None, description="Also listen on TCP at HOST:PORT (token required). Off unless asked."
     )
+    tcp_advertise: str | None = Field(
+        default=None,
+        description="The TCP address written into broker.json for the other side of a VM boundary to dial: HOST "
+        "or HOST:PORT (default port: the bound one), e.g. host.docker.internal (Docker Desktop), host.orb.internal "
+        "(OrbStack), host.lima.internal (Lima). Unset: the bound address, or nothing for a wildcard bind "
+        "(0.0.0.0, ::), which names no host another machine can dial.",
+    )
 
     @field_validator("tcp")
     @classmethod
@@ -179,12 +194,29 @@ class BrokerSettings(_Base):
             raise ValueError(f"tcp must be HOST:PORT (PORT 0 = any free port), got {value!r}")
         return value
 
+    @field_validator("tcp_advertise")
+    @classmethod
+    def _tcp_advertise(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        from mp_ssh_bridge.urls import split_host_port
+
+        split_host_port(value)  # raises ValueError naming the expected form
+        return value.strip()
+
     @property
     def engine_argv(self) -> list[str]:
         argv = shlex.split(self.engine)
         if not argv:
             raise ValueError("MP_BRIDGE_ENGINE is empty")
         return argv
+
+    def engine_rules(self) -> Rules:
+        """How this broker's own engine resolves its files (its --engine / MP_BRIDGE_ENGINE / file)."""
+        try:
+            return enginerules.for_argv(self.engine_argv)
+        except ValueError:
+            return super().engine_rules()
 
 
 class SessionSettings(_Base):
@@ -263,7 +295,7 @@ class SessionSettings(_Base):
         cfg.max_line_bytes = self.max_line_bytes
         cfg.log_level = self.log_level if "log_level" in self.model_fields_set else None
         cfg.palace = os.path.abspath(palace_flag) if palace_flag else (str(self.palace) if self.palace else None)
-        cfg.memory = resolve(cfg.palace)
+        cfg.memory = resolve(cfg.palace, rules=self.engine_rules())
         cfg.state_dir = state_dir_for(cfg.memory, self.mempalace_path)
         return cfg
 

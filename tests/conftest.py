@@ -1,8 +1,13 @@
-"""Shared fixtures: a throwaway HOME with the offline embedding model, and real brokers.
+"""Shared fixtures: a throwaway HOME with the offline embedding model, real brokers, every engine.
 
 Tests never touch the real ~/.mempalace: every test gets its own HOME and
 MEMPALACE_PATH under pytest's tmp dir; `.cache` links to the model that
 `scripts/provision-model.sh` put in `.test-home` (provisioned here if missing).
+
+The `engine` fixture runs a test once per supported engine version: the pinned
+mempalace in .venv, and mempalace 3.4.0 in .venv-engine-3.4.0
+(`scripts/setup-engine.sh`, part of `make test`; skipped when missing). Only the
+tests whose outcome depends on the engine's version use it (marker `engines`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,56 @@ BIN = Path(sys.executable).parent
 
 # Variables of ours that must never leak from the developer's shell into a test.
 _SCRUB = ("MEMPALACE_BROKER", "MEMPALACE_BROKER_TOKEN", "MEMPALACE_MCP_TIMEOUT_MS", "MEMPALACE_PALACE_PATH", "MEMPALACE_PALACE")
+
+
+# Every engine version the bridge supports, by test id: the pinned one, and older releases in their own venvs.
+ENGINES: dict[str, Path] = {
+    "pinned": BIN / "mempalace-mcp",
+    "3.4.0": REPO / ".venv-engine-3.4.0" / "bin" / "mempalace-mcp",
+}
+
+
+@dataclass(frozen=True)
+class EngineUnderTest:
+    """One engine version: its test id ("pinned", "3.4.0") and its mempalace-mcp."""
+
+    name: str
+    path: Path
+
+    @property
+    def argv(self) -> list[str]:
+        return [str(self.path)]
+
+    @property
+    def pinned(self) -> bool:
+        return self.name == "pinned"
+
+
+def engine_under_test(name: str) -> EngineUnderTest:
+    """The engine `name`, or a skip that says how to install it."""
+    path = ENGINES[name]
+    if not os.access(path, os.X_OK):
+        pytest.skip(f"mempalace {name} is not installed at {path}: run scripts/setup-engine.sh {name}")
+    return EngineUnderTest(name, path)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`-m engines` selects every test that runs once per engine version."""
+    for item in items:
+        if "engine" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.engines)
+
+
+@pytest.fixture(params=sorted(ENGINES), ids=lambda name: f"engine-{name}")
+def engine(request: pytest.FixtureRequest, home: Path, monkeypatch: pytest.MonkeyPatch) -> EngineUnderTest:
+    """Each supported engine in turn, as MP_BRIDGE_ENGINE (brokers and shims started afterwards run it).
+
+    Request it before `broker` (which starts a broker at once); `broker_factory` reads the environment
+    when it starts one.
+    """
+    chosen = engine_under_test(request.param)
+    monkeypatch.setenv("MP_BRIDGE_ENGINE", str(chosen.path))
+    return chosen
 
 
 @pytest.fixture(scope="session")

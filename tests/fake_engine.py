@@ -7,7 +7,9 @@ at a time) and serves:
   whose diary_write has a root-level anyOf),
 - tools/call `fake_progress`: sends notifications/progress for the request's
   progressToken, then answers with the token it saw,
-- tools/call `fake_sleep` {seconds}: sleeps, then answers,
+- tools/call `fake_sleep` {seconds, log}: writes `log` (if any) on stderr, sleeps, then answers,
+- tools/call `fake_drop` {log}: writes `log` on stderr and answers NOTHING (mempalace 3.4.0 when
+  handling a request raises; `log` empty: a drop that says nothing),
 - initialize: echoes the protocolVersion.
 $FAKE_START_DELAY (seconds) delays everything, like a slow engine start.
 Everything else: -32601.
@@ -51,7 +53,11 @@ def main():
                 send({"jsonrpc": "2.0", "method": "notifications/progress",
                       "params": {"progressToken": token, "progress": i, "total": 2}})
             send({"jsonrpc": "2.0", "id": mid, "result": {"content": [{"type": "text", "text": json.dumps({"token": token})}]}})
+        elif method == "tools/call" and params.get("name") == "fake_drop":
+            print((params.get("arguments") or {}).get("log", ""), file=sys.stderr, flush=True)
         elif method == "tools/call" and params.get("name") == "fake_sleep":
+            if (params.get("arguments") or {}).get("log"):
+                print(params["arguments"]["log"], file=sys.stderr, flush=True)
             time.sleep(float((params.get("arguments") or {}).get("seconds", 1)))
             send({"jsonrpc": "2.0", "id": mid, "result": {"content": [{"type": "text", "text": "{\"slept\": true}"}]}})
         else:

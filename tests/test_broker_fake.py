@@ -1,7 +1,8 @@
 """Broker behaviour that needs a SCRIPTED FAKE ENGINE (tests/fake_engine.py).
 
 The real mempalace 3.11 never sends progress and has no root-level anyOf, so
-progress-token routing and the tools/list clean-up are shown against the
+progress-token routing, the tools/list clean-up and a request the engine drops (a
+hint on stderr that turns out false, too) are shown against the
 fake, which replays mempalace 3.4.0's real tool list.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 
 from mp_ssh_bridge import protocol
@@ -128,6 +130,31 @@ def test_an_engine_that_keeps_crashing_is_not_respawned_in_a_loop(broker_factory
         st = (await c.call("broker/status"))["result"]
         assert st["engine"]["starts"] <= 6, st["engine"]  # backoff and a cool-down, not a spin
         assert (await c.call("ping"))["result"] == {}
+        await c.close()
+
+    run(main())
+
+
+def test_a_dropped_request_is_answered_at_once_and_a_false_hint_fails_nothing(broker_factory):
+    """The proof that the engine dropped a request is its answer to a LATER one (it answers in order); an
+    error-looking stderr line is only the hint that makes the broker ask (a ping). A hint while a request
+    runs fails nothing: the ping is answered after it."""
+    broker = broker_factory(env={"MP_BRIDGE_ENGINE": FAKE})
+
+    async def main():
+        c = await RawClient.connect(broker.endpoint)
+        r = await c.call("tools/call", {"name": "fake_sleep", "arguments": {"seconds": 1, "log": "ERROR unrelated"}},
+                         timeout=20)
+        assert r["result"]["content"][0]["text"] == '{"slept": true}'
+        started = time.monotonic()
+        r = await c.call("tools/call", {"name": "fake_drop", "arguments": {"log": "Server error: boom"}}, timeout=20)
+        assert time.monotonic() - started < 2
+        assert r["error"]["code"] == protocol.OUTCOME_UNKNOWN and r["error"]["data"]["outcome"] == "unknown"
+        assert "Server error: boom" in r["error"]["message"] and "NOT retried" in r["error"]["message"]
+        r = await c.call("tools/call", {"name": "fake_sleep", "arguments": {"seconds": 0}}, timeout=20)
+        assert "result" in r  # the same engine serves on
+        st = (await c.call("broker/status"))["result"]
+        assert st["engine"]["restarts"] == 0 and st["totals"]["outcome_unknown"] == 1
         await c.close()
 
     run(main())

@@ -9,8 +9,14 @@ both ways with the REAL engine:
 3. after the broker is stopped, a plain engine finds the shim's three.
 
 So the shim's writes land in the files a plain engine reads, and nothing written before
-the switch is stranded. `palace.resolve()` (the bridge's stdlib answer) is also checked
-against the engine's own (`palace.engine_resolve`) for every configuration.
+the switch is stranded. `palace.resolve()` (the bridge's stdlib answer, by the rules
+`enginerules` learned from the engine) is also checked against the engine's own
+(`palace.engine_resolve`) for every configuration.
+
+Every supported engine version: the pinned one in all configurations, and mempalace 3.4.0
+(MP_BRIDGE_ENGINE) in those its own rules give a meaning (it has no XDG config dir and no
+MEMPALACE_PALACE: everything lives under ~/.mempalace; `xdg-config-home` shows the shim
+ignores XDG for it too).
 """
 
 from __future__ import annotations
@@ -24,14 +30,12 @@ from typing import Any
 
 import pytest
 
-from mp_ssh_bridge import palace, state
-from tests.conftest import BIN
+from mp_ssh_bridge import enginerules, palace, state
+from tests.conftest import BIN, EngineUnderTest, engine_under_test
 from tests.helpers import pid_alive, wait_for
 from tests.test_shim_support import ShimProc
 
-ENGINE = str(BIN / "mempalace-mcp")
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.engines]
 
 
 def _text(reply: dict[str, Any]) -> str:
@@ -94,25 +98,41 @@ def _configure(name: str, home: Path) -> tuple[list[str], dict[str, str]]:
         (home / ".config/mempalace").mkdir(parents=True, exist_ok=True)
         (home / ".config/mempalace/config.json").write_text(json.dumps({"palace_path": str(home / "configured")}))
         return [], {}
+    if name == "legacy-config-file-palace":  # the config file every version reads: ~/.mempalace/config.json
+        (home / ".mempalace").mkdir(mode=0o700, exist_ok=True)
+        (home / ".mempalace/config.json").write_text(json.dumps({"palace_path": str(home / "configured")}))
+        return [], {}
     raise AssertionError(name)
 
 
 CONFIGS = ["fresh-xdg", "xdg-config-home", "legacy-install", "env-palace-path", "palace-flag", "config-file-palace"]
+CONFIGS_3_4 = ["fresh-xdg", "xdg-config-home", "env-palace-path", "palace-flag", "legacy-config-file-palace"]
+DROPIN = [("pinned", c) for c in CONFIGS] + [("3.4.0", c) for c in CONFIGS_3_4]
 
 
-@pytest.mark.parametrize("config", CONFIGS)
-def test_plain_engine_and_shim_see_the_same_memory(config: str, home: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   tmp_path: Path) -> None:
+def _engine_env(eng: EngineUnderTest, extra: dict[str, str]) -> dict[str, str]:
+    """A user's environment with this engine: the pinned one is found on PATH, another is named."""
+    env = dict(os.environ, **extra)
+    if not eng.pinned:
+        env["MP_BRIDGE_ENGINE"] = str(eng.path)
+    return env
+
+
+@pytest.mark.parametrize(("engine_name", "config"), DROPIN, ids=[f"{e}-{c}" for e, c in DROPIN])
+def test_plain_engine_and_shim_see_the_same_memory(engine_name: str, config: str, home: Path,
+                                                   monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    eng = engine_under_test(engine_name)
+    plain_engine = str(eng.path)
     monkeypatch.delenv("MEMPALACE_PATH")  # a real user's environment: the bridge finds its own state directory
     args, extra = _configure(config, home)
-    env = dict(os.environ, **extra)
+    env = _engine_env(eng, extra)
     flag = args[1] if args else None
-    ours = palace.resolve(flag, env, str(home))
-    theirs, version = palace.engine_resolve([ENGINE], flag, env)
+    ours = palace.resolve(flag, env, str(home), rules=enginerules.for_argv(eng.argv, env))
+    theirs, version = palace.engine_resolve(eng.argv, flag, env)
     assert ours == theirs, f"palace.resolve disagrees with mempalace {version}: {ours} vs {theirs}"
 
     before, after = f"before-{uuid.uuid4().hex[:6]}", f"after-{uuid.uuid4().hex[:6]}"
-    plain = _session(ENGINE, args, env, tmp_path / "plain1.err")
+    plain = _session(plain_engine, args, env, tmp_path / "plain1.err")
     try:
         _write(plain, before)
     finally:
@@ -127,11 +147,49 @@ def test_plain_engine_and_shim_see_the_same_memory(config: str, home: Path, monk
     assert record is not None, "the shim elected no broker where its memory's state directory is"
     assert (record["palace"], record["kg"]) == (ours.palace, ours.kg)
     _stop_brokers(home, env)
-    plain = _session(ENGINE, args, env, tmp_path / "plain2.err")
+    plain = _session(plain_engine, args, env, tmp_path / "plain2.err")
     try:
         assert _seen(plain, after) == {"drawer": True, "kg": True, "diary": True}
     finally:
         plain.close()
+
+
+def _resolution_cases(home: Path) -> list[tuple[str, str | None, dict[str, str], Any]]:
+    """(name, --palace, environment, set-up of HOME): every rule on which versions differ, and their order."""
+    def legacy_palace() -> None:
+        (home / ".mempalace/palace").mkdir(parents=True, exist_ok=True)
+        (home / ".mempalace/palace/chroma.sqlite3").write_bytes(b"")
+
+    def bom_config() -> None:  # in each version's config dir: 3.11 reads a BOM, 3.4.0 ignores such a file
+        for where in (home / ".mempalace", home / ".config/mempalace"):
+            where.mkdir(parents=True, exist_ok=True)
+            (where / "config.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"palace_path": "/bom/p"}).encode())
+
+    return [
+        ("fresh", None, {}, None),
+        ("xdg", None, {"XDG_CONFIG_HOME": str(home / "xdg")}, None),
+        ("xdg-relative", None, {"XDG_CONFIG_HOME": "rel/xdg"}, None),
+        ("config-dir-env", None, {"MEMPALACE_CONFIG_DIR": str(home / "cfg")}, None),
+        ("short-palace-env", None, {"MEMPALACE_PALACE": "/short/p"}, None),
+        ("legacy-palace-env", None, {"MEMPAL_PALACE_PATH": "/legacy/p"}, None),
+        ("env-precedence", None, {"MEMPALACE_PALACE": "/short/p", "MEMPAL_PALACE_PATH": "/legacy/p"}, None),
+        ("flag", str(home / "flagged"), {"MEMPALACE_PALACE_PATH": "/env/p"}, None),
+        ("legacy-palace", None, {}, legacy_palace),
+        ("bom-config", None, {}, bom_config),
+    ]
+
+
+def test_resolution_agrees_with_every_engine_in_every_case(engine: EngineUnderTest, home: Path) -> None:
+    """The stdlib rules, learned per engine, against the engine's own code: cheap, so every difference is tried."""
+    for name, flag, extra, prepare in _resolution_cases(home):
+        for stale in (home / ".mempalace", home / ".config"):
+            subprocess.run(["rm", "-rf", str(stale)], check=True)
+        if prepare:
+            prepare()
+        env = dict(os.environ, **extra)
+        ours = palace.resolve(flag, env, str(home), rules=enginerules.for_argv(engine.argv, env))
+        theirs, version = palace.engine_resolve(engine.argv, flag, env)
+        assert ours == theirs, f"{name}: palace.resolve disagrees with mempalace {version}: {ours} vs {theirs}"
 
 
 def test_two_palaces_at_once_get_two_brokers_and_see_only_their_own(home: Path, monkeypatch: pytest.MonkeyPatch,

@@ -114,16 +114,22 @@ def test_container_detection_by_marker_files():
     assert not hostinfo.in_container(lambda p: False)
 
 
-def test_broker_liveness_by_pid_or_heartbeat():
+def test_broker_liveness_by_pid_or_moving_heartbeat(tmp_path):
+    """Same machine: the pid. Across the boundary: a heartbeat that moves (tests/test_liveness.py in full)."""
+    from mp_ssh_bridge import liveness
+
     rec = {"pid": 42, "host": "h", "boot_id": "b", "heartbeat": 1000.0}
-    same = dict(this_host="h", this_boot="b")
-    assert state.broker_may_be_alive(rec, 30, pid_alive=lambda p: True, now=5000, **same)
-    assert not state.broker_may_be_alive(rec, 30, pid_alive=lambda p: False, now=1001, **same)
-    other = dict(this_host="container", this_boot="x", pid_alive=lambda p: False)
-    assert state.broker_may_be_alive(rec, 30, now=1010, **other), "fresh heartbeat across the boundary"
-    assert not state.broker_may_be_alive(rec, 30, now=1031, **other)
-    assert not state.broker_may_be_alive(None, 30)
-    assert state.broker_may_be_alive({"pid": 1, "host": "zz"}, 30, **other), "no heartbeat: assume alive"
+    here = liveness.Machine("h", "b", None)
+    seen = liveness.Seen(tmp_path / "sd", directory=tmp_path / "seen", me=here)
+    judge = lambda r, **kw: liveness.judge(r, 30, seen=seen, kind="broker", **kw)  # noqa: E731
+    assert judge(rec, pid_alive=lambda p: True).alive
+    assert not judge(rec, pid_alive=lambda p: False).alive
+    clock = [0.0]
+    other = dict(rec, host="container", boot_id="x")
+    assert judge(other, clock=lambda: clock[0]).alive, "one reading across the boundary: alive"
+    clock[0] = 31.0
+    assert not judge(other, clock=lambda: clock[0]).alive, "stood still for the stale limit on our clock"
+    assert judge({"pid": 1, "host": "zz"}, clock=lambda: clock[0]).alive, "no heartbeat, first reading: alive"
 
 
 def test_atomic_json_and_private_dirs(tmp_path):
@@ -184,6 +190,47 @@ def test_palace_resolution_follows_mempalace(tmp_path):
     assert resolve("~/x", {}, home).palace == os.path.abspath("~/x")  # as mempalace-mcp: no ~ expansion
     other_home = resolve(None, {}, "/home/developer")  # the same layout seen through a home-relative mount
     assert other_home.key("/home/developer") == fresh.key(home)
+
+
+def test_palace_resolution_by_mempalace_3_4_rules(tmp_path):
+    """3.4.0 keeps everything under ~/.mempalace and reads neither XDG, MEMPALACE_CONFIG_DIR nor MEMPALACE_PALACE
+    (learned from the engine itself: mp_ssh_bridge/enginerules.py; checked against it in tests/test_dropin.py)."""
+    from mp_ssh_bridge.palace import RULES_3_4, Rules, resolve
+
+    home = str(tmp_path)
+    fresh = resolve(None, {}, home, RULES_3_4)
+    assert fresh.palace == f"{home}/.mempalace/palace" and fresh.config_dir == f"{home}/.mempalace"
+    ignored = {"XDG_CONFIG_HOME": f"{home}/x", "MEMPALACE_CONFIG_DIR": f"{home}/c", "MEMPALACE_PALACE": "/b"}
+    assert resolve(None, ignored, home, RULES_3_4) == fresh
+    assert resolve(None, dict(ignored, MEMPAL_PALACE_PATH="/c"), home, RULES_3_4).palace == "/c"
+    (tmp_path / ".mempalace").mkdir()
+    (tmp_path / ".mempalace/config.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"palace_path": "/p"}).encode())
+    assert resolve(None, {}, home, RULES_3_4).palace == f"{home}/.mempalace/palace"  # 3.4.0 cannot read a BOM
+    assert resolve(None, {}, home).palace == "/p"  # 3.11 can (and ~/.mempalace/config.json is a legacy install)
+    assert Rules.from_dict(RULES_3_4.as_dict()) == RULES_3_4 and Rules.from_dict({"xdg": "yes"}) is None
+
+
+def test_broker_guard_keeps_what_an_engine_cannot_survive_from_it():
+    from mp_ssh_bridge_broker import guard
+
+    assert guard.invalid_params("tools/call", {"name": {"a": 1}, "arguments": {}}) == guard.TOOL_CALL_MEMBERS
+    assert guard.invalid_params("tools/call", {"name": "t", "arguments": [1]}) == guard.TOOL_CALL_MEMBERS
+    assert guard.invalid_params("tools/call", {"name": "t", "arguments": None}) is None
+    assert guard.invalid_params("tools/call", {"arguments": 5}) is None  # no name: the engine says it is required
+    assert guard.invalid_params("tools/list", {"name": 5}) is None
+    assert guard.envelope_params([1]) == {} and guard.envelope_params(None) is None
+    assert guard.hints_no_reply("Server error: unhashable type: 'dict'") and not guard.hints_no_reply("Filed drawer")
+
+
+def test_read_only_tools_where_the_engine_cannot_say():
+    from mp_ssh_bridge_broker import readonly
+
+    own = frozenset({"mempalace_search", "mempalace_status"})
+    assert readonly.classify(own) == own  # a real read-only surface: the engine's own word
+    ignored = frozenset({"mempalace_search", "mempalace_add_drawer", "mempalace_new_unknown_tool"})
+    assert readonly.classify(ignored) == {"mempalace_search"}  # it ignored --read-only: known read tools only
+    assert readonly.classify(None) == readonly.READ_TOOLS
+    assert not readonly.READ_TOOLS & readonly.WRITE_TOOLS
 
 
 def test_settings_sources_and_precedence(tmp_path, monkeypatch):
