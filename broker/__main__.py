@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mempalace-path", dest="mempalace_path", help="state directory (default $MEMPALACE_PATH or ~/.mempalace)")
     p.add_argument("--engine", help="engine command line (default $MP_BRIDGE_ENGINE or mempalace-mcp)")
     p.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP with a token (off unless given)")
+    p.add_argument("--tcp-advertise", dest="tcp_advertise", metavar="HOST[:PORT]",
+                   help="the TCP address the other side of a VM dials (e.g. host.docker.internal); default: the "
+                   "bound address, none for 0.0.0.0 / ::")
     p.add_argument("--idle-exit-minutes", type=float, dest="idle_exit_minutes", help="exit after N idle minutes; 0 = never")
     p.add_argument("--request-timeout", type=float, dest="request_timeout", help="per-request deadline, seconds")
     p.add_argument("--stall-timeout", type=float, dest="stall_timeout", help="kill a silent engine after N seconds")
@@ -43,11 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dial-stdio", dest="dial_stdio", action="store_true", help="bridge stdin/stdout to the broker socket (SSH fallback)")
     p.add_argument("--socket", help="--dial-stdio: socket path (default: from broker.json)")
+    p.add_argument("--status", action="store_true", help="what `mp-bridge status --json` shows, as seen on this host")
     p.add_argument("--check", action="store_true", help="scar files and sqlite quick_check of the palace, as JSON")
     p.add_argument("--logs", action="store_true", help="print the end of the broker's log (what `mp-bridge logs` shows)")
     p.add_argument("--lines", type=int, default=50, help="--logs: how many lines (default 50)")
+    p.add_argument("--follow", action="store_true", help="--logs: keep printing new lines until the caller (an SSH "
+                   "session) goes away")
     p.add_argument("--version", action="store_true")
     return p
+
+
+def _stdin_closed() -> bool:
+    """True once stdin is at EOF (an SSH channel that closed, even behind a wrapper script without `exec`)."""
+    import select
+
+    try:
+        ready, _, _ = select.select([sys.stdin.fileno()], [], [], 0)
+        return bool(ready) and os.read(sys.stdin.fileno(), 4096) == b""
+    except (OSError, ValueError):
+        return True
 
 
 def settings_from(args: argparse.Namespace, *, serving: bool) -> Any:
@@ -60,7 +77,7 @@ def settings_from(args: argparse.Namespace, *, serving: bool) -> Any:
 
     overrides: dict[str, Any] = {}
     for key in (
-        "palace", "mempalace_path", "engine", "tcp", "idle_exit_minutes", "request_timeout",
+        "palace", "mempalace_path", "engine", "tcp", "tcp_advertise", "idle_exit_minutes", "request_timeout",
         "stall_timeout", "max_line_bytes", "strip_root_combinators", "log_level",
     ):
         value = getattr(args, key)
@@ -89,21 +106,35 @@ def main(argv: list[str] | None = None) -> int:
 
         return dial_main(args)
     try:
-        settings = settings_from(args, serving=not (args.stop or args.ensure or args.logs or args.check))
+        settings = settings_from(args, serving=not (args.stop or args.ensure or args.logs or args.check or args.status))
     except ValueError as exc:  # pydantic's ValidationError, a broken config file: the user's to fix
         from mp_ssh_bridge.stopping import describe_settings_error
 
         print(f"mempalace-broker: {describe_settings_error(exc)}", file=sys.stderr)
         return 2
+    if args.status:
+        from mp_ssh_bridge.status import snapshot
+
+        print(json.dumps(snapshot(settings), default=str), flush=True)
+        return 0
     if args.check:
         from mp_ssh_bridge import palacecheck
 
-        print(json.dumps(palacecheck.report(settings.memory.palace, settings.memory.kg)), flush=True)
+        print(json.dumps(palacecheck.report(settings.memory.palace, settings.memory.kg, str(settings.paths.root))),
+              flush=True)
         return 0
     if args.logs:
         from mp_ssh_bridge import brokerlog
 
         print(brokerlog.tail(settings.paths.log, args.lines) or f"(no log at {settings.paths.log})", flush=True)
+        if args.follow:
+            parent = os.getppid()
+            gone = lambda: os.getppid() != parent or _stdin_closed()  # noqa: E731
+            try:  # ends when the SSH session that runs it is gone: stdin at EOF, re-parented, or stdout closed
+                for line in brokerlog.follow(settings.paths.log, stop=gone):
+                    print(line, flush=True)
+            except (BrokenPipeError, KeyboardInterrupt):
+                return 0
         return 0
     if args.stop:
         from mp_ssh_bridge.stopping import stop_broker
@@ -124,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.detach and os.fork() > 0:
         os._exit(0)  # the parent returns to --ensure at once; the child is reparented
     setup_logging(settings.log_level)
+    from mp_ssh_bridge_broker.limits import raise_nofile
+
+    raise_nofile()  # before the engine spawns: it inherits the limit (macOS starts jobs at 256)
     from mp_ssh_bridge_broker.lifecycle import AlreadyRunning, BrokerProcess
 
     try:

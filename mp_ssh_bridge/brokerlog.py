@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 MAX_BYTES = 5 * 1024 * 1024  # then broker.log becomes broker.log.1 (the previous .1 is dropped)
@@ -54,11 +54,12 @@ def tail(log: Path, lines: int = 50) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def follow(log: Path, poll: float = 0.5) -> Iterator[str]:
-    """New lines as they are written (across a rotation), until the caller stops iterating."""
+def follow(log: Path, poll: float = 0.5, stop: Callable[[], bool] | None = None) -> Iterator[str]:
+    """New lines as they are written (across a rotation), until the caller stops iterating or `stop()` is true
+    (checked at every poll: `mempalace-broker --logs --follow` over SSH ends when its session is gone)."""
     pos = log.stat().st_size if log.exists() else 0
     ino = log.stat().st_ino if log.exists() else None
-    while True:
+    while not (stop is not None and stop()):
         try:
             st = log.stat()
         except OSError:

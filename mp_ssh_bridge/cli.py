@@ -5,6 +5,10 @@
   mp-bridge doctor            check every link from settings to engine; exit 1 on a failure
   mp-bridge logs [-f] [-n N]  the broker's log (host; over SSH in a container)
   mp-bridge --version         the bridge's version and the engine's
+  mp-bridge restart           replace the broker (after an upgrade); queued calls go to the new one
+  mp-bridge doctor --fix      also repair what is safe to repair (modes, stale state, no broker)
+  mp-bridge migrate [--apply] move what an older bridge wrote to other files into the memory a plain
+                              engine opens (a dry run first; --apply backs up, merges, verifies)
   mp-bridge stop [--force] [--timeout S]
                               stop the broker, if it is proven to be ours (see
                               mp_ssh_bridge/stopping.py); exit 0 stopped or none
@@ -51,7 +55,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     if args.all:
         return _status_all(settings, args.json)
-    snap = snapshot(settings)
+    look = (lambda: _status_over_ssh(settings)) if settings.resolved_role() == "container" else (
+        lambda: snapshot(settings))
+    snap = look()
+    if snap is None:
+        return 1
     if args.json:
         print(json.dumps(snap, indent=1, default=str))
         return 0 if snap["status"] else 1
@@ -67,9 +75,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         with Live(_status_view(snap), console=con, refresh_per_second=4, transient=False) as live:
             while True:
                 time.sleep(1.0)
-                live.update(_status_view(snapshot(settings)))
+                live.update(_status_view(look() or snap))
     except KeyboardInterrupt:
         return 0
+
+
+def _status_over_ssh(settings: Any) -> dict[str, Any] | None:
+    """Container role: the host's own view (`mempalace-broker --status` over SSH), as the shim reaches it."""
+    from mp_ssh_bridge.doctorkit import host_json
+
+    snap, why = host_json(settings, "--status", bound=settings.connect_timeout + 15)
+    if snap is None:
+        print(f"mp-bridge: cannot read the host's broker status over SSH (Host {settings.ssh_host}): {why}",
+              file=sys.stderr)
+        return None
+    snap["via"] = f"ssh {settings.ssh_host}"
+    return snap
 
 
 def _status_view(snap: dict[str, Any]) -> Any:
@@ -80,7 +101,10 @@ def _status_view(snap: dict[str, Any]) -> Any:
 
     st = snap["status"]
     if not st:
-        stale = " (stale broker.json)" if snap["record"] else ""
+        stale = ""
+        if snap["record"]:  # by the liveness rule: a moving heartbeat on another machine is not "stale"
+            stale = (" (broker.json names a broker that may be alive: on another machine, or hung)"
+                     if snap.get("may_be_alive") else " (stale broker.json)")
         return Text.from_markup(f"[yellow]No broker answers for[/] {snap['state_dir']}{stale}")
     b, e = st["broker"], st["engine"]
     table = Table("#", "agent", "via", "role", "connected s", "queued", "in flight", "requests")
@@ -93,7 +117,8 @@ def _status_view(snap: dict[str, Any]) -> Any:
                f"({flight.get('running_s')} s)") if flight else "running: nothing"
     return Group(
         Text.from_markup(f"[bold]broker[/] pid {b['pid']} v{b['version']}  palace {b['palace']}  "
-                         f"round trip {snap['round_trip_ms']} ms"),
+                         f"round trip {snap['round_trip_ms']} ms" + (f" (on the host, via {snap['via']})"
+                                                                     if snap.get("via") else "")),
         Text.from_markup(f"[bold]engine[/] pid {e['pid']} mempalace {e['version']}  {e['state']}  "
                          f"up {e['uptime_s']} s  restarts {e['restarts']}"),
         table,
@@ -132,6 +157,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from mp_ssh_bridge.doctor import Check, run_checks
     from mp_ssh_bridge.settings import load
 
+    fixed: list[str] = []
     try:
         settings = load(palace=args.palace)
     except (ValueError, OSError) as exc:  # pydantic's ValidationError, a broken TOML file: the first thing to report
@@ -139,18 +165,47 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                         "or the config file")]
     else:
         checks = run_checks(settings)
+        if args.fix:
+            from mp_ssh_bridge.doctorfix import fix
+
+            try:
+                fixed = fix(settings, [(c.level, c.title) for c in checks])
+            except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+                fixed = [f"--fix stopped: {type(exc).__name__}: {exc}"]
+            checks = run_checks(settings)  # what holds now
     failed = any(c.level == "fail" for c in checks)
     if args.json:
-        print(json.dumps({"ok": not failed, "checks": [
-            {"name": c.title, "status": c.level, "detail": c.detail, "fix": c.fix} for c in checks]}, indent=1))
+        out: dict[str, Any] = {"ok": not failed, "checks": [
+            {"name": c.title, "status": c.level, "detail": c.detail, "fix": c.fix} for c in checks]}
+        if args.fix:
+            out["fixed"] = fixed
+        print(json.dumps(out, indent=1))
         return 1 if failed else 0
-    con = _console()
-    marks = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
-    for c in checks:
-        con.print(f"{marks[c.level]} [bold]{c.title}[/]: {c.detail}")
-        if c.fix and c.level != "ok":
-            con.print(f"      fix: {c.fix}")
+    _doctor_table(checks, fixed)
     return 1 if failed else 0
+
+
+def _doctor_table(checks: list[Any], fixed: list[str]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    con = _console()
+    for line in fixed:
+        con.print(f"[cyan]fixed[/] {escape(line)}")
+    table = Table(show_header=True, header_style="bold", expand=True, show_lines=False)
+    table.add_column("", width=4, no_wrap=True)
+    table.add_column("check", max_width=18, overflow="fold")
+    table.add_column("found / fix", ratio=1, overflow="fold")
+    marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
+    for c in checks:
+        text = escape(c.detail)
+        if c.fix and c.level != "ok":
+            text += f"\n[bold]fix:[/] {escape(c.fix)}"
+        table.add_row(marks[c.level], escape(c.title), text)
+    con.print(table)
+    bad = sum(c.level == "fail" for c in checks)
+    warn = sum(c.level == "warn" for c in checks)
+    con.print("[green]all checks passed[/]" if not bad and not warn else f"{bad} failed, {warn} warnings")
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -162,7 +217,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         return 2
     if settings.resolved_role() == "container":
         if args.follow:
-            print("mp-bridge logs -f: following is for the host; here the last lines are shown", file=sys.stderr)
+            return _follow_on_host(settings, args.lines)
         return _relay_on_host(settings, ["--logs", "--lines", str(args.lines)], settings.connect_timeout + 30,
                               "read the host's broker log")
     log = settings.paths.log
@@ -176,6 +231,22 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _follow_on_host(settings: Any, lines: int) -> int:
+    """`mp-bridge logs -f` in a container: the host's log, followed over SSH until Ctrl-C."""
+    import asyncio
+
+    from mp_ssh_bridge import ssh
+
+    try:
+        return asyncio.run(ssh.stream_on_host(settings, "--logs", "--lines", str(lines), "--follow", out=sys.stdout))
+    except KeyboardInterrupt:
+        return 0
+    except ssh.SSHBridgeError as exc:
+        print(f"mp-bridge: cannot follow the host's broker log over SSH (Host {settings.ssh_host}): {exc}",
+              file=sys.stderr)
+        return 1
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     if settings is None:
@@ -187,6 +258,43 @@ def cmd_stop(args: argparse.Namespace) -> int:
     result = stop_broker(settings, force=args.force, timeout=args.timeout)
     print(result.message, file=sys.stdout if result.code == 0 else sys.stderr)
     return result.code
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    """Replace the running broker (after an upgrade): stop it gracefully — its running call finishes, its queued
+    calls are answered "not executed" and each mp-shim sends them to the next broker — then start a new one."""
+    settings = _load_settings(args)
+    if settings is None:
+        return 2
+    if settings.resolved_role() == "container":
+        code = _stop_over_ssh(settings, False, args.timeout)
+        if code != 0:
+            return code
+        from mp_ssh_bridge import ssh
+
+        return _relay_on_host(settings, ssh.ensure_args(settings), settings.ensure_timeout + REMOTE_STOP_MARGIN,
+                              "start the host's broker")
+    from mp_ssh_bridge.election import EnsureError, ensure_broker
+    from mp_ssh_bridge.stopping import read_record, stop_broker
+
+    record, _ = read_record(settings.paths.json)
+    manager = (record or {}).get("manager")
+    if isinstance(manager, dict) and manager.get("restart"):
+        print(f"mp-bridge restart: the broker runs under {manager.get('kind')} ({manager.get('unit')}); restart it "
+              f"there: {manager['restart']}", file=sys.stderr)
+        return 1
+    result = stop_broker(settings, timeout=args.timeout)
+    if result.code != 0:
+        print(f"{result.message}; not restarted", file=sys.stderr)
+        return result.code
+    print(result.message)
+    try:
+        info = ensure_broker(settings)
+    except EnsureError as exc:
+        print(f"mp-bridge restart: the new broker did not start: {exc}", file=sys.stderr)
+        return 1
+    print(f"broker pid {info.get('pid')} (mp-ssh-bridge {info.get('version')}) serves {info.get('palace')}")
+    return 0
 
 
 def _stop_over_ssh(settings: Any, force: bool, timeout: float | None) -> int:
@@ -257,9 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=cmd_status)
     d = sub.add_parser("doctor", parents=[common], help="check the set-up and say what is wrong (exit 1 on a failure)")
     d.add_argument("--json", action="store_true", help='{"ok": bool, "checks": [{"name", "status", "detail", "fix"}]}')
+    d.add_argument("--fix", action="store_true", help="tighten modes, reclaim stale state, start a broker; says what it did")
     d.set_defaults(func=cmd_doctor)
     lg = sub.add_parser("logs", parents=[common], help="the broker's log (the host's, over SSH, in a container)")
-    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (host) until Ctrl-C")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until Ctrl-C (in a container: the host's, over SSH)")
     lg.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
     lg.set_defaults(func=cmd_logs)
     st = sub.add_parser("stop", parents=[common], help="stop the broker (only a process proven to be it)")
@@ -268,8 +377,19 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=_positive_seconds, help="seconds to wait after SIGTERM (default shutdown_grace + 5; --force: 2)"
     )
     st.set_defaults(func=cmd_stop)
+    rs = sub.add_parser("restart", parents=[common], help="replace the running broker (after an upgrade); no queued "
+                        "call is lost")
+    rs.add_argument("--timeout", type=_positive_seconds, help="seconds to wait for the old broker to drain and exit")
+    rs.set_defaults(func=cmd_restart)
+    from mp_ssh_bridge import migrate
+
+    migrate.add_parser(sub, common)
     args = p.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # `mp-bridge status --json | head`: the reader is gone, nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

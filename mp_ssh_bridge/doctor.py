@@ -1,51 +1,121 @@
 """`mp-bridge doctor`: check each thing the shim depends on and say plainly what is wrong.
 
 Each check is a `Check` (level ok / warn / fail, title, detail, fix). The order follows the shim's own
-path — settings, state directory, broker, engine, SSH — so the first failure
-is usually the cause of the rest.
+path — settings, memory, state directory, engine, broker, palace files — so the first failure is
+usually the cause of the rest. The container role goes the way its sessions go, over SSH
+(doctor_container.py). Doctor only looks: it never starts a broker nor writes the palace
+(`--fix`, in doctorfix.py, may).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import stat
-from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Any
 
-from mp_ssh_bridge import hostinfo, palace, state
+from mp_ssh_bridge import config, hostinfo, liveness, palace, state
+from mp_ssh_bridge.doctorkit import Check, lock_check, palace_health_checks, probe_checks
 from mp_ssh_bridge.settings import Settings
-from mp_ssh_bridge.status import snapshot
 
-
-@dataclass
-class Check:
-    level: str  # "ok" | "warn" | "fail"
-    title: str
-    detail: str = ""
-    fix: str = ""
+ENGINE_RESOLVE_SECONDS = 30.0
 
 
 def run_checks(settings: Settings) -> list[Check]:
-    """Every check, in the order the shim itself goes: the container role goes over SSH, as its sessions do."""
+    """Every check, in the order the shim itself goes: the container role goes over SSH, as its sessions do.
+
+    Never raises: a check that crashes (a file gone mid-look, a permission) is one failure that says so.
+    """
     checks: list[Check] = []
     role = settings.resolved_role()
     why_role = "MP_BRIDGE_ROLE" if settings.role != "auto" else (
         "/.dockerenv or /run/.containerenv exists" if hostinfo.in_container() else "no container marker")
-    checks.append(Check("ok", "role", f"{role} ({why_role})"))
-    memory = settings.memory
-    checks.append(Check("ok", "memory", f"palace {memory.palace}, knowledge graph {memory.kg}, config {memory.config_dir} "
-                                         "(as a plain mempalace-mcp with these arguments and environment)"))
-    _state_dir_checks(settings, checks)
-    if role == "container":
-        _container_checks(settings, checks)
-    else:
-        _host_checks(settings, checks)
-        if hostinfo.in_container():
-            checks.append(Check("warn", "role", "running in a container but MP_BRIDGE_ROLE=host",
-                                "unset MP_BRIDGE_ROLE unless the host's socket is reachable from here"))
+
+    def stranded(out: list[Check]) -> None:
+        from mp_ssh_bridge.migrate import stranded_checks
+
+        out += [Check(*found) for found in stranded_checks(settings)]  # what an older bridge wrote elsewhere
+
+    def side(out: list[Check]) -> None:
+        if role == "container":
+            from mp_ssh_bridge.doctor_container import container_checks
+
+            container_checks(settings, out)
+        else:
+            _host_checks(settings, out)
+
+    steps = [("settings", lambda out: out.append(settings_check(settings))),
+             ("role", lambda out: out.append(Check("ok", "role", f"{role} ({why_role})"))),
+             ("memory", lambda out: out.append(memory_check(settings))),
+             ("stranded data", stranded),
+             ("state directory", lambda out: _state_dir_checks(settings, out)),
+             ("over SSH" if role == "container" else "broker", side)]
+    for title, step in steps:
+        try:
+            step(checks)
+        except Exception as exc:  # noqa: BLE001 - reported as one check, never a traceback
+            checks.append(Check("fail", title, f"doctor could not check this: {type(exc).__name__}: {exc}",
+                                "run it again; if it stays, please report it"))
+    if role == "host" and hostinfo.in_container():
+        checks.append(Check("warn", "role", "running in a container but MP_BRIDGE_ROLE=host",
+                            "unset MP_BRIDGE_ROLE unless the host's socket is reachable from here"))
     return checks
+
+
+# --------------------------------------------------------------------------- settings and memory
+def settings_check(settings: Settings) -> Check:
+    """Where each value that is not a default came from: the environment or the config file."""
+    path = config.config_file_path()
+    try:
+        file_values = config.read_config_file(path)
+    except (OSError, ValueError):
+        file_values = {}  # the model loaded, so the file is readable; a race is not worth a failure
+    origins = []
+    for field in type(settings).model_fields:
+        env = config.env_name(field)
+        if os.environ.get(env):
+            origins.append(f"{field}={getattr(settings, field)!s} (env {env})")
+        elif field in file_values:
+            origins.append(f"{field}={getattr(settings, field)!s} (config file)")
+    where = f"config file {path}" + ("" if Path(path).exists() else " (absent)")
+    shown = "; ".join(o for o in origins if "token" not in o) or "all defaults"
+    return Check("ok", "settings", f"{where}; {shown}")
+
+
+def _palace_origin(settings: Settings) -> str:
+    if settings.palace:
+        return "--palace / MP_BRIDGE_PALACE"
+    for name in palace.PALACE_ENV:
+        if os.environ.get(name):
+            return f"env {name}"
+    memory = settings.memory
+    if memory.palace != os.path.join(memory.config_dir, "palace"):
+        return f"palace_path in {memory.config_dir}/config.json"
+    return f"the default under the config dir {memory.config_dir}"
+
+
+def memory_check(settings: Settings) -> Check:
+    memory = settings.memory
+    return Check("ok", "memory", f"palace {memory.palace} (from {_palace_origin(settings)}), knowledge graph "
+                                 f"{memory.kg}, config {memory.config_dir} — as a plain mempalace-mcp with these "
+                                 "arguments and environment")
+
+
+# --------------------------------------------------------------------------- state directory
+def _mode_problem(path: Path, st: os.stat_result, is_dir: bool, secret: bool = True) -> Check | None:
+    want = "700" if is_dir else "600"
+    if st.st_uid != os.getuid():
+        return Check("fail", "state directory", f"{path} belongs to uid {st.st_uid}, not to you",
+                     "use a state directory of your own (MEMPALACE_PATH)")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return Check("fail", "state directory", f"{path} is writable by group/others (mode {mode:o})",
+                     f"chmod {want} {path} (or: mp-bridge doctor --fix)")
+    if secret and mode & (stat.S_IRGRP | stat.S_IROTH):
+        return Check("fail", "state directory", f"{path} is readable by others (mode {mode:o}): broker.json holds "
+                     "the TCP token", f"chmod {want} {path} (or: mp-bridge doctor --fix)")
+    return None
 
 
 def _state_dir_checks(settings: Settings, checks: list[Check]) -> None:
@@ -54,163 +124,142 @@ def _state_dir_checks(settings: Settings, checks: list[Check]) -> None:
     if not root.exists():
         checks.append(Check("warn", "state directory", f"{root} does not exist yet", "it is created on first use"))
         return
-    st = root.stat()
-    if st.st_uid != os.getuid():
-        checks.append(Check("fail", "state directory", f"{root} belongs to uid {st.st_uid}, not to you",
-                            "use a state directory of your own (MEMPALACE_PATH)"))
-    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        checks.append(Check("fail", "state directory", f"{root} is writable by group/others (mode "
-                            f"{stat.S_IMODE(st.st_mode):o})", f"chmod 700 {root}"))
-    elif st.st_mode & (stat.S_IRGRP | stat.S_IROTH):
-        checks.append(Check("fail", "state directory", f"{root} is readable by others (mode {stat.S_IMODE(st.st_mode):o}): "
-                            "broker.json holds the TCP token", f"chmod 700 {root}"))
+    problem = _mode_problem(root, root.stat(), True)
+    for f in (paths.json, paths.palace_id_file, paths.lock, paths.log, paths.degraded):
+        if problem is None and f.exists() and not f.is_symlink():
+            problem = _mode_problem(f, f.stat(), False, secret=f in (paths.json, paths.degraded))
+    if problem is not None:
+        checks.append(problem)
     else:
-        checks.append(Check("ok", "state directory", f"{root} (mode {stat.S_IMODE(st.st_mode):o})"))
+        checks.append(Check("ok", "state directory", f"{root} (mode {stat.S_IMODE(root.stat().st_mode):o}; its "
+                                                      "files yours and owner-only)"))
     sock = paths.socket()
     note = "" if sock == paths.preferred_socket else f" (stand-in: {paths.preferred_socket} is too long for this OS)"
     checks.append(Check("ok", "socket path", f"{sock}{note}"))
 
 
-def _host_checks(settings: Settings, checks: list[Check]) -> None:
-    paths = settings.paths
-    snap = snapshot(settings)
-    record = snap["record"]
-    if record is None:
-        checks.append(Check("warn", "broker", "no broker.json: no broker is running",
-                            "the next mp-shim starts one (or: mempalace-broker --ensure)"))
-    elif snap["status"] is None:
-        if snap.get("may_be_alive"):
-            checks.append(Check(
-                "fail", "broker",
-                f"broker.json names pid {record.get('pid')} at {record.get('endpoint')}, which is alive but does not answer",
-                f"inspect {paths.log}; stop it with: mp-bridge stop --force",
-            ))
-        else:
-            checks.append(Check("warn", "broker", f"stale broker.json (pid {record.get('pid')} is gone)",
-                                "the next mp-shim reclaims it"))
-    else:
-        _broker_status_checks(settings, snap["status"], record, f"round trip {snap['round_trip_ms']} ms", checks)
-    other = state.live_degraded_writer(paths, settings.heartbeat_stale_after)
-    if other is not None:
-        checks.append(Check("warn", "degraded mode", state.describe_degraded(other, paths)))
-    from mp_ssh_bridge import palacecheck
-
-    _palace_health_checks(palacecheck.report(settings.memory.palace, settings.memory.kg), "", checks)
+# --------------------------------------------------------------------------- host role
+def engine_check(settings: Settings) -> Check:
+    """The engine command exists, runs, and opens the files this bridge resolved; its version."""
     from mp_ssh_bridge.enginecmd import EngineNotFound, resolve
 
     try:
-        checks.append(Check("ok", "engine command", " ".join(resolve(settings.engine_argv))))
+        argv = resolve(settings.engine_argv)
     except (EngineNotFound, ValueError) as exc:  # ValueError: an empty MP_BRIDGE_ENGINE
-        checks.append(Check("fail", "engine command", str(exc), "pip install mempalace, or set MP_BRIDGE_ENGINE"))
-
-
-def _palace_health_checks(report: dict[str, Any], where: str, checks: list[Check]) -> None:
-    """Scar files and sqlite quick_check results (palacecheck.report), from this host or the broker's."""
-    scars = report.get("scars") or []
-    if scars:
-        shown = ", ".join(str(s) for s in scars[:5]) + (f" and {len(scars) - 5} more" if len(scars) > 5 else "")
-        checks.append(Check("warn", "scar files", f"{len(scars)} left by mempalace's repair machinery{where}: {shown}",
-                            "they mark past damage (often two writers at once); keep them until the memory is "
-                            "checked, then move them away"))
-    else:
-        checks.append(Check("ok", "scar files", f"none{where}"))
-    for name in ("chroma.sqlite3", "knowledge_graph.sqlite3"):
-        result = str(report.get(name))
-        if result in ("ok", "absent"):
-            checks.append(Check("ok", f"{name} quick_check", f"{result}{where}"))
-        else:
-            checks.append(Check("fail", f"{name} quick_check", f"{result[:300]}{where}",
-                                "stop the broker (mp-bridge stop), back the file up, then repair it with mempalace"))
-
-
-def _broker_status_checks(settings: Settings, st: dict[str, Any], record: dict[str, Any] | None, how: str,
-                          checks: list[Check]) -> None:
-    """What a live broker says of itself: version, engine, memory, palace id."""
-    from mp_ssh_bridge import __version__
-
-    b, e = st.get("broker") or {}, st.get("engine") or {}
-    checks.append(Check("ok", "broker", f"pid {b.get('pid')} on {b.get('host')}, {len(st.get('clients') or [])} "
-                                        f"clients, {how}"))
-    if b.get("version") != __version__:
-        checks.append(Check("warn", "versions", f"the broker is mp-ssh-bridge {b.get('version')}, this side "
-                            f"{__version__}", "upgrade both sides to one version, then `mp-bridge stop` the broker"))
-    if e.get("state") == "failed":
-        last = e.get("last_exit") or "no detail"
-        checks.append(Check("fail", "engine", f"the memory engine failed: {last}",
-                            f"see {settings.paths.log}; check MP_BRIDGE_ENGINE"))
-    else:
-        level = "ok" if e.get("state") == "ready" else "warn"
-        checks.append(Check(level, "engine", f"pid {e.get('pid')}, mempalace {e.get('version')}, state "
-                                             f"{e.get('state')}, restarts {e.get('restarts')}"))
-    if settings.resolved_role() == "host":
-        why = palace.mismatch(settings.memory, b)
-        if why:
-            checks.append(Check("fail", "palace", f"the broker does not serve this memory: {why}",
-                                "leave MEMPALACE_PATH unset (one state directory per set of files) or fix --palace"))
-    local_id = state.read_palace_id(settings.paths)
-    if local_id and b.get("palace_id") not in (None, local_id):
-        checks.append(Check("fail", "palace id", f"this side's palace.id {local_id} differs from the broker's "
-                            f"{b.get('palace_id')}: another palace", "point MEMPALACE_PATH at the mount of the "
-                            "host's state directory, or MP_BRIDGE_REMOTE_PALACE at the right palace"))
-
-
-def _container_checks(settings: Settings, checks: list[Check]) -> None:
-    """The way a container session goes: SSH config, connect (host key, login), the host's broker over SSH."""
-    import time
-
-    from mp_ssh_bridge import handshake, ssh
-    from mp_ssh_bridge.errors import ShimError
-    from mp_ssh_bridge.links import AsyncLink, run_async
-
-    cfg = settings.ssh_config_path
-    if not Path(cfg).exists():
-        checks.append(Check("fail", "ssh config", f"{cfg} does not exist",
-                            "create it with a `Host host` entry (see configs/ssh_config) or set MP_BRIDGE_SSH_CONFIG"))
-        return
-    checks.append(Check("ok", "ssh config", f"{cfg}, host alias {settings.ssh_host!r}"))
-    bound = settings.connect_timeout + settings.ensure_timeout + 30
-    try:
-        status, out, err = run_async(ssh.run_on_host(settings, "--version", bound=settings.connect_timeout + 10), bound)
-    except (ShimError, TimeoutError) as exc:
-        checks.append(Check("fail", "ssh", str(exc), "see the message: host key, login, reachability"))
-        return
-    if status != 0:
-        checks.append(Check("fail", "remote broker command", f"`{settings.remote_broker} --version` on the host "
-                            f"exited {status}: {err.strip()[-200:]}", "set MP_BRIDGE_REMOTE_BROKER"))
-        return
-    checks.append(Check("ok", "ssh", f"connected to {settings.ssh_host}; remote {settings.remote_broker} is "
-                                     f"version {out.strip()}"))
-    record = state.read_broker_json(settings.paths.json)
-    endpoint = record.get("endpoint") if record else None
-    if not isinstance(endpoint, str) or not endpoint.startswith("unix://"):
-        checks.append(Check("warn", "broker", f"no broker.json visible in {settings.paths.root}: no broker is "
-                            "running on the host, or this is not a mount of the host's state directory",
-                            "the next mp-shim starts one over SSH (mempalace-broker --ensure on the host)"))
-        return
-    url = f"ssh://{settings.ssh_host}{endpoint[len('unix://'):]}"
+        return Check("fail", "engine command", str(exc), "pip install mempalace, or set MP_BRIDGE_ENGINE")
+    environ = dict(os.environ)
     started = time.perf_counter()
     try:
-        link = AsyncLink(run_async(ssh.open_ssh_url(settings, url), bound))
-    except (ShimError, TimeoutError) as exc:
-        checks.append(Check("fail", "broker over SSH", f"{url}: {exc}", "see the message"))
-        return
+        theirs, version = palace.engine_resolve(argv, str(settings.palace) if settings.palace else None, environ,
+                                                timeout=ENGINE_RESOLVE_SECONDS)
+    except palace.EngineResolveError as exc:
+        return Check("fail", "engine command", f"{' '.join(argv)} does not run: {exc}",
+                     "reinstall mempalace in that environment, or point MP_BRIDGE_ENGINE at a working mempalace-mcp")
+    took = (time.perf_counter() - started) * 1000
+    why = palace.mismatch(settings.memory, theirs.as_dict())
+    if why:
+        return Check("fail", "engine command", f"mempalace {version} ({argv[0]}) would open other files than the "
+                     f"bridge resolved: {why}", "set MEMPALACE_PALACE_PATH (or --palace) explicitly")
+    return Check("ok", "engine command", f"{' '.join(argv)}: mempalace {version}, opens the same files "
+                                         f"(asked in {took:.0f} ms)")
+
+
+def _host_checks(settings: Settings, checks: list[Check]) -> None:
+    from mp_ssh_bridge import palacecheck
+
+    checks.append(engine_check(settings))
+    ours = _broker_checks(settings, checks)
+    tcp = tcp_check(state.read_broker_json(settings.paths.json))
+    if tcp is not None:
+        checks.append(tcp)
+    report = palacecheck.report(settings.memory.palace, settings.memory.kg, str(settings.paths.root))
+    lock_check(report, ours, checks)
+    other = liveness.live_degraded_writer(settings.paths, settings.heartbeat_stale_after)
+    if other is not None:
+        checks.append(Check("warn", "degraded mode", liveness.describe_degraded(other, settings.paths)))
+    palace_health_checks(report, "", checks)
+
+
+ADVERTISE_EXAMPLES = "host.docker.internal (Docker Desktop), host.orb.internal (OrbStack), host.lima.internal (Lima)"
+
+
+def tcp_check(record: dict[str, Any] | None) -> Check | None:
+    """The broker's TCP listener (only when it has one): what it is bound to and what broker.json tells the other
+    side of a VM to dial. A wildcard bind without MP_BRIDGE_TCP_ADVERTISE advertises nothing, on purpose."""
+    if not record or not record.get("tcp_token"):
+        return None
+    endpoints = record.get("endpoints")
+    url = endpoints.get("tcp") if isinstance(endpoints, dict) else None
+    listen = record.get("tcp_listen") or "?"
+    if not isinstance(url, str):
+        return Check("warn", "tcp", f"the broker listens on {listen} but broker.json advertises no TCP endpoint: a "
+                     "wildcard address names no host another machine can dial (a container dialling 0.0.0.0 "
+                     "reaches itself)", f"set MP_BRIDGE_TCP_ADVERTISE (or tcp_advertise in the config file) to the "
+                     f"name the VM reaches this host by: {ADVERTISE_EXAMPLES}; then `mp-bridge restart`")
+    from mp_ssh_bridge import urls
+    from mp_ssh_bridge.errors import EndpointError
+
     try:
-        st = handshake.broker_status(link, settings.connect_timeout, {"probe": True})
-    except (OSError, ShimError) as exc:
-        checks.append(Check("fail", "broker over SSH", f"{url} does not answer: {exc}", "on the host: mp-bridge doctor"))
-        return
+        host = urls.parse(url).host
+    except EndpointError as exc:  # an older broker wrote an unbracketed IPv6 address
+        return Check("warn", "tcp", f"broker.json advertises {url}, which does not parse: {exc}",
+                     "upgrade the broker's mp-ssh-bridge and `mp-bridge restart`")
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    note = ": only this machine can dial a loopback address" if loopback else ""
+    return Check("ok", "tcp", f"listening on {listen}, advertised as {url} (token required){note}")
+
+
+def _broker_checks(settings: Settings, checks: list[Check]) -> int | None:
+    """broker.json, the pid it names (this host, this boot), its heartbeat, a real MCP round trip. The pid of a
+    broker that answered, or None."""
+    from mp_ssh_bridge.stopping import read_record
+
+    paths = settings.paths
+    record, bad = read_record(paths.json)
+    if bad:
+        checks.append(Check("fail", "broker.json", bad, f"if no broker runs: rm {paths.json} (or: mp-bridge doctor --fix)"))
+        return None
+    if record is None:
+        checks.append(Check("warn", "broker", "no broker.json: no broker is running",
+                            "the next mp-shim starts one (or: mp-bridge doctor --fix)"))
+        return None
+    pid, endpoint = record.get("pid"), record.get("endpoint")
+    age = state.heartbeat_age(record)
+    beat = "no heartbeat" if age is None else f"heartbeat {age:.0f}s ago"
+    if liveness.from_another_machine(record):
+        owner = liveness.live_foreign_owner(paths, settings.heartbeat_stale_after)
+        where = f"broker.json names pid {pid} on another machine ({liveness.describe_machine(record)}), {beat}"
+        if owner is not None:
+            checks.append(Check("warn", "broker", f"{where}: a live owner, {owner[1].why}",
+                                "sessions here reach it over SSH (set MP_BRIDGE_SSH_HOST); no broker starts beside it"))
+        else:
+            checks.append(Check("warn", "broker", f"{where}: gone, its heartbeat no longer moves",
+                                "the next mp-shim reclaims it"))
+        return None
+    if not isinstance(pid, int) or not hostinfo.pid_alive(pid):
+        checks.append(Check("warn", "broker", f"stale broker.json: pid {pid} is gone ({beat})",
+                            "the next mp-shim reclaims it (or: mp-bridge doctor --fix)"))
+        return None
+    if record.get("proc_start") and hostinfo.proc_start(pid) not in (None, record["proc_start"]):
+        checks.append(Check("warn", "broker", f"stale broker.json: pid {pid} now belongs to another process (it "
+                            f"started at another time; {beat})", "the next mp-shim reclaims it (or: mp-bridge "
+                            "doctor --fix)"))
+        return None
+    from mp_ssh_bridge.links import connect_unix
+
+    if not isinstance(endpoint, str) or not endpoint.startswith("unix://"):
+        checks.append(Check("fail", "broker.json", f"names no unix endpoint ({endpoint!r})", f"rm {paths.json}"))
+        return None
+    started = time.perf_counter()
+    try:
+        link = connect_unix(endpoint[len("unix://"):], settings.connect_timeout, config.DEFAULT_MAX_LINE_BYTES,
+                            endpoint)
+    except OSError as exc:
+        checks.append(Check("fail", "broker", f"broker.json names pid {pid} (alive on this host, {beat}) at "
+                            f"{endpoint}, which refuses connections: {exc.strerror or exc}",
+                            "see `mp-bridge logs`; if it stays: mp-bridge stop --force"))
+        return None
+    try:
+        return probe_checks(settings, link, started, beat, checks, f"pid {pid} (alive on this host) at {endpoint}")
     finally:
         link.close()
-    rt = round((time.perf_counter() - started) * 1000, 1)
-    _broker_status_checks(settings, st, record, f"reached over SSH ({link.conn.info.get('transport_detail')}) "
-                          f"in {rt} ms", checks)
-    try:  # on the host, where the files live: SQLite's WAL shared memory does not cross the VM boundary
-        status, out, err = run_async(ssh.run_on_host(settings, "--check", bound=settings.connect_timeout + 60), bound)
-        report = json.loads(out.strip().splitlines()[-1]) if status == 0 else None
-    except (ShimError, TimeoutError, ValueError, IndexError):
-        report = None
-    if isinstance(report, dict):
-        _palace_health_checks(report, " (checked on the host)", checks)
-    else:
-        checks.append(Check("warn", "palace files", "the host did not report on its palace files",
-                            f"on the host: mp-bridge doctor (or {settings.remote_broker} --check)"))

@@ -16,6 +16,7 @@ import os
 import time
 
 from mp_ssh_bridge.config import Config
+from mp_ssh_bridge.diag import log
 from mp_ssh_bridge.errors import EndpointError, PalaceMismatch, ShimError
 from mp_ssh_bridge.links import Link
 from mp_ssh_bridge.palace import mismatch
@@ -28,7 +29,7 @@ if TYPE_CHECKING:  # typing costs every agent start ~3 ms; annotations only
 _seq = itertools.count(1)
 
 
-def _round_trip(link: Link, msg: dict[str, Any], timeout: float, what: str) -> dict[str, Any]:
+def round_trip(link: Link, msg: dict[str, Any], timeout: float, what: str) -> dict[str, Any]:
     """Send one request, read until its reply; raises TimeoutError / ConnectionError."""
     link.send(encode(msg))
     deadline = time.monotonic() + timeout
@@ -53,7 +54,7 @@ def broker_status(link: Link, timeout: float, params: dict[str, Any] | None = No
                            "method": "broker/status"}
     if params:
         msg["params"] = params
-    reply = _round_trip(link, msg, timeout, "broker/status")
+    reply = round_trip(link, msg, timeout, "broker/status")
     res = reply.get("result")
     if not isinstance(res, dict):
         raise ConnectionError(f"broker/status failed: {reply.get('error')}")
@@ -79,7 +80,7 @@ def authenticate(link: Link, token: str | None, url: str, timeout: float) -> Non
         )
     msg = {"jsonrpc": JSONRPC, "id": "mp-shim/auth", "method": "broker/auth", "params": {"token": token}}
     try:
-        reply = _round_trip(link, msg, timeout, "broker/auth")
+        reply = round_trip(link, msg, timeout, "broker/auth")
     except (OSError, TimeoutError) as exc:
         raise EndpointError(f"{url} did not answer broker/auth: {exc}", UNAUTHORIZED) from exc
     if not isinstance(reply.get("result"), dict) or reply["result"].get("ok") is not True:
@@ -136,4 +137,20 @@ def prove(link: Link, cfg: Config, role: str, timeout: float | None = None) -> d
     except (OSError, ValueError) as exc:  # TimeoutError and ConnectionError are OSErrors
         link.close()
         raise ShimError(BROKER_UNREACHABLE, f"{link.endpoint} does not answer as a broker: {exc}") from exc
+    note = version_note(status)
+    if note:
+        log(30, note)
     return status
+
+
+def version_note(status: dict[str, Any]) -> str | None:
+    """One line when the broker runs another mp-ssh-bridge version than this session (it still works: the
+    protocol between them is versioned by its methods, and both sides ignore what they do not know)."""
+    from mp_ssh_bridge import __version__
+
+    broker = status.get("broker") if isinstance(status.get("broker"), dict) else None
+    theirs = broker.get("version") if broker else None
+    if not isinstance(theirs, str) or theirs == __version__:
+        return None
+    return (f"the broker runs mp-ssh-bridge {theirs}, this session {__version__}: it works; to run one version, "
+            f"upgrade the older side and run `mp-bridge restart` (no queued call is lost)")

@@ -14,9 +14,11 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 SCAR_MARKERS = (".corrupt-", ".drift-", ".broken-")
 QUICK_CHECK_SECONDS = 10.0
+NOT_CHECKED = "not checked: "  # could not look (busy, too slow, unreadable): no verdict on the file
 
 
 def scars(palace: str) -> list[str]:
@@ -36,25 +38,70 @@ def quick_check(db: str, seconds: float = QUICK_CHECK_SECONDS) -> str:
     if not os.path.exists(db):
         return "absent"
     deadline = time.monotonic() + seconds
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2.0)
+    from urllib.parse import quote
+
+    try:  # quoted: a path with ?, # or % is still this file
+        conn = sqlite3.connect(f"file:{quote(db)}?mode=ro", uri=True, timeout=2.0)
     except sqlite3.Error as exc:
-        return f"cannot open: {exc}"
+        return f"{NOT_CHECKED}cannot open it ({exc})"
     try:
         conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 10000)
         rows = conn.execute("PRAGMA quick_check").fetchall()
     except sqlite3.Error as exc:
-        return f"did not finish within {seconds:g}s" if time.monotonic() > deadline else f"error: {exc}"
+        if time.monotonic() > deadline:
+            return f"{NOT_CHECKED}it did not finish within {seconds:g}s"
+        if any(word in str(exc).lower() for word in ("locked", "busy")):
+            return f"{NOT_CHECKED}{exc} (a writer holds it; try again)"
+        return f"error: {exc}"  # "file is not a database", "malformed": damage
     finally:
         conn.close()
     result = "; ".join(str(r[0]) for r in rows)
     return result or "no answer"
 
 
-def report(palace: str, kg: str) -> dict[str, object]:
-    """Everything above for one memory, as JSON-ready data."""
-    return {
+def report(palace: str, kg: str, state_dir: str | None = None) -> dict[str, object]:
+    """Everything above for one memory, as JSON-ready data; with `state_dir`, also who else holds the
+    palace's files (stray writers: not the broker named by broker.json, not its engine) and broker.lock."""
+    out: dict[str, object] = {
         "scars": scars(palace),
         "chroma.sqlite3": quick_check(os.path.join(palace, "chroma.sqlite3")),
         "knowledge_graph.sqlite3": quick_check(kg),
     }
+    if state_dir is not None:
+        out.update(_holders(palace, kg, state_dir))
+    return out
+
+
+def _holders(palace: str, kg: str, state_dir: str) -> dict[str, object]:
+    from mp_ssh_bridge import holders, state
+
+    paths = state.StatePaths(Path(state_dir))
+    ours = {os.getpid()}
+    for record in (state.read_broker_json(paths.json), state.read_broker_json(paths.degraded)):
+        pid = _recorded_pid(record)
+        if pid is not None:
+            ours.add(pid)  # the broker (or a degraded session): it and its descendants (the engine) are no strays
+    found, note = holders.holders(palace, kg)
+    held, lockers = holders.lock_holders(str(paths.lock))
+    return {
+        "writers": None if found is None else [vars(h) for h in holders.strays(found, ours)],
+        "writers_note": note,
+        "lock": {"held": held, "by": [{"pid": h.pid, "command": h.command} for h in lockers]},
+    }
+
+
+def _recorded_pid(record: dict[str, Any] | None) -> int | None:
+    """The pid a broker.json / degraded.json record names, when it names a process here: the record was
+    written on this machine (a pid from another machine or boot names some unrelated process here) and,
+    when it records `proc_start`, the process with that pid started then (not a reused pid)."""
+    from mp_ssh_bridge import hostinfo, liveness
+
+    pid = record.get("pid") if record else None
+    if record is None or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    if not liveness.same_machine(record):
+        return None
+    start = record.get("proc_start")
+    if start is not None and hostinfo.proc_start(pid) != start:
+        return None
+    return pid

@@ -43,6 +43,7 @@ from mp_ssh_bridge.protocol import (
     OUTCOME_UNKNOWN,
     PARSE_ERROR,
     SHIM_BACKSTOP_GRACE_S,
+    SHUTTING_DOWN,
     encode,
     error,
     event_wait_timeout_ms,
@@ -54,6 +55,17 @@ if TYPE_CHECKING:  # typing costs every agent start ~3 ms; annotations only
     from typing import BinaryIO
 
 DRAIN_ON_EOF = 5.0  # after stdin closes, how long answers to pending requests may still arrive
+MAX_RESENDS = 2  # a request a stopping broker did not run is sent to the next broker at most this often
+
+
+def _not_run_by_a_stopping_broker(msg: dict) -> bool:
+    """A reply that proves the request never ran because its broker is stopping (`mp-bridge restart`, an
+    upgrade): safe to send again — not a blind retry, its outcome is known."""
+    err = msg.get("error")
+    if not isinstance(err, dict) or err.get("code") != SHUTTING_DOWN:
+        return False
+    data = err.get("data")
+    return isinstance(data, dict) and data.get("outcome") == "not_executed"
 
 
 def id_key(value: object) -> tuple[str, object]:
@@ -83,15 +95,18 @@ def fast_connect(cfg: Config) -> Link:
 
 
 class Pending:
-    __slots__ = ("msg_id", "method", "frame", "deadline", "link", "tool")
+    __slots__ = ("msg_id", "method", "frame", "deadline", "link", "tool", "resent", "timeout_s")
 
-    def __init__(self, msg_id: object, method: str, frame: bytes, deadline: float | None, tool: str | None) -> None:
+    def __init__(self, msg_id: object, method: str, frame: bytes, deadline: float | None, tool: str | None,
+                 timeout_s: float | None = None) -> None:
         self.msg_id = msg_id
         self.method = method
         self.frame = frame
-        self.deadline = deadline
+        self.deadline = deadline  # the backstop (monotonic); re-armed when the request is sent to a new broker
+        self.timeout_s = timeout_s  # the request's own timeout (the backstop minus SHIM_BACKSTOP_GRACE_S)
         self.link: Link | None = None  # None: waiting in the backlog, not sent yet
         self.tool = tool
+        self.resent = 0  # times sent again after a broker said it did not run it (shutting down)
 
 
 DEGRADED_NOTICE = (
@@ -109,10 +124,13 @@ class Shim:
         self.lock = threading.RLock()
         self.out_lock = threading.Lock()
         self.pending: dict[tuple, Pending] = {}
-        self.backlog: list[tuple[tuple | None, bytes]] = []  # frames waiting for a connection
+        # Frames waiting for a connection, with the request they carry (None: a notification). A request
+        # frame is sent only while that very Pending still holds its id: a cancelled id may be reused.
+        self.backlog: list[tuple[tuple | None, bytes, Pending | None]] = []
         self.link: Link | None = None
         self.flushing: Link | None = None
         self.connecting = False
+        self.connect_started = 0.0  # when the current dial began (monotonic): a backstop says how long it took
         self.last_error: ShimError | None = None
         self.init_msg: dict | None = None
         self.client_initialized = False
@@ -198,7 +216,8 @@ class Shim:
                 if key in self.pending:
                     self.reply_error(msg_id, INVALID_REQUEST, f"id {msg_id!r} is already used by a pending request")
                     return
-                pend = Pending(msg_id, method, frame, None if ms is None else time.monotonic() + ms / 1000, tool)
+                pend = Pending(msg_id, method, frame, None if ms is None else time.monotonic() + ms / 1000, tool,
+                               None if ms is None else ms / 1000 - SHIM_BACKSTOP_GRACE_S)
                 self.pending[key] = pend
                 if method == "initialize":
                     self.init_msg = msg
@@ -222,15 +241,16 @@ class Shim:
     def send_or_queue(self, key: tuple | None, frame: bytes) -> None:
         with self.lock:
             link = self.link
+            pend = self.pending.get(key) if key is not None else None
             if link is None:
-                self.backlog.append((key, frame))
+                if key is not None and pend is None:
+                    return  # answered (expired) before it could even be queued
+                self.backlog.append((key, frame, pend))
                 start = not self.connecting
                 if start:
                     self.connecting = True
-            else:
-                pend = self.pending.get(key) if key is not None else None
-                if pend is not None:
-                    pend.link = link
+            elif pend is not None:
+                pend.link = link
         if link is None:
             if start:
                 self.start_connect()
@@ -281,6 +301,7 @@ class Shim:
             log(30, f"broker sent a reply with an unusable id {msg_id!r}; dropped")
             return
         key = id_key(msg_id)
+        late: Pending | None = None
         with self.lock:
             if key in self.swallow:
                 self.swallow.discard(key)
@@ -294,6 +315,15 @@ class Shim:
                 else:
                     log(20, f"late or unknown reply id {msg_id!r} dropped")
                     return
+            elif _not_run_by_a_stopping_broker(msg) and pend.resent < MAX_RESENDS:
+                pend.link = None  # proven not executed: the next broker (a restart) gets it, time permitting
+                if not self._too_late_to_resend(pend, time.monotonic()):
+                    pend.resent += 1
+                    self.backlog.append((key, pend.frame, pend))  # its backstop still holds while it waits
+                    log(20, f"request {msg_id!r} was not executed by a stopping broker; it waits for the next one")
+                    return
+                del self.pending[key]
+                late = pend
             else:
                 del self.pending[key]
             add_notice = (
@@ -302,7 +332,9 @@ class Shim:
             )
             if add_notice:
                 self.notice_sent = True
-        if add_notice:
+        if late is not None:
+            self.answer_not_resent(late)
+        elif add_notice:
             msg["result"]["content"].append({"type": "text", "text": DEGRADED_NOTICE.format(reason=link.reason)})
             self.write_out(encode(msg))
         else:
@@ -323,7 +355,7 @@ class Shim:
                     continue
                 if pend.method == "initialize":  # no effect on the palace: send it again on the next link
                     pend.link = None
-                    self.backlog.insert(0, (key, pend.frame))
+                    self.backlog.insert(0, (key, pend.frame, pend))
                 else:
                     del self.pending[key]
                     errors.append(pend)
@@ -351,8 +383,8 @@ class Shim:
             with self._heap_cv:
                 now = time.monotonic()
                 while self._heap and self._heap[0][0] <= now:
-                    _, _, key, due = heapq.heappop(self._heap)
-                    if self.pending.get(key) is due:
+                    when, _, key, due = heapq.heappop(self._heap)
+                    if self.pending.get(key) is due and due.deadline == when:  # not re-armed (resent) since
                         del self.pending[key]
                         expired.append(due)
                 if not expired:
@@ -367,11 +399,16 @@ class Shim:
         if pend.link is None:
             with self.lock:
                 reason = f" ({self.last_error})" if self.last_error else ""
+                dialing = time.monotonic() - self.connect_started if self.connecting else None
+            still = "" if dialing is None else (
+                f"; mp-shim was still connecting to the broker, or starting it ({dialing:.1f} s so far): "
+                "check `mp-bridge logs` and `mp-bridge doctor`"
+            )
             self.reply_error(
                 pend.msg_id,
                 DEADLINE_EXCEEDED,
                 f"no broker connection within the request's deadline (MEMPALACE_MCP_TIMEOUT_MS={self.cfg.timeout_ms})"
-                f"{reason}; the request was NOT sent",
+                f"{reason}; the request was NOT sent (safe to retry){still}",
                 {"outcome": "not_executed"},
             )
             return
@@ -392,8 +429,40 @@ class Shim:
         except (OSError, ShimError):
             pass
 
+    # ---- resending what a stopping broker did not run ---------------------------------------------
+    @staticmethod
+    def _too_late_to_resend(pend: Pending, now: float) -> bool:
+        """Less than half its timeout left before the backstop: the next broker, which measures a fresh deadline
+        from the frame's arrival, could still run it after the backstop had told the agent "outcome unknown"."""
+        if pend.deadline is None or not pend.timeout_s:
+            return False  # no deadline: it may wait as long as it takes
+        return pend.deadline - now < pend.timeout_s / 2
+
+    def _rearm(self, pend: Pending, key: tuple, now: float) -> None:
+        """Sent to a new broker: the backstop counts from now (the old heap entry no longer matches). Under lock."""
+        if pend.deadline is None or pend.timeout_s is None:
+            return
+        pend.deadline = now + pend.timeout_s + SHIM_BACKSTOP_GRACE_S
+        self._seq += 1
+        heapq.heappush(self._heap, (pend.deadline, self._seq, key, pend))
+        self._heap_cv.notify()
+
+    def answer_not_resent(self, pend: Pending) -> None:
+        """A request a stopping broker did not run, with too little time left to send it to the next one."""
+        left = max(0.0, (pend.deadline or 0.0) - time.monotonic() - SHIM_BACKSTOP_GRACE_S)
+        log(20, f"request {pend.msg_id!r} was not executed by a stopping broker; too little time left to resend it")
+        self.reply_error(
+            pend.msg_id,
+            DEADLINE_EXCEEDED,
+            f"request NOT executed (the broker was restarting); only {left:.1f}s of its deadline "
+            f"(MEMPALACE_MCP_TIMEOUT_MS={self.cfg.timeout_ms}) was left, too little to send it to the next broker; "
+            "safe to retry",
+            {"outcome": "not_executed"},
+        )
+
     # ---- connecting -----------------------------------------------------------------------------
     def start_connect(self) -> None:
+        self.connect_started = time.monotonic()
         threading.Thread(target=self.connect_worker, name="connect", daemon=True).start()
 
     def dial(self) -> Link:
@@ -431,7 +500,11 @@ class Shim:
         with self.lock:
             self.connecting = False
             self.last_error = err
-            waiting = [self.pending.pop(k) for k, _ in self.backlog if k is not None and k in self.pending]
+            waiting: list[Pending] = []
+            for k, _, p in self.backlog:
+                if k is not None and p is not None and self.pending.get(k) is p:  # not a cancelled request whose id was reused
+                    del self.pending[k]
+                    waiting.append(p)
             self.backlog.clear()
         log(40, str(err))
         for pend in waiting:
@@ -443,7 +516,8 @@ class Shim:
         with self.lock:
             self.flushing = link  # link_lost() recognises it while we flush
             pending_init = any(
-                k is not None and k in self.pending and self.pending[k].method == "initialize" for k, _ in self.backlog
+                k is not None and p is not None and self.pending.get(k) is p and p.method == "initialize"
+                for k, _, p in self.backlog
             )
             replay: list[bytes] = []
             if self.init_msg is not None and not pending_init:
@@ -462,6 +536,7 @@ class Shim:
             for frame in replay:
                 link.send(frame)
             while True:
+                late: Pending | None = None
                 with self.lock:
                     if self.flushing is not link:
                         break  # lost while flushing; link_lost() has answered what was sent
@@ -471,12 +546,22 @@ class Shim:
                         self.connecting = False
                         self.last_error = None
                         return
-                    key, frame = self.backlog.pop(0)
+                    key, frame, pend = self.backlog.pop(0)
                     if key is not None:
-                        pend = self.pending.get(key)
-                        if pend is None:
-                            continue  # expired or cancelled while waiting
-                        pend.link = link
+                        if pend is None or self.pending.get(key) is not pend:
+                            continue  # expired or cancelled while waiting (its id may name a newer request)
+                        if pend.resent:  # a stopping broker did not run it: a fresh deadline, if time allows
+                            now = time.monotonic()
+                            if self._too_late_to_resend(pend, now):
+                                del self.pending[key]
+                                late = pend
+                            else:
+                                self._rearm(pend, key, now)
+                        if late is None:
+                            pend.link = link
+                if late is not None:
+                    self.answer_not_resent(late)
+                    continue
                 link.send(frame)
         except (OSError, ShimError) as exc:
             failure = f"send failed: {exc}"

@@ -30,6 +30,7 @@ says what to fix.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from mp_ssh_bridge import protocol, state, urls
+from mp_ssh_bridge import protocol, samepath, state, urls
 from mp_ssh_bridge.connection import Connection
 from mp_ssh_bridge.errors import ShimError
 
@@ -147,6 +148,20 @@ def _options(settings: Settings, alias: str, username: str | None, port: int | N
             refuse=True,
         )
     return target
+
+
+def target_facts(settings: Settings) -> dict[str, Any]:
+    """What the user's SSH config says of `settings.ssh_host`, for `mp-bridge doctor`: where it goes, which keys
+    and known_hosts files. Raises SSHBridgeError (config missing or unusable, host key checks turned off)."""
+    target = _options(settings, settings.ssh_host, None, None)
+    keys = target.identity_files or [str(state.expand(k)) for k in _DEFAULT_KEYS]
+    return {
+        "where": target.where, "user": target.user, "config": str(target.config_path),
+        "keys": [k for k in keys if os.path.exists(os.path.expanduser(k))], "keys_looked_for": keys,
+        "agent": bool(os.environ.get("SSH_AUTH_SOCK")),
+        "known_hosts": [k for k in target.known_hosts_files() if os.path.exists(os.path.expanduser(k))],
+        "known_hosts_looked_for": target.known_hosts_files(),
+    }
 
 
 async def connect(
@@ -273,6 +288,37 @@ async def run_on_host(settings: Settings, *args: str, bound: float) -> tuple[int
         return await run_broker_command(settings, conn, *args, *remote_palace_args(settings), bound=bound)
     finally:
         await _Channel(conn).close()
+
+
+async def stream_on_host(settings: Settings, *args: str, out: Any) -> int:
+    """`mp-bridge logs -f` in a container: `<remote_broker> ARGS --palace ...` on the host, its stdout copied to
+    `out` as it comes, until it ends or the caller is interrupted (Ctrl-C). Keepalive bounds a hung host.
+    Raises SSHBridgeError."""
+    conn = await connect(settings)
+    channel = _Channel(conn)
+    try:
+        command = remote_argv(settings, *args, *remote_palace_args(settings))
+        try:
+            # no `async with`: on Ctrl-C its exit would wait, unbounded, for sshd to close a channel whose
+            # command is still running; closing the connection ends the session (and the remote follow) instead
+            channel.process = proc = await conn.create_process(command, encoding=None)
+            decode = codecs.getincrementaldecoder("utf-8")("replace").decode  # a chunk may end mid-character
+            while True:
+                chunk = await proc.stdout.read(65536)
+                if not chunk:
+                    break
+                try:
+                    out.write(decode(chunk))
+                    out.flush()
+                except BrokenPipeError:  # `mp-bridge logs -f | head`: the reader is gone, and so are we
+                    return 0
+            await asyncio.wait_for(proc.wait_closed(), settings.connect_timeout)
+            status = proc.exit_status
+        except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
+            raise SSHBridgeError(f"`{command}` on the SSH host failed: {exc}") from exc
+        return status if isinstance(status, int) else 0
+    finally:
+        await channel.close()
 
 
 async def remote_ensure(settings: Settings, conn: asyncssh.SSHClientConnection) -> dict[str, Any]:
@@ -431,7 +477,10 @@ def _fresh_record(settings: Settings) -> dict[str, Any] | None:
     local = state.read_palace_id(settings.paths)
     if local is None or record.get("palace_id") != local:
         return None
-    if settings.remote_palace and record.get("palace") != settings.remote_palace:
+    theirs = record.get("palace")
+    # Paths across the VM boundary name nothing here; palace.id (above) decides. A macOS spelling of the same
+    # palace (case, normalization, /private/var) still takes this fast path; any other goes through --ensure.
+    if settings.remote_palace and not (isinstance(theirs, str) and samepath.spelled_alike(theirs, settings.remote_palace)):
         return None
     return record
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from mp_ssh_bridge import state
+from mp_ssh_bridge import liveness, state
 from mp_ssh_bridge.settings import Settings
 
 SECRETS = ("tcp_token",)
@@ -35,7 +35,8 @@ def snapshot_of(paths: state.StatePaths, stale_after: float, timeout: float = 2.
         return out
     age = state.heartbeat_age(record)
     out["heartbeat_age_s"] = None if age is None else round(age, 1)
-    out["may_be_alive"] = state.broker_may_be_alive(record, stale_after)
+    _, verdict = liveness.record_alive(paths, stale_after)  # heartbeat age is for people; this is the rule
+    out["may_be_alive"] = verdict is None or verdict.alive
     endpoint = record.get("endpoint")
     if isinstance(endpoint, str):
         started = time.perf_counter()

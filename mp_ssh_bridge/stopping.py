@@ -7,7 +7,8 @@ reused. Signalling that pid blindly once killed an unrelated host process
 from a container, and against a hung broker it reported success while the
 broker stayed. Here a pid is signalled only when all of these hold:
 
-1. broker.json's `host` and `boot_id` are this machine's (hostinfo);
+1. broker.json was written on this machine: its `host`, `boot_id` and
+   `pid_ns` are this machine's (liveness.same_machine);
 2. the pid's start identity (`hostinfo.proc_start`) equals the `proc_start`
    the broker recorded (a record without it, from an older broker, can only
    be proven by 3a);
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mp_ssh_bridge import hostinfo, state
+from mp_ssh_bridge import hostinfo, liveness, state
 
 if TYPE_CHECKING:
     from mp_ssh_bridge.settings import Settings
@@ -154,20 +155,6 @@ def _signal(pid: int, sig: signal.Signals) -> str | None:
     return None
 
 
-def _service_note(pid: int) -> str:
-    """A hint when a service manager may restart the broker: parent pid 1 and its own session leader
-    (a broker started on demand is detached with a double fork, so it is never a session leader)."""
-    if hostinfo.parent_pid(pid) != 1:
-        return ""
-    try:
-        leader = os.getsid(pid) == pid
-    except OSError:
-        return ""
-    if not leader:
-        return ""
-    return " (its parent is pid 1: if launchd or systemd runs it, it may be started again — stop the service there)"
-
-
 def _engine_of(record: dict[str, Any], broker_pid: int) -> tuple[int | None, str | None]:
     """The engine pid broker.json names, and its start identity, if it is the broker's child now."""
     engine = record.get("engine")
@@ -251,14 +238,14 @@ def _unlink(path: Path) -> bool:
 
 # --- the proof ---------------------------------------------------------------------------------
 def _foreign(record: dict[str, Any], pid: int) -> StopResult | None:
-    """A refusal when broker.json was written on another machine (or boot) than this one."""
-    host, boot = hostinfo.host_name(), hostinfo.boot_id()
-    if boot is not None and record.get("host") == host and record.get("boot_id") == boot:
+    """A refusal when broker.json was written on another machine (host, boot or pid namespace) than this one."""
+    me = liveness.this_machine()
+    if liveness.same_machine(record, me):
         return None
-    mine = f"this machine is {host}, boot {boot or 'unknown'}"
+    mine = f"this machine is {me.host}, boot {me.boot_id or 'unknown'}" + (f", pid namespace {me.pid_ns}" if me.pid_ns else "")
     return StopResult(
         REFUSED,
-        f"broker.json names pid {pid} on host {record.get('host')} (boot {record.get('boot_id')}), not this "
+        f"broker.json names pid {pid} on {liveness.describe_machine(record)}, not this "
         f"machine ({mine}): it belongs to the other side of a shared mount; stop it there, or from a container "
         f"with the SSH path (MP_BRIDGE_ROLE=container: `mp-bridge stop` runs `mempalace-broker --stop` on the "
         f"host over SSH); {NOTHING}",
@@ -324,25 +311,23 @@ def _palace(record: dict[str, Any]) -> str:
 
 def _terminate(record: dict[str, Any], pid: int, start: str | None, timeout: float) -> StopResult:
     """SIGTERM, then wait (bounded) for the broker to drain and exit."""
-    note = _service_note(pid)
     t0 = time.monotonic()
     failed = _signal(pid, signal.SIGTERM)
     if failed:
         return StopResult(REFUSED, failed)
     if _wait_gone(pid, start, timeout):
         took = time.monotonic() - t0
-        return StopResult(OK, f"stopped broker pid {pid} (palace {_palace(record)}) in {took:.1f} s{note}")
+        return StopResult(OK, f"stopped broker pid {pid} (palace {_palace(record)}) in {took:.1f} s")
     return StopResult(
         REFUSED,
         f"broker pid {pid} (palace {_palace(record)}) got SIGTERM but did not exit within {timeout:g} s (a long call "
-        f"still finishing, or hung); {FORCE_HINT} kills it{note}",
+        f"still finishing, or hung); {FORCE_HINT} kills it",
     )
 
 
 def _kill(paths: state.StatePaths, record: dict[str, Any], pid: int, start: str | None, wait: float) -> StopResult:
     """--force: SIGTERM, a short wait, SIGKILL the broker and its engine, then remove what still names it."""
     engine_pid, engine_start = _engine_of(record, pid)  # before the broker dies: then it is still its parent
-    note = _service_note(pid)
     done: list[str] = []
     failed = _signal(pid, signal.SIGTERM)
     if failed:
@@ -359,7 +344,7 @@ def _kill(paths: state.StatePaths, record: dict[str, Any], pid: int, start: str 
     if engine_pid is not None:
         done.append(_end_engine(engine_pid, engine_start))
     done.append(_remove_state(paths, record, pid, patience=KILL_WAIT))
-    return StopResult(OK, "; ".join(done) + note)
+    return StopResult(OK, "; ".join(done))
 
 
 def _end_engine(pid: int, start: str | None) -> str:
@@ -416,6 +401,32 @@ def _stop(settings: Settings, force: bool, timeout: float | None, probe_timeout:
             return _stale(paths, record, pid, why, force)
         return StopResult(REFUSED, f"{why}; {NOTHING}")
     start = hostinfo.proc_start(pid)
+    manager = record.get("manager")
+    if not force and isinstance(manager, dict) and manager.get("stop"):
+        return StopResult(REFUSED, f"broker pid {pid} runs under {manager.get('kind')} ({manager.get('unit')}), which "
+                          f"would start it again; stop it there: {manager['stop']} ({FORCE_HINT} kills it anyway); "
+                          f"{NOTHING}")
     if force:
         return _kill(paths, record, pid, start, FORCE_TERM_WAIT if timeout is None else timeout)
     return _terminate(record, pid, start, settings.shutdown_grace + 5.0 if timeout is None else timeout)
+
+
+def reclaim_stale(settings: Settings) -> str | None:
+    """`mp-bridge doctor --fix`: remove a broker.json (and its socket) that no live broker owns — its pid is gone
+    on this host and boot, or the file is not valid JSON — only while broker.lock is free. What was done, or None
+    when there was nothing to reclaim."""
+    paths = settings.paths
+    record, problem = read_record(paths.json)
+    if problem is not None:
+        with _try_lock(paths) as lock:
+            if lock != "free":
+                return f"left the unreadable {paths.json} alone: broker.lock is {lock}"
+            return f"removed the unreadable {paths.json}" if _unlink(paths.json) else None
+    if record is None:
+        return None
+    pid = _record_pid(record)
+    if pid is None or _foreign(record, pid) is not None:
+        return None
+    if hostinfo.pid_alive(pid) and not hostinfo.is_zombie(pid):
+        return None
+    return f"stale broker.json (pid {pid} is gone): {_remove_state(paths, record, pid)}"

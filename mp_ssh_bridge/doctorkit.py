@@ -1,0 +1,202 @@
+"""What `mp-bridge doctor` checks on either side: the Check record and the checks that read a broker's answers.
+
+Shared by the host's checks (doctor.py) and the container's (doctor_container.py), so a broker's status,
+versions, lock and palace files are judged by one rule wherever they were read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mp_ssh_bridge import palace, state
+from mp_ssh_bridge.palacecheck import NOT_CHECKED
+from mp_ssh_bridge.settings import Settings
+
+MCP_PROBE_SECONDS = 10.0
+
+
+@dataclass
+class Check:
+    level: str  # "ok" | "warn" | "fail"
+    title: str
+    detail: str = ""
+    fix: str = ""
+
+
+def mcp_round_trip(link: Any, timeout: float) -> str:
+    """initialize + notifications/initialized + tools/list, as an agent does; "N tools". Raises OSError."""
+    from mp_ssh_bridge import __version__, handshake
+    from mp_ssh_bridge.protocol import JSONRPC, encode
+
+    init = {"jsonrpc": JSONRPC, "id": "doctor/initialize", "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                       "clientInfo": {"name": "mp-bridge doctor", "version": __version__}}}
+    reply = handshake.round_trip(link, init, timeout, "initialize")
+    if "result" not in reply:
+        raise ConnectionError(f"initialize failed: {reply.get('error')}")
+    link.send(encode({"jsonrpc": JSONRPC, "method": "notifications/initialized"}))
+    reply = handshake.round_trip(link, {"jsonrpc": JSONRPC, "id": "doctor/tools", "method": "tools/list"}, timeout,
+                                  "tools/list")
+    tools = (reply.get("result") or {}).get("tools")
+    if not isinstance(tools, list):
+        raise ConnectionError(f"tools/list failed: {reply.get('error')}")
+    return f"{len(tools)} tools"
+
+
+
+def probe_checks(settings: Settings, link: Any, started: float, how: str, checks: list[Check], what: str,
+                 remote_version: str | None = None) -> int | None:
+    """A broker reached on `link` (host socket or SSH): `broker/status`, then a real MCP round trip, then the
+    status again (fresh after the round trip). A broker that answers its status but not the round trip (an
+    engine still loading or stuck) is told apart from one that does not answer at all. The broker's pid, or None."""
+    import time
+
+    from mp_ssh_bridge import handshake
+    from mp_ssh_bridge.errors import ShimError
+
+    try:
+        status = handshake.broker_status(link, settings.connect_timeout, {"probe": True})
+    except (OSError, ShimError, ValueError) as exc:  # TimeoutError and ConnectionError are OSErrors
+        checks.append(Check("fail", "broker", f"{what} does not answer: {exc or type(exc).__name__}",
+                            "see `mp-bridge logs`; if it stays: mp-bridge stop --force"))
+        return None
+    try:
+        tools = mcp_round_trip(link, MCP_PROBE_SECONDS)
+        trip = f"MCP round trip (initialize + tools/list, {tools}) {(time.perf_counter() - started) * 1000:.0f} ms"
+        status = handshake.broker_status(link, settings.connect_timeout, {"probe": True})
+        failed = ""
+    except (OSError, ShimError, ValueError) as exc:
+        trip, failed = "MCP round trip failed", str(exc) or type(exc).__name__
+    broker_status_checks(settings, status, f"{how}; {trip}", checks, remote_version)
+    if failed:
+        checks.append(Check("warn", "MCP round trip", f"the broker answers, but initialize + tools/list did not "
+                            f"complete within {MCP_PROBE_SECONDS:g} s: {failed}", "the engine may still be loading: "
+                            "run doctor again; if it stays, see `mp-bridge logs`"))
+    b = status.get("broker") or {}
+    return b.get("pid") if isinstance(b.get("pid"), int) else None
+
+
+def broker_status_checks(settings: Settings, st: dict[str, Any], how: str, checks: list[Check],
+                         remote_version: str | None = None) -> None:
+    """What a live broker says of itself: version, engine, memory, palace id."""
+
+    b, e = st.get("broker") or {}, st.get("engine") or {}
+    clients = [c for c in st.get("clients") or [] if not c.get("probe")]
+    checks.append(Check("ok", "broker", f"pid {b.get('pid')} on {b.get('host')}, mp-ssh-bridge {b.get('version')}, "
+                                        f"{len(clients)} clients; {how}"))
+    checks.append(versions_check(b.get("version"), remote_version))
+    if e.get("state") == "failed" or e.get("cooldown_s") or (e.get("last_error") and e.get("state") != "ready"):
+        last = "; ".join(f"{k.replace('_', ' ')}: {e[k]}" for k in ("last_error", "last_exit") if e.get(k)) or "no detail"
+        pause = f"; restarts paused for {e['cooldown_s']:.0f} s" if e.get("cooldown_s") else ""
+        checks.append(Check("fail", "engine", f"the memory engine failed (state {e.get('state')}{pause}): {last}",
+                            "see `mp-bridge logs`; check MP_BRIDGE_ENGINE, then `mp-bridge restart`"))
+    else:
+        level = "ok" if e.get("state") == "ready" else "warn"
+        checks.append(Check(level, "engine", f"pid {e.get('pid')}, mempalace {e.get('version')}, state "
+                                             f"{e.get('state')}, restarts {e.get('restarts')}",
+                            "" if level == "ok" else "wait for it to be ready; see `mp-bridge logs`"))
+    if settings.resolved_role() == "host":
+        why = palace.mismatch(settings.memory, b)
+        if why:
+            checks.append(Check("fail", "palace", f"the broker does not serve this memory: {why}",
+                                "leave MEMPALACE_PATH unset (one state directory per palace) or fix --palace"))
+    local_id = state.read_palace_id(settings.paths)
+    theirs = b.get("palace_id")
+    if local_id and theirs not in (None, local_id):
+        checks.append(Check("fail", "palace id", f"this side's palace.id {local_id} differs from the broker's "
+                            f"{theirs}: another palace", "point MEMPALACE_PATH at the mount of the host's state "
+                            "directory, or MP_BRIDGE_REMOTE_PALACE at the right palace"))
+    elif local_id:
+        side = "both sides of the mount" if settings.resolved_role() == "container" else "broker and state directory"
+        checks.append(Check("ok", "palace id", f"{local_id}, the same for {side}"))
+
+
+
+def versions_check(broker_version: Any, remote_command_version: str | None = None) -> Check:
+    """This side's version against the broker's (and the host's broker command's, in a container)."""
+    from mp_ssh_bridge import __version__
+
+    seen = {f"broker {broker_version}"} | ({f"host command {remote_command_version}"} if remote_command_version else set())
+    if broker_version != __version__ or (remote_command_version and remote_command_version != __version__):
+        return Check("warn", "versions", f"this side is mp-ssh-bridge {__version__}; {', '.join(sorted(seen))}: "
+                     "they work together, but upgrade to one version", "upgrade mp-ssh-bridge on both sides, then "
+                     "`mp-bridge restart` (a queued call is not lost)")
+    return Check("ok", "versions", f"mp-ssh-bridge {__version__} on both sides")
+
+
+
+def lock_check(report: dict[str, Any], broker_pid: int | None, checks: list[Check]) -> None:
+    lock = report.get("lock")
+    if not isinstance(lock, dict):
+        return
+    by = ", ".join(f"pid {h['pid']} ({h['command'][:60]})" for h in lock.get("by") or [])
+    held = lock.get("held")
+    if held is None:
+        checks.append(Check("ok", "lock", "this host cannot tell who holds broker.lock" + (f"; open in {by}" if by else "")))
+    elif not held:
+        checks.append(Check("ok", "lock", "broker.lock is free: no broker, and no election under way"))
+    elif broker_pid is not None and any(h["pid"] == broker_pid for h in lock.get("by") or []):
+        checks.append(Check("ok", "lock", f"held by the broker (pid {broker_pid})"))
+    else:
+        checks.append(Check("warn", "lock", "broker.lock is held, but not by a broker that answers"
+                            + (f"; open in {by}" if by else ""),
+                            "an election may be under way (try again in a few seconds); if it stays, stop that "
+                            "process"))
+
+
+
+def palace_health_checks(report: dict[str, Any], where: str, checks: list[Check]) -> None:
+    """Stray writers, scar files and sqlite quick_check results (palacecheck.report), from this host or the broker's."""
+    writers = report.get("writers", [])
+    note = f" ({report['writers_note']})" if report.get("writers_note") else ""
+    if writers is None:
+        checks.append(Check("ok", "stray writers", f"this host cannot tell{note}{where}"))
+    elif writers:
+        shown = "; ".join(f"pid {w['pid']} ({w['command'][:80]}) holds {w['path']}" for w in writers[:5])
+        checks.append(Check("fail", "stray writers", f"{len(writers)} process(es) other than the broker's engine "
+                            f"hold the palace's files{where}: {shown}", "end them, and point every agent at "
+                            "mp-shim instead of mempalace-mcp (two writers lose vectors)"))
+    elif "writers" in report:
+        checks.append(Check("ok", "stray writers", f"none{note}{where}"))
+    scars = report.get("scars") or []
+    if scars:
+        shown = ", ".join(str(s) for s in scars[:5]) + (f" and {len(scars) - 5} more" if len(scars) > 5 else "")
+        checks.append(Check("warn", "scar files", f"{len(scars)} left by mempalace's repair machinery{where}: {shown}",
+                            "they mark past damage (often two writers at once); keep them until the memory is "
+                            "checked, then move them away"))
+    else:
+        checks.append(Check("ok", "scar files", f"none{where}"))
+    for name in ("chroma.sqlite3", "knowledge_graph.sqlite3"):
+        result = str(report.get(name))
+        if result in ("ok", "absent"):
+            checks.append(Check("ok", f"{name} quick_check", f"{result}{where}"))
+        elif result.startswith(NOT_CHECKED):
+            checks.append(Check("warn", f"{name} quick_check", f"{result[:300]}{where}",
+                                "run `mp-bridge doctor` again; if it stays, see `mp-bridge logs`"))
+        else:
+            checks.append(Check("fail", f"{name} quick_check", f"{result[:300]}{where}",
+                                "stop the broker (mp-bridge stop), back the file up, then repair it with mempalace"))
+
+
+def host_json(settings: Settings, *args: str, bound: float) -> tuple[dict[str, Any] | None, str]:
+    """Container role: `<remote_broker> ARGS` on the host over SSH, its last stdout line as a JSON object; or
+    (None, why not) — one rule for `--status`, `--check` and `--ensure` read from here."""
+    import json
+
+    from mp_ssh_bridge import ssh
+    from mp_ssh_bridge.errors import ShimError
+    from mp_ssh_bridge.links import run_async
+
+    try:
+        status, out, err = run_async(ssh.run_on_host(settings, *args, bound=bound),
+                                     bound + settings.connect_timeout + 5)
+    except (ShimError, TimeoutError) as exc:
+        return None, str(exc) or type(exc).__name__
+    if status != 0:
+        return None, f"`{settings.remote_broker} {' '.join(args)}` on the host exited {status}: {err.strip()[-300:]}"
+    try:
+        data = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None, f"`{settings.remote_broker} {' '.join(args)}` on the host printed no JSON: {out.strip()[-200:]!r}"
+    return (data, "") if isinstance(data, dict) else (None, "the host's answer is not a JSON object")
