@@ -4,7 +4,7 @@ One run, one throwaway HOME (`.cache` linked to the offline model in .test-home)
 a palace with ~50 drawers. Each variant is spawned N times and driven by a raw
 JSON-RPC client over its stdio: write initialize, wait, write
 notifications/initialized + tools/call mempalace_status, time until that reply.
-RSS (VmRSS) of the shim and of upstream's proxy is read while a session is open.
+RSS (psutil) of the shim and of upstream's proxy is read while a session is open.
 Writes docs/bench-shim.md.
 
     .venv/bin/python benchmarks/bench_shim.py [--runs 15] [--drawers 50]
@@ -28,7 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests.platforms import cpu_model  # noqa: E402
+
 BIN = Path(sys.executable).parent
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
         "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}}
@@ -51,10 +56,16 @@ def read_id(proc: subprocess.Popen, msg_id: int) -> dict:
 
 
 def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    return psutil.Process(pid).memory_info().rss // 1024
+
+
+def maps_chromadb(pid: int) -> int | None:
+    """1 when the process has chromadb or onnxruntime mapped, 0 when not, None where psutil cannot say (macOS)."""
+    try:
+        maps = psutil.Process(pid).memory_maps()
+    except (AttributeError, psutil.Error):  # memory_maps: Linux, FreeBSD, Windows only
+        return None
+    return int(any("chromadb" in m.path or "onnxruntime" in m.path for m in maps))
 
 
 def session(argv: list[str], env: dict, keep_open=None) -> tuple[float, dict]:
@@ -140,7 +151,7 @@ def main() -> int:
         status = session([str(BIN / "mp-shim")], env)[1]
         print("palace:", status["result"]["content"][0]["text"][:120].replace("\n", " "), flush=True)
 
-        rss: dict[str, int] = {}
+        rss: dict[str, int | None] = {}
         shim_t = measure("(1) mp-shim, warm broker", [str(BIN / "mp-shim")], env, args.runs)
         session([str(BIN / "mp-shim")], env, keep_open=lambda p: rss.__setitem__("shim", rss_kb(p.pid)))
 
@@ -171,11 +182,11 @@ def main() -> int:
 
         def proxy_probe(p: subprocess.Popen) -> None:
             rss["proxy"] = rss_kb(p.pid)
-            maps = Path(f"/proc/{p.pid}/maps").read_text()
-            rss["proxy_has_chromadb"] = int("chromadb" in maps or "onnxruntime" in maps)
+            rss["proxy_has_chromadb"] = maps_chromadb(p.pid)
 
         session(proxy_argv, env, keep_open=proxy_probe)
-        proxied = rss["proxy_has_chromadb"] == 0 and rss["proxy"] < 100_000
+        # memory maps are not readable on macOS: there the RSS alone has to tell
+        proxied = rss["proxy_has_chromadb"] in (0, None) and rss["proxy"] < 100_000
         print(f"proxy really forwards (no chromadb/onnxruntime mapped, RSS {rss['proxy'] / 1024:.1f} MB): {proxied}")
 
         m1, ma, mb = (statistics.median(t) for t in (shim_t, direct_t, proxy_t))
@@ -187,8 +198,7 @@ def main() -> int:
         for k, v in ratios.items():
             print(f"{k:<36} {v:6.2f}")
         when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), platform.processor())
+        cpu = cpu_model()
         import mempalace.version as mv  # noqa: F401
 
         md = f"""# mp-shim start-up benchmark

@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from mp_ssh_bridge import protocol, state  # noqa: E402
 from mp_ssh_bridge.connection import Connection  # noqa: E402
+from tests.platforms import cpu_model  # noqa: E402
 from tests.sshd import SSHServer, write_broker_wrapper  # noqa: E402
 
 MODEL_CACHE = REPO / ".test-home" / ".cache"
@@ -75,14 +76,7 @@ async def time_calls(rpc: Rpc, n: int) -> list[float]:
 
 
 def machine() -> str:
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     ssh_v = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip() if shutil.which("ssh") else "?"
     import asyncssh
 

@@ -2,7 +2,10 @@
 
 Order matters. `broker.lock` is flock'ed first and held until exit, so at
 most one broker serves a state directory (flock is coherent on one kernel;
-across a VM boundary the shim asks the host to run `--ensure` instead).
+across a VM boundary the shim asks the host to run `--ensure` instead, and
+a broker.json naming a live broker on another machine — mp_ssh_bridge.liveness
+— makes this one refuse before it touches the socket). The heartbeat follows
+the wall clock as well, so a machine waking from sleep beats within a second.
 Then the socket is bound, and only then `broker.json` is written — a
 reader that finds the file can connect. On SIGTERM/SIGINT: stop accepting,
 let the running request finish within a bound, stop the engine, remove the
@@ -20,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mp_ssh_bridge import brokerlog, enginecmd, hostinfo, palace, state
+from mp_ssh_bridge import brokerlog, enginecmd, hostinfo, liveness, palace, state
 from mp_ssh_bridge.election import open_lock, try_lock
 from mp_ssh_bridge.settings import BrokerSettings
 from mp_ssh_bridge_broker import __version__, coldstart
+from mp_ssh_bridge_broker.engine import EngineUnavailable
 from mp_ssh_bridge_broker.mux import Mux
 from mp_ssh_bridge_broker.server import Server
 
@@ -65,6 +69,7 @@ class BrokerProcess:
         self.socket_path: Path | None = None
         self.record: dict[str, Any] = {}
         self.exit_reason = ""
+        self.beats = liveness.BeatSchedule(settings.heartbeat_interval)  # wall clock too: a Mac's sleep stops monotonic
 
     async def run(self) -> int:
         state.ensure_private_dir(self.paths.root)
@@ -76,9 +81,12 @@ class BrokerProcess:
 
     async def _serve(self) -> int:
         s = self.settings
-        other = state.live_degraded_writer(self.paths, s.heartbeat_stale_after)
+        other = liveness.live_degraded_writer(self.paths, s.heartbeat_stale_after)
         if other is not None:
-            raise AlreadyRunning(state.describe_degraded(other, self.paths))
+            raise AlreadyRunning(liveness.describe_degraded(other, self.paths))
+        owner = liveness.live_foreign_owner(self.paths, s.heartbeat_stale_after)  # our flock cannot see it
+        if owner is not None:  # never a second writer, never its socket removed (Server.start_unix)
+            raise AlreadyRunning(liveness.describe_owner(*owner, self.paths, s.heartbeat_stale_after))
         memory = s.memory  # verified against the engine's own answer before the engine starts (_warm_engine)
         try:
             self.engine_argv: list[str] | None = enginecmd.resolve(s.engine_argv)
@@ -89,7 +97,7 @@ class BrokerProcess:
             self.mux.seed(*cached)  # initialize and tools/list answered before the engine is up
             log.info("answering initialize and tools/list from the last run's engine until this one is up")
         await self._check_engine_files()  # before anything is published: a refusing broker is never "healthy"
-        palace_id = state.palace_id(self.paths)
+        palace_id = state.palace_id(self.paths, repair=True)  # we hold broker.lock: a damaged one is replaced
         self.socket_path = self.paths.socket()
         await self.server.start_unix(self.socket_path)
         endpoints = {"unix": f"unix://{self.socket_path}"}
@@ -98,7 +106,16 @@ class BrokerProcess:
             host, _, port = s.tcp.rpartition(":")
             token = secrets.token_urlsafe(32)
             bound_host, bound_port = await self.server.start_tcp(host.strip("[]"), int(port), token)
-            endpoints["tcp"] = f"tcp://{bound_host}:{bound_port}"
+            from mp_ssh_bridge import urls  # IPv6 bracketed; a wildcard bind advertises only tcp_advertise
+
+            tcp_listen = urls.host_port(bound_host, bound_port)
+            advertised = urls.advertised_tcp(bound_host, bound_port, s.tcp_advertise)
+            if advertised:
+                endpoints["tcp"] = advertised
+            else:
+                log.warning("listening on tcp %s but advertising no TCP endpoint: a wildcard address names no host "
+                            "another machine can dial; set MP_BRIDGE_TCP_ADVERTISE (e.g. host.docker.internal, "
+                            "host.orb.internal, host.lima.internal)", tcp_listen)
         started = time.time()
         self.record = {
             "version": state.BROKER_JSON_VERSION,
@@ -106,6 +123,7 @@ class BrokerProcess:
             "proc_start": hostinfo.proc_start(os.getpid()),  # `mp-bridge stop` checks it: no pid reuse
             "host": hostinfo.host_name(),
             "boot_id": hostinfo.boot_id(),
+            "pid_ns": hostinfo.pid_namespace(),  # a container on the same boot is another machine for pids
             "endpoint": endpoints["unix"],
             "endpoints": endpoints,
             **memory.as_dict(),  # palace, kg, config_dir, palace_flag: the files the engine opens
@@ -116,9 +134,11 @@ class BrokerProcess:
             "started_at": started,
             "heartbeat": started,
             "heartbeat_interval": s.heartbeat_interval,
+            "manager": hostinfo.service_manager(),  # launchd / systemd: `mp-bridge stop` names their command
         }
         if token:
             self.record["tcp_token"] = token
+            self.record["tcp_listen"] = tcp_listen  # what is bound; endpoints["tcp"] is what to dial (if any)
         self.mux.status_extra = {
             "pid": os.getpid(),
             "version": __version__,
@@ -194,6 +214,8 @@ class BrokerProcess:
                 engine.forget(engine_id)
         except Exception as exc:  # noqa: BLE001 - logged; requests will report it
             log.error("engine warm-up failed: %s", exc)
+            if isinstance(exc, EngineUnavailable):
+                self.mux.startup.failed(str(exc))  # waiting sessions' notices and deadline errors name it
             return
         listed = reply.get("result")
         if isinstance(listed, dict) and engine.initialize_result is not None:
@@ -203,13 +225,11 @@ class BrokerProcess:
 
     async def _heartbeat_loop(self) -> None:
         s = self.settings
-        tick = min(1.0, s.heartbeat_interval)
-        last_beat = time.monotonic()
         while True:
-            await asyncio.sleep(tick)
+            await asyncio.sleep(self.beats.tick)
             now = time.monotonic()
-            if now - last_beat >= s.heartbeat_interval:
-                last_beat = now
+            if self.beats.due():  # by the wall clock too: the first look after a sleep beats at once
+                self.beats.beaten()
                 try:
                     self._write_record()
                 except OSError as exc:

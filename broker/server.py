@@ -37,7 +37,9 @@ class Server:
     async def start_unix(self, path: Path) -> None:
         state.ensure_private_dir(path.parent)
         try:
-            path.unlink()  # we hold broker.lock, so any socket here is a dead broker's
+            # We hold broker.lock, and lifecycle checked that broker.json names no live broker on another
+            # machine (liveness.live_foreign_owner): any socket here is a dead broker's.
+            path.unlink()
         except FileNotFoundError:
             pass
         old = os.umask(0o177)

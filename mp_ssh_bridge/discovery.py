@@ -8,12 +8,17 @@ in order (README "How it works", docs/PROTOCOL.md):
 2. `broker.json`: connect, `broker/status` round trip, palace identity.
 3. Host role: `election.ensure_broker()` — the flock election (the winner
    spawns a detached broker, the rest wait), bounded by `ensure_timeout`.
+   When broker.json names a live broker on another machine (the other side
+   of a VM boundary, `liveness`): the SSH path if one is configured
+   (`ssh_host` set), else a bounded wait watching its heartbeat, then a
+   refusal that names it.
    Container role: the socket in broker.json if it happens to work, else
    `mp_ssh_bridge.ssh.connect_container(settings)` (its TCP + token fallback is
    dialed by `endpoints`, like every other TCP link).
 4. Degraded mode, only after proving no broker can be alive (pid dead on this
-   host and boot, or a stale heartbeat across hosts; and nobody holds
-   broker.lock): the real engine as our own child. When a broker may be alive
+   machine, or a heartbeat seen standing still for `heartbeat_stale_after` by
+   this machine's clock; and nobody holds broker.lock): the real engine as our
+   own child. When a broker may be alive
    but does not answer, refuse (BROKER_UNREACHABLE) — never a second writer.
 
 Runs in the shim's `connect` thread; everything here is blocking.
@@ -26,7 +31,7 @@ import subprocess
 import threading
 import time
 
-from mp_ssh_bridge import endpoints, handshake, state
+from mp_ssh_bridge import endpoints, handshake, liveness, state
 from mp_ssh_bridge.config import ENGINE_CHILD_ENV, Config
 from mp_ssh_bridge.diag import log
 from mp_ssh_bridge.errors import PalaceMismatch, ShimError
@@ -85,12 +90,18 @@ def _host(cfg: Config, settings: Settings, fast_failure: str) -> Link:
         except (OSError, ShimError, ValueError) as exc:
             first = str(exc)
     log(20, f"no broker answered ({first}); electing one (bounded by {settings.ensure_timeout:g}s)")
-    from mp_ssh_bridge.election import EnsureError, MemoryConflict, ensure_broker
+    from mp_ssh_bridge.election import EnsureError, ForeignOwner, MemoryConflict, ensure_broker
 
+    ssh_way = ssh_configured(settings)
     try:
-        info = ensure_broker(settings)
+        info = ensure_broker(settings, wait_foreign=not ssh_way)
     except MemoryConflict as exc:
         raise PalaceMismatch(f"palace mismatch: {exc}") from exc
+    except ForeignOwner as exc:
+        if ssh_way:
+            log(20, f"{exc}; taking the SSH path to it (MP_BRIDGE_SSH_HOST={settings.ssh_host})")
+            return _container(cfg, settings)
+        return degraded_or_refuse(cfg, settings, f"no broker could be started: {exc}", "host")
     except EnsureError as exc:
         return degraded_or_refuse(cfg, settings, f"no broker could be started: {exc}", "host")
     try:
@@ -103,6 +114,12 @@ def _host(cfg: Config, settings: Settings, fast_failure: str) -> Link:
             f"a broker was ensured at {info.get('endpoint')} (pid {info.get('pid')}) but this session could not "
             f"use it: {exc}",
         ) from exc
+
+
+def ssh_configured(settings: Settings) -> bool:
+    """An SSH path was set up on purpose (`ssh_host` from the environment or the config file), not just
+    the default alias: a host-role session facing a live broker on another machine then takes it."""
+    return "ssh_host" in settings.model_fields_set
 
 
 # --------------------------------------------------------------------------- container
@@ -238,13 +255,11 @@ class DegradedBeacon:
     """
 
     def __init__(self, settings: Settings, engine_pid: int) -> None:
-        from mp_ssh_bridge import hostinfo
-
         self.path = settings.paths.degraded
-        self.interval = settings.heartbeat_interval
+        self.schedule = liveness.BeatSchedule(settings.heartbeat_interval)  # a wake from sleep beats within 1 s
         self.record = {
-            "pid": os.getpid(), "engine_pid": engine_pid, "host": hostinfo.host_name(),
-            "boot_id": hostinfo.boot_id(), "palace": str(settings.palace_path), "heartbeat": time.time(),
+            "pid": os.getpid(), "engine_pid": engine_pid, **liveness.writer_identity(),
+            "palace": str(settings.palace_path), "heartbeat": time.time(),
         }
         self._stop = threading.Event()
         self._beat()
@@ -259,8 +274,10 @@ class DegradedBeacon:
                          "would not know this session writes the palace")
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._beat()
+        while not self._stop.wait(self.schedule.tick):
+            if self.schedule.due():
+                self.schedule.beaten()
+                self._beat()
 
     def stop(self) -> None:
         self._stop.set()
@@ -275,21 +292,18 @@ class DegradedBeacon:
 def degraded_or_refuse(cfg: Config, settings: Settings, reason: str, role: str) -> Link:
     """Run the engine directly — only when no broker can be alive; otherwise refuse."""
     paths = settings.paths
-    record = state.read_broker_json(paths.json)
-    alive = state.broker_may_be_alive(record, settings.heartbeat_stale_after)
-    other = state.live_degraded_writer(paths, settings.heartbeat_stale_after)
+    record, verdict = liveness.record_alive(paths, settings.heartbeat_stale_after)
+    alive = verdict is not None and verdict.alive
+    other = liveness.live_degraded_writer(paths, settings.heartbeat_stale_after)
     if other is not None and other.get("pid") != os.getpid():
-        raise ShimError(BROKER_UNREACHABLE, f"{reason}; and {state.describe_degraded(other, paths)}")
+        raise ShimError(BROKER_UNREACHABLE, f"{reason}; and {liveness.describe_degraded(other, paths)}")
     lock_fd, held = hold_lock(paths)
     if alive or held:
         if lock_fd is not None:
             os.close(lock_fd)
-        if alive and record is not None:
-            age = state.heartbeat_age(record)
-            who = (
-                f"broker.json names broker pid {record.get('pid')} on {record.get('host')} "
-                f"(heartbeat {age:.0f}s ago)" if age is not None else f"broker.json names broker pid {record.get('pid')}"
-            )
+        if alive and record is not None and verdict is not None:
+            where = liveness.describe_machine(record) if verdict.foreign else "this machine"
+            who = f"broker.json names broker pid {record.get('pid')} ({where}): {verdict.why}"
         else:
             who = f"another process holds {paths.lock} (a broker starting, or a session already in degraded mode)"
         raise ShimError(

@@ -9,6 +9,12 @@ health round trip. Every wait is bounded. The shim's election calls
 `ensure_broker()` in-process; `mempalace-broker --ensure` (run over SSH from a
 container) calls the same function on the host.
 
+flock is coherent on one kernel only. A VM or container sharing the state
+directory through a bind mount has its own, so there broker.json and
+degraded.json decide (`mp_ssh_bridge.liveness`, one rule on every side): a
+live broker on another machine is refused by name, never started beside, and
+its socket never removed.
+
 The broker is configured by its own start, never by the session that happens
 to elect it: it gets the palace's identity as flags, and an environment from
 which every per-session and client variable (`config.session_only_env_names`)
@@ -26,7 +32,7 @@ import sys
 import time
 from typing import Any
 
-from mp_ssh_bridge import config, handshake, palace, state
+from mp_ssh_bridge import config, handshake, hostinfo, liveness, palace, state
 from mp_ssh_bridge.links import connect_unix
 from mp_ssh_bridge.settings import Settings
 
@@ -39,6 +45,10 @@ class EnsureError(Exception):
 
 class MemoryConflict(EnsureError):
     """The broker of this state directory serves other files than the ones asked for (-32067 to an agent)."""
+
+
+class ForeignOwner(EnsureError):
+    """broker.json names a live broker on another machine (liveness): never start a second one beside it."""
 
 
 def open_lock(paths: state.StatePaths) -> int:
@@ -112,7 +122,7 @@ PATH_VARIABLES = (*palace.PALACE_ENV, "MEMPALACE_CONFIG_DIR")
 
 def broker_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The electing process's environment minus everything that belongs to one session."""
-    drop = config.session_only_env_names() | {config.ENGINE_CHILD_ENV}
+    drop = config.session_only_env_names() | {config.ENGINE_CHILD_ENV} | set(hostinfo.SERVICE_MANAGER_ENV)
     env = {k: v for k, v in (os.environ if environ is None else environ).items() if k not in drop}
     for name in PATH_VARIABLES:
         if env.get(name) and not os.path.isabs(os.path.expanduser(env[name])):
@@ -158,8 +168,14 @@ def log_tail(settings: Settings, lines: int = 15) -> str:
     return brokerlog.tail(settings.paths.log, lines)
 
 
-def ensure_broker(settings: Settings, timeout: float | None = None) -> dict[str, Any]:
-    """Return the running broker's description, starting one if needed (bounded wait)."""
+def ensure_broker(settings: Settings, timeout: float | None = None, *, wait_foreign: bool = False) -> dict[str, Any]:
+    """Return the running broker's description, starting one if needed (bounded wait).
+
+    A live broker on another machine (liveness.live_foreign_owner) is refused with ForeignOwner,
+    naming it: at once, or, with `wait_foreign` (a shim, which has no other way), after watching
+    its heartbeat up to the same bound — a broker whose heartbeat stands still long enough is
+    reclaimed like any dead one.
+    """
     paths = settings.paths
     try:
         state.ensure_private_dir(paths.root)
@@ -174,9 +190,16 @@ def ensure_broker(settings: Settings, timeout: float | None = None) -> dict[str,
         if record is not None:
             check_palace(settings, record)
             return describe(record, spawned)
-        other = state.live_degraded_writer(paths, settings.heartbeat_stale_after)
+        other = liveness.live_degraded_writer(paths, settings.heartbeat_stale_after)
         if other is not None:
-            raise EnsureError(state.describe_degraded(other, paths))
+            raise EnsureError(liveness.describe_degraded(other, paths))
+        owner = liveness.live_foreign_owner(paths, settings.heartbeat_stale_after)
+        if owner is not None:
+            if not wait_foreign or time.monotonic() >= deadline:
+                watched = f" (watched for {limit:.0f} s)" if wait_foreign else ""
+                raise ForeignOwner(liveness.describe_owner(*owner, paths, settings.heartbeat_stale_after) + watched)
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            continue
         try:
             fd = open_lock(paths)
         except OSError as exc:

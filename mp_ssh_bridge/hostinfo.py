@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 # sun_path is 104 bytes on macOS/BSD, 108 on Linux, both counting the NUL.
 SUN_PATH_MAX = {"darwin": 104, "linux": 108}
@@ -34,9 +35,22 @@ def parse_macos_boot_id(sysctl_output: str | None) -> str | None:
     return value or None
 
 
+_BOOT_IDS: dict[str, str | None] = {}
+
+
 def boot_id(platform: str | None = None) -> str | None:
-    """An identifier that changes at every boot, or None when unknown."""
+    """An identifier that changes at every boot, or None when unknown.
+
+    Read once per process (it cannot change while the process runs): every liveness check
+    compares it, and on macOS reading it costs a `sysctl` subprocess.
+    """
     plat = platform or sys.platform
+    if plat not in _BOOT_IDS:
+        _BOOT_IDS[plat] = _read_boot_id(plat)
+    return _BOOT_IDS[plat]
+
+
+def _read_boot_id(plat: str) -> str | None:
     if plat.startswith("linux"):
         try:
             with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
@@ -58,6 +72,36 @@ def boot_id(platform: str | None = None) -> str | None:
             return None
         return parse_macos_boot_id(out)
     return None
+
+
+def parse_linux_pid_namespace(link: str | None) -> str | None:
+    """`readlink /proc/self/ns/pid` is `pid:[4026531836]`: the namespace's inode number, or None."""
+    value = (link or "").strip()
+    if not (value.startswith("pid:[") and value.endswith("]")):
+        return None
+    number = value[len("pid:[") : -1]
+    return number if number.isdigit() else None
+
+
+_PID_NS: dict[str, str | None] = {}
+
+
+def pid_namespace(platform: str | None = None) -> str | None:
+    """This process's pid namespace (Linux), or None where there is none (macOS) or it cannot be read.
+
+    A container on a native Linux host shares the host's boot id, and may share its host name,
+    but a pid recorded on one side names another process (or none) on the other. Cached.
+    """
+    plat = platform or sys.platform
+    if plat not in _PID_NS:
+        link = None
+        if plat.startswith("linux"):
+            try:
+                link = os.readlink("/proc/self/ns/pid")
+            except OSError:
+                link = None
+        _PID_NS[plat] = parse_linux_pid_namespace(link)
+    return _PID_NS[plat]
 
 
 def host_name() -> str:
@@ -183,3 +227,81 @@ def is_zombie(pid: int, platform: str | None = None) -> bool:
     if (platform or sys.platform).startswith("linux"):
         return parse_linux_state(_read_proc_stat(pid)) == "Z"
     return (_ps(pid, "stat") or "").strip().startswith("Z")
+
+
+SERVICE_MANAGER_ENV = ("XPC_SERVICE_NAME", "INVOCATION_ID")  # an on-demand broker must not inherit them
+
+
+def parse_service_manager(environ: dict[str, str], cgroup_text: str | None, session_leader: bool) -> dict[str, str] | None:
+    """Which service manager runs this process, and its stop and restart commands; None when none does.
+
+    launchd sets XPC_SERVICE_NAME to the job's label (`0` outside a job); systemd sets INVOCATION_ID and
+    puts the unit last in /proc/self/cgroup (`.../user@1000.service/app.slice/mp-bridge.service`). Both
+    variables are inherited by everything an editor or a service starts, so they count only for a process
+    its manager started itself: a session leader (launchd and systemd start jobs with setsid; a broker
+    started on demand is detached by a double fork and never leads its session).
+    """
+    if not session_leader:
+        return None
+    label = environ.get("XPC_SERVICE_NAME", "")
+    if label and label != "0":
+        target = f"gui/{os.getuid()}/{label}"
+        return {"kind": "launchd", "unit": label, "stop": f"launchctl bootout {target}",
+                "restart": f"launchctl kickstart -k {target}"}
+    if environ.get("INVOCATION_ID") and cgroup_text:
+        path = cgroup_text.strip().splitlines()[-1].rsplit(":", 1)[-1]
+        unit = path.rstrip("/").rsplit("/", 1)[-1]
+        if unit.endswith(".service"):
+            ctl = "systemctl --user" if "/user@" in path else "systemctl"
+            return {"kind": "systemd", "unit": unit, "stop": f"{ctl} stop {unit}", "restart": f"{ctl} restart {unit}"}
+    return None
+
+
+def service_manager() -> dict[str, str] | None:
+    """parse_service_manager for this process."""
+    try:
+        with open("/proc/self/cgroup", encoding="ascii", errors="replace") as fh:
+            cgroup: str | None = fh.read()
+    except OSError:
+        cgroup = None
+    try:
+        leader = os.getsid(0) == os.getpid()
+    except OSError:
+        leader = False
+    return parse_service_manager(dict(os.environ), cgroup, leader)
+
+
+# --- durable writes ---------------------------------------------------------------------------
+def sync_fd(fd: int, platform: str | None = None, fcntl_module: Any = None) -> str:
+    """Flush `fd` to stable storage; which call did it ("F_FULLFSYNC" or "fsync").
+
+    On macOS fsync() leaves the data in the drive's own cache, where a power loss can still
+    drop it (an empty palace.id after a crash); F_FULLFSYNC flushes that cache too. A file
+    system that refuses it (some network and FUSE mounts) gets a plain fsync.
+    """
+    if (platform or sys.platform) == "darwin":
+        if fcntl_module is None:
+            import fcntl as fcntl_module
+        op = getattr(fcntl_module, "F_FULLFSYNC", None)
+        if op is not None:
+            try:
+                fcntl_module.fcntl(fd, op)
+                return "F_FULLFSYNC"
+            except OSError:
+                pass
+    os.fsync(fd)
+    return "fsync"
+
+
+def sync_dir(path: str | os.PathLike[str], platform: str | None = None) -> None:
+    """Make a rename or link in directory `path` durable (best effort: some file systems cannot sync a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        sync_fd(fd, platform)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -4,8 +4,10 @@ It holds `broker.lock` (flock'ed by the one broker for its whole life),
 `broker.sock`, `broker.json` (written atomically, owner-only, with a
 heartbeat) and `palace.id` (an identity that survives a bind mount, so a
 shim in a container can tell the host broker serves *its* palace even
-though the paths differ). Stdlib only. The shim's fast path does not
-import it (it reads broker.json itself, in `session.fast_connect`).
+though the paths differ; written so that it is complete or absent even
+after a power loss, see `palace_id`). Whether the writer a record names is
+alive is `mp_ssh_bridge.liveness`'s question. Stdlib only. The shim's fast
+path does not import it (it reads broker.json itself, in `session.fast_connect`).
 """
 
 from __future__ import annotations
@@ -81,8 +83,16 @@ class StatePaths:
         import hashlib
 
         digest = hashlib.sha256(os.fsencode(self.root)).hexdigest()[:20]
-        user = os.getuid() if uid is None else uid
-        return Path("/tmp") / f"mp-bridge-{user}" / f"{digest}.sock"
+        return runtime_dir(uid) / f"{digest}.sock"
+
+
+def runtime_dir(uid: int | None = None) -> Path:
+    """`/tmp/mp-bridge-<uid>`: this machine's own per-user directory (0700 once `ensure_private_dir` made it).
+
+    Not shared through a bind mount, and emptied by a reboot: socket stand-ins and the liveness
+    readings (mp_ssh_bridge.liveness) live here.
+    """
+    return Path("/tmp") / f"mp-bridge-{os.getuid() if uid is None else uid}"
 
 
 class UnsafeDirectory(Exception):
@@ -138,41 +148,144 @@ def read_broker_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def palace_id(paths: StatePaths) -> str:
-    """The palace's identity: a UUID kept in `palace.id`, created once (race-safe)."""
+class PalaceIdDamaged(OSError):
+    """palace.id exists but holds no palace id (empty or garbage: a power loss while it was written)."""
+
+
+def parse_palace_id(text: str | None) -> str | None:
+    """The palace id in palace.id's text: a UUID, as `palace_id` writes it; None for empty or garbage."""
+    import uuid
+
+    value = (text or "").strip()
+    if len(value) != 36:
+        return None
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return None
+    return value
+
+
+def _read_text(path: Path) -> str | None:
+    """The file's text (undecodable bytes replaced), or None when it cannot be read."""
+    try:
+        return path.read_bytes().decode("ascii", errors="replace")
+    except OSError:
+        return None
+
+
+def palace_id(paths: StatePaths, *, repair: bool = False) -> str:
+    """The palace's identity: a UUID kept in `palace.id`, created once, durably and race-free.
+
+    The file appears complete or not at all (written to a temporary file, flushed to the disk
+    — F_FULLFSYNC on macOS — then hard-linked into place), so no reader ever sees it empty. One
+    left empty or garbled by an older writer and a power loss is replaced, with a warning in
+    the log, only when `repair` says the caller holds broker.lock (the broker): otherwise
+    PalaceIdDamaged, which names the file.
+    """
+    path = paths.palace_id_file
+    for _ in range(50):  # an older bridge creates it empty, then writes: give such a writer a moment
+        raw = _read_text(path)
+        current = parse_palace_id(raw)
+        if current is not None:
+            return current
+        if raw is None:
+            new = _create_palace_id(path)
+            if new is not None:
+                return new
+            continue  # someone else created it first: read theirs
+        if repair:
+            return _repair_palace_id(path, raw)
+        if raw.strip():
+            break  # garbage, not a write in progress
+        time.sleep(0.01)
+    raise PalaceIdDamaged(
+        f"{path} holds no palace id ({_describe_damage(raw)}); the next broker start replaces it "
+        "(or delete the file while no broker runs)"
+    )
+
+
+def _describe_damage(raw: str | None) -> str:
+    if raw is None:
+        return "it cannot be read"
+    return "it is empty" if not raw.strip("\x00 \t\r\n") else f"{len(raw)} bytes that are not a UUID"
+
+
+def _write_temp(path: Path, text: str) -> str:
+    """`text` in a new owner-only file beside `path`, flushed to stable storage; its name."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode("ascii"))
+        hostinfo.sync_fd(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def _create_palace_id(path: Path) -> str | None:
+    """A new id in `path` if it does not exist yet; None when someone else created it first."""
     import errno
     import uuid
 
-    try:
-        existing = paths.palace_id_file.read_text(encoding="ascii").strip()
-        if existing:
-            return existing
-    except OSError:
-        pass
     new = str(uuid.uuid4())
+    tmp = _write_temp(path, new + "\n")
     try:
-        fd = os.open(paths.palace_id_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        if exc.errno != errno.EEXIST:
+        os.link(tmp, path)  # atomic, and never replaces: the file appears complete or not at all
+    except FileExistsError:
+        return None
+    except OSError as exc:  # a file system without hard links (some FUSE mounts): exclusive create
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
             raise
-        for _ in range(50):  # another process is writing it right now
-            existing = paths.palace_id_file.read_text(encoding="ascii").strip()
-            if existing:
-                return existing
-            time.sleep(0.01)
+        if not _create_exclusive(path, new + "\n"):
+            return None
+    finally:
+        os.unlink(tmp)
+    hostinfo.sync_dir(path.parent)
+    return new
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, text.encode("ascii"))
+        hostinfo.sync_fd(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _repair_palace_id(path: Path, raw: str) -> str:
+    """Replace a damaged palace.id (the caller holds broker.lock), and say so in the log."""
+    import logging
+    import uuid
+
+    new = str(uuid.uuid4())
+    tmp = _write_temp(path, new + "\n")
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
         raise
-    with os.fdopen(fd, "w", encoding="ascii") as fh:
-        fh.write(new + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    hostinfo.sync_dir(path.parent)
+    logging.getLogger("mp_ssh_bridge.state").warning(
+        "%s held no palace id (%s; a power loss while it was written?): replaced it with a new id %s. Sessions "
+        "that compare palace.id read the new one; nothing in the palace changed", path, _describe_damage(raw), new,
+    )
     return new
 
 
 def read_palace_id(paths: StatePaths) -> str | None:
-    try:
-        return paths.palace_id_file.read_text(encoding="ascii").strip() or None
-    except OSError:
-        return None
+    """The palace id, or None when palace.id is missing, empty or garbage."""
+    return parse_palace_id(_read_text(paths.palace_id_file))
 
 
 def heartbeat_age(record: dict[str, Any], now: float | None = None) -> float | None:
@@ -180,55 +293,3 @@ def heartbeat_age(record: dict[str, Any], now: float | None = None) -> float | N
     if not isinstance(beat, (int, float)):
         return None
     return (time.time() if now is None else now) - float(beat)
-
-
-def broker_may_be_alive(
-    record: dict[str, Any] | None,
-    stale_after: float,
-    *,
-    now: float | None = None,
-    this_host: str | None = None,
-    this_boot: str | None = None,
-    pid_alive=hostinfo.pid_alive,
-) -> bool:
-    """Could the broker described by `record` still be running?
-
-    On the broker's own host and boot the pid decides. Across a VM boundary
-    pids mean nothing, so a heartbeat younger than `stale_after` means alive.
-    Used before degraded mode: when in doubt, say alive (never two writers).
-    """
-    if record is None:
-        return False
-    host = hostinfo.host_name() if this_host is None else this_host
-    boot = hostinfo.boot_id() if this_boot is None else this_boot
-    pid = record.get("pid")
-    same_machine = record.get("host") == host and record.get("boot_id") == boot and boot is not None
-    if same_machine and isinstance(pid, int):
-        return pid_alive(pid)
-    age = heartbeat_age(record, now)
-    if age is None:
-        return True
-    return age < stale_after
-
-
-def live_degraded_writer(paths: StatePaths, stale_after: float, **liveness: Any) -> dict[str, Any] | None:
-    """The record of a degraded-mode session that may still be writing the palace, or None.
-
-    Across a VM boundary flock does not hold, so this file (and its heartbeat)
-    is how a container session running its own engine keeps a host broker
-    from becoming a second writer, and the other way round.
-    """
-    record = read_broker_json(paths.degraded)
-    if record is None or not broker_may_be_alive(record, stale_after, **liveness):
-        return None
-    return record
-
-
-def describe_degraded(record: dict[str, Any], paths: StatePaths) -> str:
-    age = heartbeat_age(record)
-    beat = f", heartbeat {age:.0f}s ago" if age is not None else ""
-    return (
-        f"a session on {record.get('host')} (pid {record.get('pid')}{beat}) runs its own memory engine on this "
-        f"palace (degraded mode, recorded in {paths.degraded}); starting a broker now would make a second writer. "
-        "End that session (or let its heartbeat go stale) and try again"
-    )

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from mp_ssh_bridge import protocol
 
 
@@ -101,15 +103,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
 
 
 def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited child not yet reaped still "exists")."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    # a zombie child still "exists": check /proc where available
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
+    except psutil.Error:  # AccessDenied: another user's process, alive
         return True
 
 
@@ -139,44 +138,37 @@ def kill_pid(pid: int, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None
             pass
 
 
-# --- Linux /proc scans (tests only; CI is Linux) ---------------------------------------------
-def _stat_fields(pid: str) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            return fh.read().rsplit(")", 1)[1].split()  # [state, ppid, ...]
-    except (OSError, IndexError):
-        return None
-
-
+# --- processes (psutil: the same on Linux and macOS) ------------------------------------------
 def children_of(pid: int) -> list[int]:
     """Live (non-zombie) child processes of `pid`."""
+    try:
+        kids = psutil.Process(pid).children()
+    except psutil.Error:
+        return []
     out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat_fields(entry)
-            if fields and fields[0] != "Z" and int(fields[1]) == pid:
-                out.append(int(entry))
+    for kid in kids:
+        try:
+            if kid.status() != psutil.STATUS_ZOMBIE:
+                out.append(kid.pid)
+        except psutil.Error:
+            continue
     return out
 
 
 def broker_pids(state_dir: Path) -> list[int]:
     """Live broker processes (not `--ensure` callers) whose MEMPALACE_PATH is `state_dir`."""
     found = []
-    want = f"MEMPALACE_PATH={state_dir}".encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    want = str(state_dir)
+    for proc in psutil.process_iter():
         try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except OSError:
+            cmd = proc.cmdline()
+            if proc.status() == psutil.STATUS_ZOMBIE or "--ensure" in cmd:
+                continue
+            is_broker = cmd[1:3] == ["-m", "mp_ssh_bridge_broker"] or any(c.endswith("mempalace-broker") for c in cmd[:2])
+            if is_broker and proc.environ().get("MEMPALACE_PATH") == want:
+                found.append(proc.pid)
+        except psutil.Error:
             continue
-        fields = _stat_fields(entry)
-        if not fields or fields[0] == "Z" or b"--ensure" in cmd:
-            continue
-        is_broker = cmd[1:3] == [b"-m", b"mp_ssh_bridge_broker"] or any(c.endswith(b"mempalace-broker") for c in cmd[:2])
-        if is_broker and want in env:
-            found.append(int(entry))
     return found
 
 

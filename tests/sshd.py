@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import platforms
 from tests.helpers import children_of
 
 SSHD = shutil.which("sshd", path="/usr/sbin:/usr/local/sbin:/sbin:" + os.environ.get("PATH", "")) or "/usr/sbin/sshd"
@@ -165,8 +166,8 @@ class SSHServer:
     def start(self, timeout: float = 10.0) -> SSHServer:
         if self.proc is not None and self.proc.poll() is None:
             return self
-        if os.getuid() == 0:
-            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir
+        if os.getuid() == 0 and platforms.LINUX:
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # Debian's privilege separation dir
         subprocess.run([SSHD, "-t", "-f", str(self.sshd_config)], check=True, capture_output=True)
         self.proc = subprocess.Popen(
             [SSHD, "-D", "-f", str(self.sshd_config), "-E", str(self.log)],

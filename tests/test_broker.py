@@ -446,20 +446,30 @@ def test_bare_environment_still_finds_the_engine(home, tmp_path):
     run(main())
 
 
-def test_no_broker_while_a_degraded_session_writes_across_the_boundary(home, broker_factory):
-    """A container session running its own engine (degraded mode) keeps degraded.json fresh; pids
-    from its side mean nothing here, so its heartbeat alone keeps a broker from becoming a second writer."""
+def test_no_broker_while_a_degraded_session_writes_across_the_boundary(home, broker_factory, monkeypatch):
+    """A container session running its own engine (degraded mode) keeps degraded.json's heartbeat moving;
+    pids from its side mean nothing here, so that heartbeat alone keeps a broker from becoming a second writer."""
+    from tests.test_liveness import Beating
+
+    monkeypatch.setenv("MP_BRIDGE_HEARTBEAT_STALE_AFTER", "1.5")
     state_dir = home / ".mempalace"
     state_dir.mkdir(mode=0o700)
-    record = {"pid": 4242, "engine_pid": 4243, "host": "some-container", "boot_id": "their-boot", "heartbeat": time.time()}
-    state.write_json_atomic(state_dir / "degraded.json", record)
-    out = subprocess.run([str(BIN / "mempalace-broker"), "--ensure", "--timeout", "10"], capture_output=True, timeout=60)
-    assert out.returncode == 1 and b"degraded mode" in out.stderr and b"some-container" in out.stderr, out.stderr
-    fg = subprocess.run([str(BIN / "mempalace-broker")], capture_output=True, timeout=60)
-    assert fg.returncode == 3 and b"second writer" in fg.stderr
-    assert not (state_dir / "broker.json").exists()
-    # Once its heartbeat is stale, the palace is free again.
-    state.write_json_atomic(state_dir / "degraded.json", dict(record, heartbeat=time.time() - 3600))
+    record = {"pid": 4242, "engine_pid": 4243, "host": "some-container", "boot_id": "their-boot"}
+    writer = Beating(state_dir / "degraded.json", record, offset=-3600)  # its clock an hour behind ours: no matter
+    try:
+        out = subprocess.run([str(BIN / "mempalace-broker"), "--ensure", "--timeout", "10"], capture_output=True,
+                             timeout=60)
+        assert out.returncode == 1 and b"degraded mode" in out.stderr and b"some-container" in out.stderr, out.stderr
+        fg = subprocess.run([str(BIN / "mempalace-broker")], capture_output=True, timeout=60)
+        assert fg.returncode == 3 and b"second writer" in fg.stderr
+        assert not (state_dir / "broker.json").exists()
+    finally:
+        writer.stop()
+    # Once its heartbeat has stood still for the stale limit (by this machine's clock), the palace is free again.
+    from mp_ssh_bridge import liveness
+
+    assert liveness.live_degraded_writer(state.StatePaths(state_dir), 1.5) is not None  # a reading of its last beat
+    time.sleep(1.6)
     out = subprocess.run([str(BIN / "mempalace-broker"), "--ensure"], capture_output=True, timeout=60)
     assert out.returncode == 0, out.stderr
 

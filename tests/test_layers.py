@@ -17,9 +17,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SERVER_PKG = "mp_ssh_bridge_broker"  # the import name of broker/ (pyproject package-dir)
 
-CORE = {"__init__", "protocol", "errors", "config", "diag", "urls", "links", "handshake", "state", "hostinfo",
-        "settings", "election", "enginecmd", "stopping", "palace", "brokerlog", "palacecheck"}
-CLIENT = {"shim", "session", "endpoints", "discovery", "ssh", "connection", "cli", "doctor", "status"}
+CORE = {"__init__", "protocol", "errors", "config", "diag", "urls", "links", "handshake", "state", "hostinfo", "liveness",
+        "settings", "election", "enginecmd", "enginerules", "stopping", "palace", "samepath", "brokerlog", "palacecheck",
+        "holders", "status"}
+CLIENT = {"shim", "session", "endpoints", "discovery", "ssh", "connection", "cli", "doctor",
+          "doctorkit", "doctor_container", "doctorfix", "migrate"}
 
 
 def _modules() -> dict[str, Path]:

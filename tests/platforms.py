@@ -1,0 +1,65 @@
+"""What the tests need that only Linux has, in one place; elsewhere the test is skipped and says why.
+
+The broker's usual host is a Mac, and the suite must be able to run there although CI runs on
+Linux only. So tests and benchmarks never read /proc and never run a Linux-only tool (runuser,
+systemctl, apt-get, prlimit, scripts/install-sshd.sh) themselves: they call a function here,
+which skips the test with the reason on any other OS. Processes are looked at with psutil, which
+works on both. tests/test_portable.py fails when a file other than this one breaks the rule.
+
+The macOS branches of the code are tested on Linux the other way round: by giving them their
+inputs (sysctl and ps output, the platform name), never by needing a Mac.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+LINUX = sys.platform.startswith("linux")
+# Programs only Linux has (or only Debian-style systems install this way); see tests/test_portable.py.
+LINUX_ONLY_TOOLS = frozenset({"runuser", "systemctl", "apt-get", "prlimit", "install-sshd.sh", "setpriv",
+                              "nsenter", "unshare"})
+
+
+def require_linux(what: str) -> None:
+    """Skip the calling test unless this is Linux; `what` says what needs Linux."""
+    if not LINUX:
+        pytest.skip(f"{what} needs Linux (this is {sys.platform}); the parsers of it run everywhere")
+
+
+def proc_stat_text(pid: int) -> str:
+    """The raw `/proc/<pid>/stat` line, to hold the Linux parsers against the real thing."""
+    require_linux("/proc/<pid>/stat")
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+        return fh.read()
+
+
+def pid_namespace_link() -> str:
+    """`readlink /proc/self/ns/pid` (`pid:[4026531836]`), to hold the Linux parser against the real thing."""
+    require_linux("/proc/self/ns/pid")
+    return os.readlink("/proc/self/ns/pid")
+
+
+def cpu_model() -> str:
+    """The CPU's model name for a benchmark's report (Linux /proc/cpuinfo, macOS sysctl), or the machine type."""
+    if LINUX:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as fh:
+                for line in fh:
+                    if line.startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+    elif sys.platform == "darwin":
+        try:
+            out = subprocess.run(["/usr/sbin/sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                 text=True, timeout=2, check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        if out:
+            return out
+    return platform.processor() or platform.machine()
