@@ -236,14 +236,10 @@ def _broker_checks(settings: Settings, checks: list[Check]) -> int | None:
             checks.append(Check("warn", "broker", f"{where}: gone, its heartbeat no longer moves",
                                 "the next mp-shim reclaims it"))
         return None
-    if not isinstance(pid, int) or not hostinfo.pid_alive(pid):
-        checks.append(Check("warn", "broker", f"stale broker.json: pid {pid} is gone ({beat})",
+    gone = liveness.pid_gone(record)
+    if gone is not None:
+        checks.append(Check("warn", "broker", f"stale broker.json: {gone} ({beat})",
                             "the next mp-shim reclaims it (or: mp-bridge doctor --fix)"))
-        return None
-    if record.get("proc_start") and hostinfo.proc_start(pid) not in (None, record["proc_start"]):
-        checks.append(Check("warn", "broker", f"stale broker.json: pid {pid} now belongs to another process (it "
-                            f"started at another time; {beat})", "the next mp-shim reclaims it (or: mp-bridge "
-                            "doctor --fix)"))
         return None
     from mp_ssh_bridge.links import connect_unix
 

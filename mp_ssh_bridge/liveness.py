@@ -83,6 +83,30 @@ def from_another_machine(record: dict[str, Any], me: Machine | None = None) -> b
     return bool(record.get("host")) and not same_machine(record, me)
 
 
+def pid_gone(
+    record: dict[str, Any],
+    pid_alive: Callable[[int], bool] = hostinfo.pid_alive,
+    proc_start: Callable[[int], str | None] = hostinfo.proc_start,
+) -> str | None:
+    """Why the pid a record of THIS machine names is no longer its writer — "is gone", or "now belongs to
+    another process" (the record's `proc_start` differs: a reused pid) — or None while it runs.
+
+    One rule for elections (`judge`), `mp-bridge doctor`, `--fix` and the stray-writer check. A start
+    time that cannot be read (no such process, no `ps`) is no proof of reuse.
+    """
+    pid = record.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return f"names no valid pid ({pid!r})"
+    if not pid_alive(pid):
+        return f"pid {pid} is gone"
+    recorded = record.get("proc_start")
+    if recorded is not None:
+        now = proc_start(pid)
+        if now is not None and now != recorded:
+            return f"pid {pid} now belongs to another process (it started at another time)"
+    return None
+
+
 def describe_machine(record: dict[str, Any]) -> str:
     where = f"host {record.get('host')}, boot {record.get('boot_id')}"
     return where + (f", pid namespace {record['pid_ns']}" if record.get("pid_ns") else "")
@@ -172,9 +196,10 @@ def judge(
     me = seen.me if me is None else me
     pid = record.get("pid")
     if not from_another_machine(record, me) and isinstance(pid, int) and not isinstance(pid, bool):
-        if pid_alive(pid):
+        gone = pid_gone(record, pid_alive)
+        if gone is None:
             return Verdict(True, False, f"pid {pid} runs on this machine")
-        return Verdict(False, False, f"pid {pid} no longer runs on this machine")
+        return Verdict(False, False, f"{gone} on this machine")
     now = clock()
     sig = signature(record)
     last = seen.get(kind)

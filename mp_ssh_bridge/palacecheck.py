@@ -94,14 +94,8 @@ def _recorded_pid(record: dict[str, Any] | None) -> int | None:
     """The pid a broker.json / degraded.json record names, when it names a process here: the record was
     written on this machine (a pid from another machine or boot names some unrelated process here) and,
     when it records `proc_start`, the process with that pid started then (not a reused pid)."""
-    from mp_ssh_bridge import hostinfo, liveness
+    from mp_ssh_bridge import liveness
 
-    pid = record.get("pid") if record else None
-    if record is None or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+    if record is None or not liveness.same_machine(record) or liveness.pid_gone(record) is not None:
         return None
-    if not liveness.same_machine(record):
-        return None
-    start = record.get("proc_start")
-    if start is not None and hostinfo.proc_start(pid) != start:
-        return None
-    return pid
+    return int(record["pid"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -104,8 +105,9 @@ class _Base(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, _Source(settings_cls))
 
-    # --- derived ------------------------------------------------------------------------------
-    @property
+    # --- derived (once per settings object: resolving reads the config file, the engine-rules cache and the
+    # file system, and doctor or discovery would otherwise repeat it for every path they look at) -------------
+    @cached_property
     def memory(self) -> Memory:
         """The files the engine opens with these settings (as a plain mempalace-mcp would, by its version's rules)."""
         return resolve(str(self.palace) if self.palace else None, rules=self.engine_rules())
@@ -118,7 +120,7 @@ class _Base(BaseSettings):
             file_values = {}
         return enginerules.for_command(config.engine_command(os.environ, file_values))
 
-    @property
+    @cached_property
     def state_dir(self) -> Path:
         return Path(state_dir_for(self.memory, self.mempalace_path))
 

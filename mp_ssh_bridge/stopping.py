@@ -427,6 +427,9 @@ def reclaim_stale(settings: Settings) -> str | None:
     pid = _record_pid(record)
     if pid is None or _foreign(record, pid) is not None:
         return None
-    if hostinfo.pid_alive(pid) and not hostinfo.is_zombie(pid):
+    from mp_ssh_bridge import liveness
+
+    gone = liveness.pid_gone(record)
+    if gone is None and not hostinfo.is_zombie(pid):
         return None
-    return f"stale broker.json (pid {pid} is gone): {_remove_state(paths, record, pid)}"
+    return f"stale broker.json ({gone or f'pid {pid} has exited'}): {_remove_state(paths, record, pid)}"
