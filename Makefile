@@ -1,6 +1,7 @@
 # mp-ssh-bridge — set-up, tests and demo.
 #   make demo    set up .venv, then run 4 concurrent MCP sessions through one broker
 #   make test    set up .venv + test fixtures (model, sshd), lint (ruff, mypy), then run pytest
+#   make reliability  the reliability suite in full mode, then docs/RELIABILITY.md from its figures
 # Variables: PYTEST_ARGS="-k shim -x"   DEMO_ARGS="--raw --keep"
 
 SHELL   := /bin/bash
@@ -9,12 +10,13 @@ PY      := $(VENV)/bin/python
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 
-.PHONY: help setup setup-tests test lint demo demo-raw clean
+.PHONY: help setup setup-tests test reliability lint demo demo-raw clean
 
 help:
 	@echo "make demo         set up and run the demo (4 sessions -> mp-shim -> one broker)"
 	@echo "make demo-raw     the same demo with raw socket clients instead of mp-shim"
 	@echo "make test         set up test fixtures, lint (ruff, mypy), then run pytest (PYTEST_ARGS=...)"
+	@echo "make reliability  the reliability suite in full mode (long), then write docs/RELIABILITY.md"
 	@echo "make lint         only ruff and mypy"
 	@echo "make setup        only create .venv and install (model into .demo/home)"
 	@echo "make setup-tests  only prepare tests (.venv, .test-home model, sshd)"
@@ -29,6 +31,13 @@ setup-tests:
 test: setup-tests
 	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# Full mode: the issue's counts (RELIABILITY=full, tests/reliability.py); the records of this run only
+# (.reliability/), then docs/RELIABILITY.md from them, written even when a case failed.
+reliability: setup-tests
+	rm -rf .reliability
+	RELIABILITY=full $(PY) -m pytest -q -m reliability tests $(PYTEST_ARGS); status=$$?; \
+	$(PY) scripts/reliability_report.py; exit $$status
 
 lint:
 	$(VENV)/bin/ruff check .

@@ -26,10 +26,14 @@ from typing import Any
 
 from mp_ssh_bridge import enginecmd, protocol
 from mp_ssh_bridge.settings import BrokerSettings
-from mp_ssh_bridge_broker import guard
+from mp_ssh_bridge_broker import enginerecord, guard, walrecover
 from mp_ssh_bridge_broker.tasks import Tasks
 
 log = logging.getLogger("broker.engine")
+
+IDLE_HOURS_ENV = "MEMPALACE_MCP_IDLE_HOURS"  # mempalace-mcp's own idle exit (mcp_server/_guards.py)
+IDLE_HOURS_DEFAULT = 8.0
+IDLE_SLACK_S = 1.0  # our clock starts when a request is written, the engine's when it handles it
 
 
 class EngineUnavailable(Exception):
@@ -89,6 +93,8 @@ class Engine:
         self.state = "stopped"
         self._stopping = False
         self._restart_task: asyncio.Task[None] | None = None
+        self._ready_proc: asyncio.subprocess.Process | None = None  # the child that answered initialize
+        self._last_request = time.monotonic()  # the engine's idle clock restarts with every request
 
     # --- facts for status / broker.json ------------------------------------------
     @property
@@ -122,12 +128,14 @@ class Engine:
                 raise EngineUnavailable("the broker is shutting down")
             now = time.monotonic()
             if now < self._cooldown_until:
-                raise EngineUnavailable(
-                    f"engine failed to start {self._failures} times; next try in "
-                    f"{self._cooldown_until - now:.0f}s. Last error: {self._last_error}"
-                )
+                raise EngineUnavailable(describe_cooldown(self._failures, self._cooldown_until - now, self._last_error))
             while True:
-                delay = self._restart_delay()
+                try:
+                    delay = self._restart_delay()
+                except EngineUnavailable as exc:
+                    self._last_error = str(exc)  # the next refusal during the pause names it
+                    log.error("%s", exc)
+                    raise
                 if delay > 0:
                     await asyncio.sleep(delay)
                 try:
@@ -166,9 +174,7 @@ class Engine:
         if n > self.settings.engine_restart_budget:
             self._cooldown_until = now + self.settings.engine_backoff_max * 3
             raise EngineUnavailable(
-                f"engine restarted {n - 1} times in {window:.0f}s; pausing restarts for "
-                f"{self.settings.engine_backoff_max * 3:.0f}s. Last exit: {self.last_exit}. "
-                f"stderr: {self.stderr_tail()[-500:]}"
+                describe_budget(n - 1, window, self.settings.engine_backoff_max * 3, self.last_exit, self.stderr_tail())
             )
         if n == 0:
             return 0.0
@@ -184,6 +190,7 @@ class Engine:
         except enginecmd.EngineNotFound as exc:
             self.state = "failed"
             raise EngineUnavailable(str(exc)) from None
+        await self._clear_old_engine()
         env = dict(os.environ)
         env["MEMPALACE_HUB_FORWARD"] = "0"  # 3.8+ would otherwise proxy to a registered hub
         # The broker's engine is the palace's one writer; read-only is per session (broker/readonly.py).
@@ -192,6 +199,7 @@ class Engine:
         if self.settings.engine_eager_warmup:
             env.setdefault("MEMPALACE_EAGER_WARMUP", "1")
         self._restart_times.append(time.monotonic())
+        self._stderr_tail.clear()  # what THIS start says: a failure names its own output, not the last three's
         self.state = "starting"
         self.starts += 1
         log.info("starting engine: %s", " ".join(argv))
@@ -205,11 +213,13 @@ class Engine:
                 env=env,
                 limit=limit,
                 start_new_session=True,  # a ^C to the broker's terminal is the broker's to handle
+                preexec_fn=enginerecord.pdeathsig_hook(),  # Linux: the engine dies with its broker
             )
         except OSError as exc:
             self.state = "failed"
             raise EngineUnavailable(f"cannot run engine {argv[0]!r}: {exc.strerror or exc}") from exc
         self._proc = proc
+        self._record(proc.pid)
         self.started_at = time.time()
         self._readers = [
             self._tasks.spawn(self._read_stdout(proc), name="engine-stdout"),
@@ -232,14 +242,51 @@ class Engine:
             ) from None
         except EngineExited as exc:
             self.state = "failed"
-            raise EngineUnavailable(f"engine exited during start-up ({exc}): {exc.stderr_tail[-800:]}") from None
+            said = exc.stderr_tail.strip()[-800:] or "(the engine wrote nothing on stderr)"
+            raise EngineUnavailable(f"engine exited during start-up ({exc}): {said}") from None
         if "result" not in reply:
             await self.kill("initialize failed")
-            raise EngineUnavailable(f"engine refused initialize: {reply.get('error')}")
+            raise EngineUnavailable(f"engine refused initialize: {reply.get('error') or 'a reply without result or error'}")
         self.initialize_result = reply["result"]
         await self.send(protocol.notification("notifications/initialized"))
         self.state = "ready"
+        self._ready_proc = proc
+        self._last_request = time.monotonic()
         log.info("engine ready: pid %s, %s", proc.pid, self.version)
+
+    # --- never two engines on the palace (broker/enginerecord.py) --------------------
+    async def _clear_old_engine(self) -> None:
+        """An engine a killed broker left behind must be gone before ours starts; EngineUnavailable if it cannot be."""
+        memory = self.settings.memory
+        table = enginerecord.ProcessTable(
+            holds_palace=lambda pid, record: enginerecord.holds_palace_files(pid, record, memory.palace, memory.kg)
+        )
+        try:
+            done = await enginerecord.clear(self.settings.paths, table)
+        except enginerecord.OldEngineLives as exc:
+            self.state = "failed"
+            raise EngineUnavailable(str(exc)) from None
+        except OSError as exc:  # the record cannot be read or removed: no proof either way
+            self.state = "failed"
+            raise EngineUnavailable(f"cannot check {self.settings.paths.engine} for an engine still running: {exc}") from None
+        if done:
+            log.warning("before starting the engine: %s", done)
+        for line in await asyncio.to_thread(walrecover.recover_all, memory.palace, memory.kg):
+            log.warning("before starting the engine: %s", line)
+
+    def _record(self, pid: int) -> None:
+        """Write engine.json for our new engine; a failure costs only the next broker's check, so it is logged."""
+        try:
+            palace = str(self.settings.palace) if self.settings.palace else None
+            enginerecord.write(self.settings.paths, enginerecord.make(pid, os.getpid(), palace))
+        except OSError as exc:
+            log.error("cannot record the engine in %s: %s", self.settings.paths.engine, exc)
+
+    def _unrecord(self, pid: int) -> None:
+        try:
+            enginerecord.remove(self.settings.paths, pid)
+        except OSError as exc:
+            log.error("cannot remove %s: %s", self.settings.paths.engine, exc)
 
     # --- I/O ---------------------------------------------------------------------
     def _request_future(self, method: str, params: Any) -> asyncio.Future[dict[str, Any]]:
@@ -265,7 +312,7 @@ class Engine:
         engine_id = self._next_id
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[engine_id] = fut
-        self._sent_at[engine_id] = time.monotonic()
+        self._sent_at[engine_id] = self._last_request = time.monotonic()
         await self.send(protocol.request(engine_id, method, params))  # written before any await: ids go in order
         return engine_id, fut
 
@@ -383,14 +430,17 @@ class Engine:
         except asyncio.TimeoutError:
             proc.kill()
             code = await proc.wait()
+        self._unrecord(proc.pid)  # it is gone: the next start need not wait for it
         if self._proc is proc:
+            was_ready, self._ready_proc = self._ready_proc is proc, None
+            idle = is_idle_exit(code, bool(self._pending), time.monotonic() - self._last_request, engine_idle_limit(os.environ))
             self.state = "stopped"
-            self.last_exit = describe_exit(code)
+            self.last_exit = describe_exit(code) + (" (its own idle exit)" if idle else "")
             log.warning("engine pid %s exited: %s", proc.pid, self.last_exit)
-            if code != 0 and not self._stopping:
-                # A crash or a stall kill: bring a warm engine back now, so the next
-                # client does not pay the spawn. A clean exit (the engine's own idle
-                # timeout) is left alone until someone needs it.
+            if not self._stopping and not idle and (was_ready or code != 0):
+                # A crash, a stall kill, a kill from outside, an exit 0 nobody asked for (mempalace-mcp exits 0
+                # on SIGTERM): bring a warm engine back now, so the next client does not pay the spawn. The
+                # engine's own idle exit is left alone until someone needs it.
                 self._restart_task = self._tasks.spawn(self._restart_after_crash(), name="engine-restart")
         exc = EngineExited(code, self.stderr_tail())
         pending, self._pending = self._pending, {}
@@ -461,6 +511,40 @@ class Engine:
                 await asyncio.wait_for(task, 5)
             except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
                 task.cancel()
+
+
+def engine_idle_limit(environ: dict[str, str] | os._Environ[str]) -> float | None:
+    """Seconds after which mempalace-mcp exits by itself without requests (MEMPALACE_MCP_IDLE_HOURS, default 8 h,
+    read as the engine reads it); None when that watchdog is off."""
+    raw = environ.get(IDLE_HOURS_ENV, "")
+    try:
+        hours = float(raw) if raw else IDLE_HOURS_DEFAULT
+    except ValueError:
+        return None  # the engine reads an unparsable value as "off"
+    return hours * 3600 if hours > 0 else None
+
+
+def is_idle_exit(returncode: int, pending: bool, quiet_s: float, idle_limit: float | None) -> bool:
+    """Was this the engine's own idle exit (stays cold), rather than a crash, a kill or an exit nobody asked for
+    (restarted warm at once)? Exit 0, nothing outstanding, and no request for the engine's idle limit."""
+    return returncode == 0 and not pending and idle_limit is not None and quiet_s >= idle_limit - IDLE_SLACK_S
+
+
+def describe_cooldown(failures: int, left_s: float, last_error: str) -> str:
+    """Why no start is tried now: every field says something true, none is left empty."""
+    tried = f"engine failed to start {failures} time{'s' if failures != 1 else ''} in a row" if failures else (
+        "engine restarts are paused (the restart budget is spent)"
+    )
+    return f"{tried}; next try in {max(0.0, left_s):.0f}s. Last error: {last_error.strip() or 'no error recorded'}"
+
+
+def describe_budget(restarts: int, window: float, pause: float, last_exit: str | None, stderr: str) -> str:
+    """The restart budget is spent: how often, for how long starts pause, the last exit and the engine's last words."""
+    tail = stderr.strip()[-500:] or "(the engine wrote nothing on stderr)"
+    return (
+        f"engine restarted {restarts} time{'s' if restarts != 1 else ''} in {window:.0f}s; pausing restarts for "
+        f"{pause:.0f}s. Last exit: {last_exit or 'no exit recorded'}. stderr: {tail}"
+    )
 
 
 def describe_exit(returncode: int) -> str:

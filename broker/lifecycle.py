@@ -64,7 +64,7 @@ class BrokerProcess:
         self.paths = settings.paths
         self._inherited_lock = lock_fd
         self.mux = Mux(settings)
-        self.server = Server(self.mux, settings.max_line_bytes, auth_timeout=settings.connect_timeout)
+        self.server = Server(self.mux, settings.max_line_bytes)  # bounds from settings (broker/bounds.py)
         self.stop_event = asyncio.Event()
         self.socket_path: Path | None = None
         self.record: dict[str, Any] = {}

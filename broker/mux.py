@@ -26,18 +26,21 @@ from typing import Any
 from mp_ssh_bridge import enginecmd, protocol
 from mp_ssh_bridge.settings import BrokerSettings
 from mp_ssh_bridge_broker import guard, readonly, startup, tools
+from mp_ssh_bridge_broker.bounds import Bounds, PendingJobs, limit_error, over_queue_limit
 from mp_ssh_bridge_broker.engine import Engine, EngineExited, EngineNoReply, EngineUnavailable
 from mp_ssh_bridge_broker.queue import FairQueue
 from mp_ssh_bridge_broker.tasks import Tasks
 
 log = logging.getLogger("broker.mux")
 
-OUTBOX_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_OUTBOX_MAX_BYTES = 32 * 1024 * 1024  # the max_client_outbox_bytes default (broker/bounds.py)
 TOTALS = ("requests", "responses", "errors", "cancelled", "timeouts", "outcome_unknown", "engine_requests")
+INIT_CACHE_MAX = 16  # initialize answers kept, one per protocolVersion asked for (a client picks the key)
 TIMEOUT_MS_MAX = 2**31 - 1  # JavaScript's setTimeout ceiling (pi's extension); a larger timeoutMs is refused
 
 
 def _id_key(value: Any) -> tuple[str, Any]:
+    """The pending-table key of a request id; only ever called with a protocol.valid_id (hashable) one."""
     return (type(value).__name__, value)  # 1 and "1" are different ids
 
 
@@ -80,16 +83,23 @@ def announce_list_changed(result: dict[str, Any]) -> dict[str, Any]:
 
 
 class ClientSession:
-    """One connected client: its outbox, its pending requests, its counters."""
+    """One connected client: its outbox, its pending requests, its counters.
+
+    The outbox is bounded (`outbox_max`, the max_client_outbox_bytes setting): past half of it the
+    server stops reading this client's requests (`backlogged`); past all of it the client is not
+    reading its replies, and it is cut off at once (`abort`): what waits for it is dropped, not flushed.
+    """
 
     _ids = 0
 
-    def __init__(self, peer: str, writer: asyncio.StreamWriter | None = None) -> None:
+    def __init__(self, peer: str, writer: asyncio.StreamWriter | None = None,
+                 outbox_max: int = DEFAULT_OUTBOX_MAX_BYTES) -> None:
         ClientSession._ids += 1
         self.id = ClientSession._ids
         self.peer = peer
         self.connected_at = time.time()
-        self.pending: dict[tuple[str, Any], Job] = {}
+        self.pending: PendingJobs[Job] = PendingJobs()  # also counts the bytes of their request lines
+        self.line_bytes = 0  # size of the request line being handled (set by the server)
         self.requests = 0
         self.authenticated = True
         self.read_only = False  # the tool surface of `mempalace-mcp --read-only` (broker/status readOnly)
@@ -100,9 +110,13 @@ class ClientSession:
         self.probe = False  # mp-bridge's or the election's look at the status: not listed as a client
         self.log_level: str | None = None  # from its logging/setLevel; None: it asked for nothing
         self.closed = False
+        self._half_close = False
+        self.outbox_max = outbox_max
         self._writer = writer
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self._outbox_bytes = 0
+        self.outbox_bytes = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
         self._writer_task: asyncio.Task[None] | None = None
         if writer is not None:
             self._writer_task = asyncio.create_task(self._write_loop(), name=f"client-{self.id}-writer")
@@ -111,18 +125,47 @@ class ClientSession:
         if self.closed:
             return
         data = protocol.encode(message)
-        self._outbox_bytes += len(data)
-        if self._outbox_bytes > OUTBOX_MAX_BYTES:
-            log.warning("client %s is not reading its replies; disconnecting it", self.id)
-            self.close()
+        if self.outbox_bytes + len(data) > self.outbox_max:
+            log.warning("client %s is not reading its replies (%d bytes waiting, max_client_outbox_bytes %d); "
+                        "disconnecting it", self.id, self.outbox_bytes, self.outbox_max)
+            self.abort()
             return
+        self.outbox_bytes += len(data)
+        if self.backlogged():
+            self._drained.clear()
         self._outbox.put_nowait(data)
 
-    def close(self) -> None:
-        """Flush what is queued, then close (the writer task closes the socket)."""
+    def backlogged(self) -> bool:
+        """Over half the outbox cap: read no more of this client's requests until it reads its replies."""
+        return self.outbox_bytes > self.outbox_max // 2
+
+    async def wait_drained(self, timeout: float) -> bool:
+        """Until the outbox is back under half its cap (True), the session closed (True), or `timeout` (False)."""
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def close(self, half: bool = False) -> None:
+        """Flush what is queued, then close (the writer task closes the socket; `half`: only our sending side,
+        the caller closes the rest once it has drained what the peer still sends)."""
         if not self.closed:
             self.closed = True
+            self._half_close = half
             self._outbox.put_nowait(None)
+
+    def abort(self) -> None:
+        """Close now, dropping every reply still queued (a client that does not read gets none of them)."""
+        self.closed = True
+        while not self._outbox.empty():
+            self._outbox.get_nowait()
+        self.outbox_bytes = 0
+        self._drained.set()
+        if self._writer is not None:
+            self._writer.transport.abort()  # the read side sees EOF at once; the server then detaches us
+        if self._writer_task is not None:
+            self._writer_task.cancel()
 
     async def _write_loop(self) -> None:
         writer = self._writer
@@ -132,15 +175,21 @@ class ClientSession:
                 data = await self._outbox.get()
                 if data is None:
                     break
-                self._outbox_bytes -= len(data)
+                self.outbox_bytes -= len(data)
+                if not self.backlogged():
+                    self._drained.set()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
             pass
         finally:
             self.closed = True
+            self._drained.set()
             try:
-                writer.close()
+                if self._half_close and writer.can_write_eof():
+                    writer.write_eof()
+                else:
+                    writer.close()
             except Exception:  # noqa: BLE001 - closing a broken transport
                 pass
 
@@ -149,9 +198,8 @@ class ClientSession:
         task = self._writer_task
         if task is None:
             return
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout)
-        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - a client that stopped reading
+        await asyncio.wait([task], timeout=timeout)  # never raises for the task's own outcome (abort cancels it)
+        if not task.done():  # a client that stopped reading
             task.cancel()
             await asyncio.wait([task], timeout=1.0)
 
@@ -187,8 +235,9 @@ class Job:
 class Mux:
     """Routes client messages into the fair queue and engine replies back."""
 
-    def __init__(self, settings: BrokerSettings, engine: Engine | None = None) -> None:
+    def __init__(self, settings: BrokerSettings, engine: Engine | None = None, bounds: Bounds | None = None) -> None:
         self.settings = settings
+        self.bounds = bounds or Bounds.from_settings(settings)  # per-connection queue bounds (_enqueue)
         self.engine = engine or Engine(settings, self._on_engine_notification)
         self.queue: FairQueue[Job] = FairQueue()
         self.sessions: dict[int, ClientSession] = {}
@@ -235,11 +284,21 @@ class Mux:
 
     # --- inbound ---------------------------------------------------------------------
     def handle(self, session: ClientSession, msg: Any) -> None:
-        """One parsed message from a client (shape not yet checked)."""
+        """One parsed message from a client (shape not yet checked). Never raises: whatever a client sends
+        is answered on its own connection (a notification gets nothing), and the connection goes on."""
+        try:
+            self._handle(session, msg)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one answer, never the connection
+            msg_id = protocol.reply_id(msg)
+            log.error("internal error handling a message from client %s (id %s): %s: %s", session.id,
+                      protocol.brief(msg_id), type(exc).__name__, protocol.brief(str(exc), 200), exc_info=exc)
+            if msg_id is not None or not protocol.is_notification(msg if isinstance(msg, dict) else {}):
+                self._error(session, msg_id, protocol.INTERNAL_ERROR, "internal broker error; outcome unknown")
+
+    def _handle(self, session: ClientSession, msg: Any) -> None:
         problem = protocol.check_request_shape(msg)
         if problem is not None:
-            msg_id = msg.get("id") if isinstance(msg, dict) and protocol.valid_id(msg.get("id")) else None
-            self._error(session, msg_id, protocol.INVALID_REQUEST, f"Invalid Request: {problem}")
+            self._error(session, protocol.reply_id(msg), protocol.INVALID_REQUEST, f"Invalid Request: {problem}")
             return
         if protocol.is_response(msg):
             log.debug("client %s sent a response; the engine never asks, dropping it", session.id)
@@ -264,7 +323,11 @@ class Mux:
         elif method == "broker/auth":
             session.send(protocol.result(msg_id, {"ok": True}))
         elif method.startswith("broker/"):
-            self._error(session, msg_id, protocol.METHOD_NOT_FOUND, f"Unknown broker method: {method}")
+            self._error(session, msg_id, protocol.METHOD_NOT_FOUND,
+                        f"Unknown broker method: {protocol.brief(method, 80)}")
+        elif method.startswith("notifications/"):  # every engine drops it unanswered: its sender would wait forever
+            self._error(session, msg_id, protocol.METHOD_NOT_FOUND,
+                        f"Method not found: {protocol.brief(method, 80)} is a notification; send it without an id")
         elif method == "logging/setLevel":  # the broker's own log notices (the engine implements no logging)
             self._set_log_level(session, msg_id, params)
         elif not self.accepting:
@@ -273,7 +336,8 @@ class Mux:
                                         "executed", {"outcome": "not_executed"}))
         elif _id_key(msg_id) in session.pending:
             self._error(
-                session, msg_id, protocol.INVALID_REQUEST, f"id {msg_id!r} is already used by a pending request"
+                session, msg_id, protocol.INVALID_REQUEST,
+                f"id {protocol.brief(msg_id)} is already used by a pending request",
             )
         elif method == "initialize" and self._cached_initialize(params) is not None:
             session.send(protocol.result(msg_id, self._cached_initialize(params)))
@@ -303,7 +367,7 @@ class Mux:
                         msg_id,
                         protocol.INVALID_PARAMS,
                         f"Invalid params: timeoutMs must be an integer from 0 (no deadline) to {TIMEOUT_MS_MAX} "
-                        f"milliseconds, got {value!r:.60}",
+                        f"milliseconds, got {protocol.brief(value)}",
                     )
                     return
                 session.timeout_ms = value
@@ -315,7 +379,7 @@ class Mux:
         if not startup.valid_level(level):
             self._error(
                 session, msg_id, protocol.INVALID_PARAMS,
-                f"Invalid params: level must be one of {', '.join(startup.LEVELS)}, got {level!r:.40}",
+                f"Invalid params: level must be one of {', '.join(startup.LEVELS)}, got {protocol.brief(level, 40)}",
             )
             return
         session.log_level = level
@@ -357,6 +421,15 @@ class Mux:
         return changed
 
     def _enqueue(self, session: ClientSession, msg_id: Any, method: str, params: Any) -> None:
+        size = session.line_bytes
+        over = over_queue_limit(self.bounds, len(session.pending), session.pending.queued_bytes, size)
+        if over is not None:  # answered at once; the connection stays usable
+            self.totals["errors"] += 1
+            what = (f"this connection already has {len(session.pending)} requests queued or running"
+                    if over[0] == "max_queued_per_client"
+                    else f"this connection's queued requests already hold {session.pending.queued_bytes} bytes")
+            session.send(limit_error(msg_id, *over, what))
+            return
         now = time.monotonic()
         wait_ms = tools.event_wait_timeout_ms(method, params)
         deadline = now + job_deadline_s(session.timeout_ms, self.settings.request_timeout, wait_ms)
@@ -367,7 +440,7 @@ class Mux:
             job.kind = "event_wait"
             job.event_wait_until = now + wait_ms / 1000
         self._rewrite_progress_token(job)
-        session.pending[_id_key(msg_id)] = job
+        session.pending.add(_id_key(msg_id), job, size)
         loop = asyncio.get_running_loop()
         job.timer = loop.call_at(loop.time() + (job.deadline - now), self._expire, job)
         self.queue.put(job)
@@ -385,7 +458,11 @@ class Mux:
         job.params = dict(params, _meta=dict(meta, progressToken=token))
 
     def _cancel(self, session: ClientSession, params: Any) -> None:
+        """notifications/cancelled. A requestId that is no valid id names no request of ours: ignored, like an
+        unknown one (a notification gets no reply; an object or array could not even be looked up)."""
         request_id = params.get("requestId") if isinstance(params, dict) else None
+        if not protocol.valid_id(request_id):
+            return
         job = session.pending.get(_id_key(request_id))
         if job is None:
             return  # unknown or already answered: the spec says ignore
@@ -596,8 +673,8 @@ class Mux:
             return
         if job.kind == "initialize" and isinstance(res, dict):
             version = (job.params or {}).get("protocolVersion") if isinstance(job.params, dict) else None
-            if isinstance(version, str):
-                self.init_cache[version] = copy.deepcopy(res)
+            if isinstance(version, str) and (version in self.init_cache or len(self.init_cache) < INIT_CACHE_MAX):
+                self.init_cache[version] = copy.deepcopy(res)  # bounded: a client picks the key
             reply = dict(reply, result=announce_list_changed(res))
         if job.method == "tools/list" and res is not None:
             if self.settings.strip_root_combinators:

@@ -30,6 +30,7 @@ LOGGER = "mempalace-broker"
 NOTICE_EVERY_S = 3.0  # at most one notice per session this often while its request waits
 TICK_S = 0.5  # how often the timer looks (cheap: a scan of the waiting sessions)
 WHAT_TO_CHECK = "check `mp-bridge logs` (the engine's start-up output) and `mp-bridge doctor`"
+NO_REASON = "no reason was recorded (the engine start failed without a message)"
 
 
 class EngineView(Protocol):
@@ -126,8 +127,8 @@ class StartupNotices:
         return now - self._since
 
     def failed(self, why: str) -> None:
-        """A start failed (EngineUnavailable): named in later notices and errors."""
-        self.last_failure = why
+        """A start failed (EngineUnavailable): named in later notices and errors (never an empty reason)."""
+        self.last_failure = why.strip() or NO_REASON
 
     # --- notices --------------------------------------------------------------------
     def waiting(self, session: SessionView) -> None:
@@ -228,5 +229,6 @@ class StartupNotices:
     def unavailable_error(self, exc: BaseException) -> tuple[str, dict[str, Any]]:
         """The -32062 message and data when the engine cannot be started: its last error, and where to look."""
         self.failed(str(exc))
-        message = f"memory engine failed to start: {exc}. Request NOT executed (safe to retry); {WHAT_TO_CHECK}"
-        return message, {"outcome": "not_executed", "last_error": str(exc)[-800:]}
+        why = self.last_failure
+        message = f"memory engine failed to start: {why}. Request NOT executed (safe to retry); {WHAT_TO_CHECK}"
+        return message, {"outcome": "not_executed", "last_error": why[-800:]}

@@ -153,22 +153,24 @@ def _container(cfg: Config, settings: Settings) -> Link:
 
 
 # --------------------------------------------------------------------------- degraded mode
-def hold_lock(paths: state.StatePaths) -> tuple[int | None, bool]:
-    """(fd holding broker.lock, held_by_someone_else). A lock that cannot be opened or taken counts as
-    held: when in doubt, no engine of our own (never two writers)."""
+def hold_lock(paths: state.StatePaths) -> tuple[int | None, str | None]:
+    """(fd holding broker.lock, None) when we took it, else (None, why not). A lock that cannot be opened
+    or taken counts as held: when in doubt, no engine of our own (never two writers)."""
     from mp_ssh_bridge.election import open_lock, try_lock
 
     try:
         fd = open_lock(paths)
-    except OSError:
-        return None, True
+    except OSError as exc:
+        return None, f"{paths.lock} cannot be opened ({exc.strerror or exc}), so this session cannot prove no broker runs"
     try:
         if try_lock(fd):
-            return fd, False
-    except OSError:
-        pass
+            return fd, None
+    except OSError as exc:
+        os.close(fd)
+        return None, f"{paths.lock} cannot be locked ({exc.strerror or exc}), so this session cannot prove no broker runs"
     os.close(fd)
-    return None, True
+    return None, (f"another process holds {paths.lock} (a broker starting, or a session already in degraded mode), "
+                  "which may still be alive but does not answer")
 
 
 def resolve_engine(settings: Settings) -> list[str]:
@@ -298,17 +300,18 @@ def degraded_or_refuse(cfg: Config, settings: Settings, reason: str, role: str) 
     if other is not None and other.get("pid") != os.getpid():
         raise ShimError(BROKER_UNREACHABLE, f"{reason}; and {liveness.describe_degraded(other, paths)}")
     lock_fd, held = hold_lock(paths)
-    if alive or held:
+    if alive or held is not None:
         if lock_fd is not None:
             os.close(lock_fd)
         if alive and record is not None and verdict is not None:
             where = liveness.describe_machine(record) if verdict.foreign else "this machine"
-            who = f"broker.json names broker pid {record.get('pid')} ({where}): {verdict.why}"
+            who = (f"broker.json names broker pid {record.get('pid')} ({where}): {verdict.why}, which may still be "
+                   "alive but does not answer")
         else:
-            who = f"another process holds {paths.lock} (a broker starting, or a session already in degraded mode)"
+            who = str(held)
         raise ShimError(
             BROKER_UNREACHABLE,
-            f"{reason}; {who}, which may still be alive but does not answer, so this session will NOT start its own "
+            f"{reason}; {who}, so this session will NOT start its own "
             f"memory engine (that would make a second writer on the palace). Check it with `mp-bridge status`, "
             f"or stop it (its log: {paths.log})",
         )

@@ -155,7 +155,7 @@ class Seen:
 
     def get(self, kind: str) -> dict[str, Any] | None:
         path = self._file(kind)
-        entry = (state.read_broker_json(path) if self._usable() else None) or self._MEMORY.get(str(path))
+        entry = (state.read_json_object(path) if self._usable() else None) or self._MEMORY.get(str(path))
         if entry is None or entry.get("reader") != list(self.me):
             return None  # another boot's (or machine's) clock: a reading that means nothing now
         return entry

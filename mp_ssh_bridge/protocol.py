@@ -3,11 +3,25 @@
 Stdlib only: the shim's start-up path imports this module, and each extra
 import there is paid by every agent session. The wire format is the one
 `mempalace-mcp` speaks on stdio: one JSON object per line, UTF-8, `\\n` ended.
+
+Both sides read a client's frame with `decode` and judge it with
+`check_request_shape`, so the shim and the broker refuse exactly the same
+input with the same code — and neither may raise on any input, since a
+raise is a request never answered (the broker) or an MCP server gone (the
+shim). Two rules there are not obvious:
+- nesting is capped at MAX_NESTING: Python's parser, encoder and repr all
+  recurse, and a few thousand `[` would otherwise raise RecursionError
+  wherever the value goes next;
+- lone surrogates (`"\\ud800"`) are accepted, as `mempalace-mcp` accepts them
+  (it strips them where they would hurt); `encode` writes them back as the
+  same `\\u` escapes, since they have no UTF-8 form.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # asyncio costs the shim's fast path ~50 ms to import; only read_frame needs it
@@ -33,6 +47,7 @@ UNAUTHORIZED = -32064  # TCP client without the right token
 SHUTTING_DOWN = -32065  # the broker is stopping; the request was not executed
 BROKER_UNREACHABLE = -32066  # the shim has no broker to send the request to
 PALACE_MISMATCH = -32067  # the reachable broker serves another palace
+LIMIT_REACHED = -32068  # a bound was hit (queue, bytes, connections); data names the setting; not executed
 
 # MCP protocol versions the engine is known to speak (newest last).
 KNOWN_PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
@@ -123,13 +138,82 @@ class FrameBuffer:
 
 
 def encode(message: Any) -> bytes:
-    """Serialize one message as a single newline-terminated frame."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+    """Serialize one message as a single newline-terminated frame (always valid UTF-8).
+
+    A string holding a lone surrogate (which a client may send as `"\\ud800"`, and
+    `json.loads` keeps) has no UTF-8 form: such a message is written with `\\u`
+    escapes instead, so it reaches the other side exactly as the client sent it.
+    """
+    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(message, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+# Deeper JSON is refused as a parse error: json.loads, json.dumps and repr recurse, and Python's
+# recursion limit (1000 frames, shared with whatever is already on the stack) is no place to find
+# out where a value can still go. mempalace-mcp itself parses with that limit (~990 levels left);
+# no MCP message needs more than a few dozen.
+MAX_NESTING = 512
+# A JSON string literal. Linear on valid JSON only (an unterminated string makes it retry at every later
+# quote): it is applied only to a frame json.loads has accepted.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as signed bytes
+
+
+def nesting_depth(line: bytes, at_least: int = 0) -> int:
+    """How deep a VALID JSON frame nests arrays and objects (brackets inside strings do not count).
+
+    Returns early, with a value no higher than `at_least`, for a frame with at most `at_least` opening
+    brackets in all (nearly every message: no scan). Otherwise the frame is reduced to its brackets
+    as +1/-1 steps whose running sum is the depth: C loops only (re, translate, accumulate, max).
+    """
+    opening = line.count(b"[") + line.count(b"{")
+    if opening <= at_least:
+        return opening
+    steps = _STRING.sub(b"", line).translate(_STEPS, _NOT_BRACKETS)
+    return max(itertools.accumulate(memoryview(steps).cast("b")), default=0)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def decode(line: bytes) -> Any:
-    """Parse one frame; raises ValueError (json.JSONDecodeError / UnicodeDecodeError)."""
-    return json.loads(line)
+    """Parse one frame. Raises ValueError for every frame that is not one JSON value in UTF-8: bad JSON,
+    bytes that are not UTF-8 (UnicodeDecodeError), NaN/Infinity, integers over 4300 digits, and nesting
+    deeper than MAX_NESTING ("nesting too deep"). Never anything else."""
+    text = line.decode("utf-8")  # strictly UTF-8, as MCP says (json.loads would guess UTF-16/32 from the bytes)
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:  # far deeper than MAX_NESTING (json's C parser counts its own levels)
+        raise ValueError(f"nesting too deep (more than {MAX_NESTING} levels of arrays/objects)") from None
+    if nesting_depth(line, MAX_NESTING) > MAX_NESTING:
+        raise ValueError(f"nesting too deep (more than {MAX_NESTING} levels of arrays/objects)")
+    return value
+
+
+def brief(value: Any, limit: int = 60) -> str:
+    """A client-supplied value for a message or a log line: short, printable, and cheap whatever it is.
+
+    repr() of the value itself could be megabytes long, or recurse; this looks at one level only. Lone
+    surrogates and control characters come out escaped (repr's own rule), so a log file stays UTF-8.
+    """
+    if isinstance(value, str):
+        text = repr(value[: limit + 1])
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * limit:
+        text = f"<an integer of {value.bit_length()} bits>"
+    elif value is None or isinstance(value, (bool, int, float)):
+        text = repr(value)
+    elif isinstance(value, dict):
+        text = f"<an object of {len(value)} members>"
+    elif isinstance(value, list):
+        text = f"<an array of {len(value)} items>"
+    else:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def error(msg_id: Any, code: int, message: str, data: Any = None) -> dict[str, Any]:
@@ -163,9 +247,9 @@ def event_wait_timeout_ms(method: str, params: Any) -> int | None:
         return None
     args = params.get("arguments")
     raw = args.get("timeout_ms") if isinstance(args, dict) else None
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw != raw:  # raw != raw: NaN
         return EVENT_WAIT_DEFAULT_MS
-    return max(0, min(int(raw), EVENT_WAIT_MAX_MS))
+    return int(max(0, min(raw, EVENT_WAIT_MAX_MS)))  # clamped first: int() of 1e400 (inf) would raise
 
 
 def is_request(msg: dict[str, Any]) -> bool:
@@ -181,16 +265,29 @@ def is_response(msg: dict[str, Any]) -> bool:
 
 
 def valid_id(value: Any) -> bool:
-    """JSON-RPC ids are strings or integers (null only in error replies)."""
+    """A usable request id: MCP's RequestId, a string or an integer (JSON-RPC allows null and fractions; MCP
+    does not). Only such a value is ever hashed, stored or echoed; anything else is answered with id null."""
     return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
+def reply_id(msg: Any) -> str | int | None:
+    """The id to answer `msg` with: its own when usable, else null (JSON-RPC's rule when it cannot be read)."""
+    value = msg.get("id") if isinstance(msg, dict) else None
+    return value if valid_id(value) else None
+
+
 def check_request_shape(msg: Any) -> str | None:
-    """Return why `msg` is not a usable JSON-RPC message, or None when it is."""
+    """Return why `msg` is not a usable JSON-RPC message, or None when it is (answered -32600 INVALID_REQUEST).
+
+    The rule both the shim and the broker apply to what a client sends. `jsonrpc` may be missing
+    (mempalace-mcp does not require it) but not anything other than "2.0".
+    """
     if isinstance(msg, list):
         return "JSON-RPC batches are not supported (MCP removed them in 2025-06-18)"
     if not isinstance(msg, dict):
         return "a message must be a JSON object"
+    if "jsonrpc" in msg and msg["jsonrpc"] != JSONRPC:
+        return "'jsonrpc' must be \"2.0\""
     if "method" in msg:
         if not isinstance(msg["method"], str):
             return "'method' must be a string"

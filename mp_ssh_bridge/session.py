@@ -37,6 +37,7 @@ from mp_ssh_bridge.protocol import (
     BROKER_UNREACHABLE,
     DEADLINE_EXCEEDED,
     EVENT_WAIT_TOOL,
+    INTERNAL_ERROR,
     INVALID_REQUEST,
     JSONRPC,
     LINE_TOO_LONG,
@@ -44,9 +45,13 @@ from mp_ssh_bridge.protocol import (
     PARSE_ERROR,
     SHIM_BACKSTOP_GRACE_S,
     SHUTTING_DOWN,
+    brief,
+    check_request_shape,
+    decode,
     encode,
     error,
     event_wait_timeout_ms,
+    reply_id,
     valid_id,
 )
 
@@ -184,37 +189,52 @@ class Shim:
                     continue
                 line = line.rstrip(b"\r\n")
                 if line.strip():
-                    self.from_client(line)
-        except (OSError, ValueError) as exc:
+                    self.from_client_safely(line)
+        except (OSError, ValueError) as exc:  # stdin itself failed (closed, unreadable): the session ends
             log(30, f"stdin: {exc}")
         finally:
             self.on_stdin_closed()
 
-    def from_client(self, line: bytes) -> None:
+    def from_client_safely(self, line: bytes) -> None:
+        """`from_client`, and a bug in it costs one answer (-32603), never the agent's MCP server: this
+        thread is the only reader of stdin, and a traceback ending it would end the session."""
         try:
-            msg = json.loads(line)
+            self.from_client(line)
+        except Exception as exc:  # noqa: BLE001 - last resort: answer, say so in one line, keep reading
+            msg_id = None
+            try:
+                msg_id = reply_id(decode(line))
+            except Exception:  # noqa: BLE001 - the line may be what failed; then the answer has id null
+                pass
+            log(40, f"internal error on a message from the client (id {brief(msg_id)}): {type(exc).__name__}: "
+                    f"{brief(str(exc), 200)}")
+            self.reply_error(msg_id, INTERNAL_ERROR, f"internal mp-shim error ({type(exc).__name__}); outcome unknown")
+
+    def from_client(self, line: bytes) -> None:
+        """One line from the agent: a request is tracked and sent on, a bad line answered here (as the
+        broker would: protocol.decode and protocol.check_request_shape are the broker's own rules)."""
+        try:
+            msg = decode(line)
         except ValueError as exc:
             self.reply_error(None, PARSE_ERROR, f"Parse error: {exc}")
             return
-        if not isinstance(msg, dict):
-            why = "JSON-RPC batches are not supported" if isinstance(msg, list) else "a message must be a JSON object"
-            self.reply_error(None, INVALID_REQUEST, f"Invalid Request: {why}")
+        problem = check_request_shape(msg)
+        if problem is not None:
+            self.reply_error(reply_id(msg), INVALID_REQUEST, f"Invalid Request: {problem}")
             return
         frame = line + b"\n"
         method = msg.get("method")
         key = None
         if isinstance(method, str) and "id" in msg:
             msg_id = msg["id"]
-            if not (isinstance(msg_id, str) or (isinstance(msg_id, int) and not isinstance(msg_id, bool))):
-                self.reply_error(None, INVALID_REQUEST, "Invalid Request: 'id' must be a string or an integer")
-                return
             params = msg.get("params")
             ms = backstop_ms(self.cfg.timeout_ms, method, params)
             tool = params.get("name") if method == "tools/call" and isinstance(params, dict) else None
+            tool = tool if isinstance(tool, str) else None  # echoed in error data: never a client's deep value
             key = id_key(msg_id)
             with self.lock:
                 if key in self.pending:
-                    self.reply_error(msg_id, INVALID_REQUEST, f"id {msg_id!r} is already used by a pending request")
+                    self.reply_error(msg_id, INVALID_REQUEST, f"id {brief(msg_id)} is already used by a pending request")
                     return
                 pend = Pending(msg_id, method, frame, None if ms is None else time.monotonic() + ms / 1000, tool,
                                None if ms is None else ms / 1000 - SHIM_BACKSTOP_GRACE_S)
@@ -279,7 +299,10 @@ class Shim:
                 frame = link.recv()
                 if frame is None:
                     break
-                self.from_broker(link, frame)
+                try:
+                    self.from_broker(link, frame)
+                except Exception as exc:  # noqa: BLE001 - last resort: one bad frame costs that frame, not the link
+                    log(40, f"internal error on a message from the broker: {type(exc).__name__}: {brief(str(exc), 200)}")
         except (OSError, ShimError, ValueError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
         finally:
@@ -287,7 +310,7 @@ class Shim:
 
     def from_broker(self, link: Link, frame: bytes) -> None:
         try:
-            msg = json.loads(frame)
+            msg = decode(frame)
         except ValueError:
             log(30, "broker sent malformed JSON; dropped")
             return
@@ -298,7 +321,7 @@ class Shim:
             return
         msg_id = msg.get("id")
         if msg_id is not None and not valid_id(msg_id):
-            log(30, f"broker sent a reply with an unusable id {msg_id!r}; dropped")
+            log(30, f"broker sent a reply with an unusable id {brief(msg_id)}; dropped")
             return
         key = id_key(msg_id)
         late: Pending | None = None
@@ -313,14 +336,14 @@ class Shim:
                 if msg_id is None:
                     pend = None  # an error about a frame the broker could not read: pass it on
                 else:
-                    log(20, f"late or unknown reply id {msg_id!r} dropped")
+                    log(20, f"late or unknown reply id {brief(msg_id)} dropped")
                     return
             elif _not_run_by_a_stopping_broker(msg) and pend.resent < MAX_RESENDS:
                 pend.link = None  # proven not executed: the next broker (a restart) gets it, time permitting
                 if not self._too_late_to_resend(pend, time.monotonic()):
                     pend.resent += 1
                     self.backlog.append((key, pend.frame, pend))  # its backstop still holds while it waits
-                    log(20, f"request {msg_id!r} was not executed by a stopping broker; it waits for the next one")
+                    log(20, f"request {brief(msg_id)} was not executed by a stopping broker; it waits for the next one")
                     return
                 del self.pending[key]
                 late = pend
@@ -450,7 +473,7 @@ class Shim:
     def answer_not_resent(self, pend: Pending) -> None:
         """A request a stopping broker did not run, with too little time left to send it to the next one."""
         left = max(0.0, (pend.deadline or 0.0) - time.monotonic() - SHIM_BACKSTOP_GRACE_S)
-        log(20, f"request {pend.msg_id!r} was not executed by a stopping broker; too little time left to resend it")
+        log(20, f"request {brief(pend.msg_id)} was not executed by a stopping broker; too little time left to resend it")
         self.reply_error(
             pend.msg_id,
             DEADLINE_EXCEEDED,

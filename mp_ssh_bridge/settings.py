@@ -175,6 +175,38 @@ class BrokerSettings(_Base):
         default=30.0, ge=0, description="Broker exits after this many minutes without clients; 0 = never."
     )
     heartbeat_interval: float = Field(default=5.0, gt=0, description="broker.json heartbeat period, seconds.")
+    # --- bounds (docs/PROTOCOL.md "Bounds"): every resource one client can make the broker hold -----------
+    max_queued_per_client: int = Field(
+        default=256, ge=1,
+        description="Requests one connection may have queued or running; more are answered -32068 at once.",
+    )
+    max_client_queued_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024,
+        description="Bytes of request lines one connection may have queued or running; more are answered -32068.",
+    )
+    max_client_outbox_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=64 * 1024,
+        description="Bytes of replies waiting for one connection to read them; over it the connection is closed "
+        "(reading its requests pauses at half of it).",
+    )
+    max_connections: int = Field(
+        default=1024, ge=1, description="Connections the broker holds at once; one more gets -32068 and is closed."
+    )
+    max_connections_per_peer: int = Field(
+        default=256, ge=1,
+        description="Connections from one peer (TCP: its address; UNIX socket: its process) held at once.",
+    )
+    preauth_max_bytes: int = Field(
+        default=4096, ge=256, description="Bytes a TCP client may send before it has authenticated (broker/auth)."
+    )
+    preauth_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds a TCP client has to authenticate before it is disconnected."
+    )
+    fd_reserve: int = Field(
+        default=64, ge=8,
+        description="Open files kept free for the engine (its pipes, its own start) and the log: the broker stops "
+        "accepting connections this close to its open-file limit.",
+    )
     tcp: str | None = Field(
         default=None, description="Also listen on TCP at HOST:PORT (token required). Off unless asked."
     )

@@ -136,7 +136,8 @@ def _options(settings: Settings, alias: str, username: str | None, port: int | N
     except FileNotFoundError as exc:
         raise SSHBridgeError(
             f"SSH config {config_path}, Host {alias}: cannot read {exc.filename or exc} "
-            f"(an IdentityFile that does not exist is fatal for asyncssh, unlike OpenSSH)"
+            f"(an IdentityFile that does not exist is fatal for asyncssh, unlike OpenSSH)",
+            refuse=True,  # no key to log in with (or no known_hosts to check the host by): proof of nothing
         ) from exc
     except (OSError, ValueError, asyncssh.Error) as exc:
         raise SSHBridgeError(f"SSH config {config_path}, Host {alias}: {exc}") from exc

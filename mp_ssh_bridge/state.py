@@ -59,6 +59,12 @@ class StatePaths:
         return self.root / "degraded.json"
 
     @property
+    def engine(self) -> Path:
+        """The broker's engine (pid, start time, boot): a broker killed with -9 leaves it, so the next one
+        can wait for that engine or stop it before starting its own (broker/enginerecord.py)."""
+        return self.root / "engine.json"
+
+    @property
     def log(self) -> Path:
         return self.root / "broker.log"
 
@@ -139,11 +145,23 @@ def write_json_atomic(path: Path, data: dict[str, Any], mode: int = 0o600) -> No
 
 
 def read_broker_json(path: Path) -> dict[str, Any] | None:
-    """The record, or None when absent, unreadable or not a JSON object."""
+    """The record, or None when absent, unreadable, not a JSON object, or without a usable `pid`.
+
+    Every record (broker.json, degraded.json, engine.json) names its writer by a positive integer pid; one
+    that does not (`"pid": "123"`, damage, a foreign file) proves nothing about any process, so it is no
+    record at all: taking it for a live writer somewhere would refuse every session until it went stale.
+    """
+    data = read_json_object(path)
+    pid = data.get("pid") if data is not None else None
+    return data if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`, or None when absent, unreadable or not an object."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -23,6 +24,10 @@ LINUX = sys.platform.startswith("linux")
 # Programs only Linux has (or only Debian-style systems install this way); see tests/test_portable.py.
 LINUX_ONLY_TOOLS = frozenset({"runuser", "systemctl", "apt-get", "prlimit", "install-sshd.sh", "setpriv",
                               "nsenter", "unshare"})
+
+
+# util-linux's runuser: run a command as another user (the permission cases of the reliability suite).
+RUNUSER = shutil.which("runuser") if LINUX else None
 
 
 def require_linux(what: str) -> None:

@@ -430,3 +430,13 @@ def test_host_session_without_ssh_waits_then_names_the_live_foreign_broker(
         s.close()
         writer.stop()
     assert state.read_broker_json(mine / "broker.json")["pid"] == GONE_PID
+
+
+@pytest.mark.parametrize("pid", ["123", 0, -5, True, 1.5, None, [1], {"n": 1}])
+def test_a_record_without_a_usable_pid_is_no_record(tmp_path: Path, pid: object) -> None:
+    """A broker.json whose pid is not a positive integer proves nothing: not a live broker anywhere."""
+    path = tmp_path / "broker.json"
+    path.write_text(json.dumps({"pid": pid, "host": "elsewhere", "boot_id": "b", "heartbeat": 9e9}))
+    assert state.read_broker_json(path) is None
+    path.write_text(json.dumps({"pid": 123, "host": "elsewhere"}))
+    assert state.read_broker_json(path) == {"pid": 123, "host": "elsewhere"}

@@ -119,7 +119,9 @@ def test_a_broker_started_at_256_open_files_serves_300_clients(home: Path) -> No
         pytest.skip(f"the hard open-file limit here is {hard}: no room for 300 clients")
     log = home / "broker-limits.log"
     with open(log, "ab") as fh:
-        proc = subprocess.Popen([str(BIN / "mempalace-broker")], env=dict(os.environ, MP_BRIDGE_ENGINE=FAKE),
+        proc = subprocess.Popen([str(BIN / "mempalace-broker")], env=dict(os.environ, MP_BRIDGE_ENGINE=FAKE,
+                                         # all 300 come from this one process: past the per-peer bound (256)
+                                         MP_BRIDGE_MAX_CONNECTIONS_PER_PEER="400"),
                                 stdout=fh, stderr=fh, stdin=subprocess.DEVNULL, preexec_fn=_soft_256)
     broker = BrokerHandle(proc, home / ".mempalace")
     try:
