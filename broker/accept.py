@@ -8,9 +8,10 @@ own start) or to reopen its log. This loop instead:
 - keeps `fd_reserve` descriptors free: it stops accepting once this process has `limit - reserve`
   files open (counted with /dev/fd, which Linux and macOS both have; the count is an estimate between
   recounts, refreshed whenever it nears the limit);
-- at the limit, or when accept itself fails with EMFILE/ENFILE/ENOBUFS/ENOMEM, pauses for a backoff
-  (0.1 s doubling to 2 s); one waiting client per pause is accepted from the reserve and told why
-  (-32068, `fd_reserve`) instead of hanging in the backlog;
+- at the limit it pauses for a backoff (0.1 s doubling to 2 s), and each pause accepts one waiting
+  client from the reserve to tell it why (-32068, `fd_reserve`) instead of leaving it in the backlog;
+  when accept itself fails with EMFILE/ENFILE/ENOBUFS/ENOMEM (files opened elsewhere in the process)
+  there is no descriptor to tell anyone with, so it only pauses;
 - logs the condition once per LOG_EVERY_S with how many connections it refused meanwhile;
 - resumes by itself once descriptors are free.
 """
@@ -37,6 +38,11 @@ RECOUNT_EVERY_S = 1.0
 LINGER_S = 0.5  # a refused client's unread input is drained this long before the close
 DISCARD_CHUNK = 16 * 1024
 OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# The listening socket itself is gone: nothing to retry. Every other accept error is about one client (it
+# reset or left before we took it; Linux also passes on pending network errors: ENETDOWN, EHOSTUNREACH,
+# ETIMEDOUT, EPERM from a firewall …) and must never end the loop: a broker whose listener died would keep
+# beating in broker.json while serving nobody.
+LISTENER_GONE = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
 
 
 def open_fds() -> int:
@@ -149,12 +155,14 @@ class Acceptor:
             try:
                 conn, _ = await loop.sock_accept(self.sock)
             except OSError as exc:
-                if exc.errno not in OUT_OF_FILES:
-                    if exc.errno in (errno.ECONNABORTED, errno.EAGAIN, errno.EPROTO, errno.EINTR):
-                        continue  # the client left before we took it
+                if exc.errno in LISTENER_GONE:
                     raise
-                self.refusals.refuse(f"cannot accept on {self.name}: {exc.strerror}")
-                await asyncio.sleep(self.backoff.next())
+                if exc.errno in OUT_OF_FILES:
+                    self.refusals.refuse(f"cannot accept on {self.name}: {exc.strerror}")
+                    await asyncio.sleep(self.backoff.next())
+                elif exc.errno not in (errno.ECONNABORTED, errno.EAGAIN, errno.EPROTO, errno.EINTR):
+                    self.refusals.refuse(f"accept on {self.name} failed for one client: {exc.strerror or exc}")
+                    await asyncio.sleep(BACKOFF_MIN_S)  # about that client; but never a hot loop
                 continue
             self.backoff.reset()
             self.budget.accepted()
@@ -167,9 +175,9 @@ class Acceptor:
         except (BlockingIOError, InterruptedError):
             conn = None
         except OSError as exc:
-            if exc.errno not in OUT_OF_FILES:
+            if exc.errno in LISTENER_GONE:
                 raise
-            conn = None
+            conn = None  # out of files, or that client left: either way, pause and look again
         if conn is not None:
             self.refusals.refuse(why)
             await refuse(conn, limit_error(None, "fd_reserve", self.budget.reserve,

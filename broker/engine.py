@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mp_ssh_bridge import enginecmd, protocol
+from mp_ssh_bridge import enginecmd, protocol, walrecover
 from mp_ssh_bridge.settings import BrokerSettings
-from mp_ssh_bridge_broker import enginerecord, guard, walrecover
+from mp_ssh_bridge_broker import enginerecord, guard
 from mp_ssh_bridge_broker.tasks import Tasks
 
 log = logging.getLogger("broker.engine")
@@ -219,7 +219,7 @@ class Engine:
             self.state = "failed"
             raise EngineUnavailable(f"cannot run engine {argv[0]!r}: {exc.strerror or exc}") from exc
         self._proc = proc
-        self._record(proc.pid)
+        await asyncio.to_thread(self._record, proc.pid)  # macOS reads the start time with ps: off the loop
         self.started_at = time.time()
         self._readers = [
             self._tasks.spawn(self._read_stdout(proc), name="engine-stdout"),
@@ -385,7 +385,7 @@ class Engine:
                 if not line.strip():
                     continue
                 try:
-                    msg = protocol.decode(line)
+                    msg = protocol.decode(line, strict=False)  # the engine's NaN is passed on
                 except ValueError:
                     log.warning("engine wrote non-JSON: %r", line[:200])
                     continue

@@ -26,6 +26,7 @@ for a record that cannot be proven either way (rare: a start time this host cann
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -87,7 +88,9 @@ def pdeathsig_hook(
     return hook
 
 
+@functools.lru_cache(maxsize=1)
 def _load_libc() -> Any:
+    """libc, loaded once: find_library runs `ldconfig -p`, which every engine start would otherwise pay."""
     import ctypes
     import ctypes.util
 
@@ -161,7 +164,12 @@ def judge(record: dict[str, Any] | None, table: ProcessTable) -> Judgement:
     elif theirs and me.boot_id and (not record.get("host") or record.get("host") == me.host):
         return Judgement("gone", f"engine pid {pid} was recorded before this machine's last boot")
     elif record.get("host") and record.get("host") != me.host:
-        return Judgement("elsewhere", f"engine pid {pid} was recorded on another machine ({liveness.describe_machine(record)})")
+        # Another boot under another name: a Mac renamed by the network it joined after a restart, far more
+        # often than a second machine (brokers run on the host only, and lifecycle has just checked that
+        # broker.json names no live broker anywhere). engine.json has no heartbeat, so refusing here would
+        # refuse every engine start for good.
+        return Judgement("gone", f"engine pid {pid} was recorded under another host name and boot "
+                                 f"({liveness.describe_machine(record)}); its broker is not alive")
     if not table.alive(pid) or table.zombie(pid):
         return Judgement("gone", f"engine pid {pid} is gone")
     recorded = record.get("proc_start")

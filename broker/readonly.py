@@ -94,7 +94,7 @@ async def _listed_read_only(argv: list[str], timeout: float) -> frozenset[str] |
                 line = await stdout.readline()
                 if not line:
                     return None  # the engine exited before listing its tools
-                msg = protocol.decode(line)
+                msg = protocol.decode(line, strict=False)
                 if isinstance(msg, dict) and msg.get("id") == 2:
                     tools = (msg.get("result") or {}).get("tools") or []
                     return frozenset(t["name"] for t in tools if isinstance(t, dict) and "name" in t)

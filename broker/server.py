@@ -175,14 +175,19 @@ class Server:
             frames.limit = self.max_line_bytes
         self.mux.attach(session)
         self._unattached.discard(asyncio.current_task())
+        too_long = False
         try:
-            await self._read_loop(session, reader, frames)
+            too_long = await self._read_loop(session, reader, frames)
         finally:
             self.mux.detach(session)
             await session.wait_closed()
+        if too_long:  # the -32063 is flushed and our side half-closed: drop the rest of that line, or the
+            await _discard(reader, accept.LINGER_S)  # close would turn into a reset that loses the error
+            writer.close()
 
     async def _read_loop(self, session: ClientSession, reader: asyncio.StreamReader,
-                         frames: protocol.FrameBuffer) -> None:
+                         frames: protocol.FrameBuffer) -> bool:
+        """Read and hand on requests until the client leaves; True when it ended on a line over the cap."""
         while not session.closed:
             if session.backlogged() and not await session.wait_drained(OUTBOX_STALL_S):
                 log.warning("client %s read none of its %d bytes of replies in %.0fs; disconnecting it",
@@ -193,8 +198,9 @@ class Server:
                 line = await _next_frame(reader, frames)
             except protocol.LineTooLong as exc:
                 session.send(protocol.error(None, protocol.LINE_TOO_LONG, f"{exc}; closing this connection"))
+                session.close(half=True)
                 log.warning("client %s sent a line over %d bytes; closed", session.id, self.max_line_bytes)
-                break
+                return True
             except (ConnectionError, OSError):
                 break
             if line is None:
@@ -209,6 +215,7 @@ class Server:
             session.line_bytes = len(line)
             self.mux.handle(session, msg)
             await asyncio.sleep(0)  # one line at a time: a client's pipelined burst never holds the loop
+        return False
 
     async def _authenticate(self, session: ClientSession, reader: asyncio.StreamReader,
                             frames: protocol.FrameBuffer, token: str) -> bool:

@@ -173,6 +173,19 @@ def hold_lock(paths: state.StatePaths) -> tuple[int | None, str | None]:
                   "which may still be alive but does not answer")
 
 
+def orphan_engine(paths: state.StatePaths) -> str | None:
+    """Why not to start an engine: engine.json names a broker's engine that still runs on this machine
+    (its broker was killed; on macOS nothing kills the engine with it), or None.
+
+    An engine recorded on another machine cannot be checked from here; its broker is dead by the
+    broker.json rule, and the engine follows it once its stdin closes."""
+    record = state.read_broker_json(paths.engine)
+    if record is None or not liveness.same_machine(record) or liveness.pid_gone(record) is not None:
+        return None
+    return (f"{paths.engine} names engine pid {record['pid']} of a broker that is gone, and it still runs "
+            "(finishing its last call, or stuck)")
+
+
 def resolve_engine(settings: Settings) -> list[str]:
     """The real engine's argv (MP_BRIDGE_ENGINE), never the shim itself."""
     from mp_ssh_bridge.enginecmd import EngineNotFound, resolve
@@ -300,6 +313,8 @@ def degraded_or_refuse(cfg: Config, settings: Settings, reason: str, role: str) 
     if other is not None and other.get("pid") != os.getpid():
         raise ShimError(BROKER_UNREACHABLE, f"{reason}; and {liveness.describe_degraded(other, paths)}")
     lock_fd, held = hold_lock(paths)
+    if held is None:
+        held = orphan_engine(paths)
     if alive or held is not None:
         if lock_fd is not None:
             os.close(lock_fd)
@@ -323,8 +338,11 @@ def degraded_or_refuse(cfg: Config, settings: Settings, reason: str, role: str) 
         if lock_fd is not None:
             os.close(lock_fd)
         raise ShimError(exc.code, f"{reason}; and degraded mode is impossible: {exc}") from exc
+    from mp_ssh_bridge import walrecover
     from mp_ssh_bridge.election import broker_environment
 
+    for line in walrecover.recover_all(settings.memory.palace, settings.memory.kg):
+        log(30, f"before starting the engine: {line}")
     env = broker_environment()  # no token or other session/client variable; read-only is the --read-only flag
     env["MEMPALACE_HUB_FORWARD"] = "0"  # a stdio server, never a proxy of some hub
     env[ENGINE_CHILD_ENV] = "1"  # a shim started as this engine refuses instead of recursing

@@ -188,12 +188,19 @@ def _read_proc_stat(pid: int) -> str | None:
 
 
 def _ps(pid: int, column: str) -> str | None:
-    """`ps -o COLUMN= -p PID` with a 2 s bound; None when ps fails or the pid is gone."""
+    """`ps -o COLUMN= -p PID` with a 2 s bound; None when ps fails or the pid is gone.
+
+    Always in the C locale and UTC: `lstart` is printed with the locale's date format in local time, and
+    a process start recorded by a broker under launchd (no LANG) must read the same to one started from
+    a German terminal in another time zone, or the proof "same pid, same start" fails either way.
+    """
+    import os
     import subprocess
 
+    env = dict(os.environ, LC_ALL="C", TZ="UTC")
     try:
         res = subprocess.run(
-            ["ps", "-o", f"{column}=", "-p", str(pid)], capture_output=True, text=True, timeout=2, check=False
+            ["ps", "-o", f"{column}=", "-p", str(pid)], capture_output=True, text=True, timeout=2, check=False, env=env
         )
     except (OSError, subprocess.SubprocessError):
         return None

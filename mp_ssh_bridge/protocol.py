@@ -181,13 +181,17 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def decode(line: bytes) -> Any:
+def decode(line: bytes, strict: bool = True) -> Any:
     """Parse one frame. Raises ValueError for every frame that is not one JSON value in UTF-8: bad JSON,
     bytes that are not UTF-8 (UnicodeDecodeError), NaN/Infinity, integers over 4300 digits, and nesting
-    deeper than MAX_NESTING ("nesting too deep"). Never anything else."""
+    deeper than MAX_NESTING ("nesting too deep"). Never anything else.
+
+    `strict=False` is for the engine's own output: mempalace-mcp is Python, whose json.dumps writes
+    NaN/Infinity (a NaN distance from chroma, say), and dropping such a reply would leave its request to
+    the stall timer. The nesting bound holds either way (encode and repr recurse)."""
     text = line.decode("utf-8")  # strictly UTF-8, as MCP says (json.loads would guess UTF-16/32 from the bytes)
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=_no_constant) if strict else json.loads(text)
     except RecursionError:  # far deeper than MAX_NESTING (json's C parser counts its own levels)
         raise ValueError(f"nesting too deep (more than {MAX_NESTING} levels of arrays/objects)") from None
     if nesting_depth(line, MAX_NESTING) > MAX_NESTING:

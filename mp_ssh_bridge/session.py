@@ -310,7 +310,7 @@ class Shim:
 
     def from_broker(self, link: Link, frame: bytes) -> None:
         try:
-            msg = decode(frame)
+            msg = decode(frame, strict=False)  # the broker passes the engine's output on as it is
         except ValueError:
             log(30, "broker sent malformed JSON; dropped")
             return

@@ -102,6 +102,40 @@ def section_of(case: str) -> str:
     return "other"
 
 
+def _figures(entries: list[dict[str, Any]], prefix: str, key: str) -> list[Any]:
+    return [(e.get("figures") or {}).get(key) for e in entries if e["case"].startswith(prefix)
+            and (e.get("figures") or {}).get(key) is not None]
+
+
+def targets(entries: list[dict[str, Any]]) -> str:
+    """The issue's targets against what the records say (None of a figure: that case did not record it)."""
+    def total(values: list[Any]) -> str:
+        nums = [v for v in values if isinstance(v, (int, float))]
+        return str(sum(nums)) if nums else "not measured"
+
+    def worst(values: list[Any]) -> str:
+        nums = [v for v in values if isinstance(v, (int, float))]
+        return f"{max(nums):g}" if nums else "not measured"
+
+    lost = [v for k in ("acked_lost_session", "acked_lost_direct") for v in _figures(entries, "storm", k)]
+    rows = [
+        ("acknowledged writes lost (storms, both checks)", "0", total(lost)),
+        ("scar files after the storms", "0", total(_figures(entries, "storm", "scars"))),
+        ("broker RSS growth under one client's abuse, MB", "≤ 100",
+         worst(_figures(entries, "bounds", "rss_growth_mb"))),
+        ("other clients' broker/status p99 during a flood, ms", "≤ 50",
+         worst(_figures(entries, "bounds", "status_p99_ms"))),
+        ("fuzz cases (socket + stdin)", "≥ 10,000 each", " + ".join(str(v) for v in _figures(entries, "fuzz", "cases"))
+         or "not measured"),
+        ("exceptions escaping for any fuzz case", "0", total(_figures(entries, "fuzz", "exceptions"))),
+        ("recovery after fd exhaustion without a restart", "yes",
+         "yes" if _figures(entries, "bounds", "recovered_without_restart") else "not measured"),
+    ]
+    lines = ["\n## Targets\n", "| target | wanted | measured |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {want} | {got} |" for name, want, got in rows]
+    return "\n".join(lines) + "\n"
+
+
 def render(entries: list[dict[str, Any]]) -> str:
     parts = [INTRO]
     modes = sorted({e.get("mode", "?") for e in entries})
@@ -111,6 +145,7 @@ def render(entries: list[dict[str, Any]]) -> str:
     if modes != ["full"]:
         parts.append(f"\n> These figures include records from a **{' and '.join(modes)}** run; only `make reliability` "
                      "(full mode) gives the issue's counts.\n")
+    parts.append(targets(entries))
     grouped: dict[str, list[dict[str, Any]]] = {}
     for e in entries:
         grouped.setdefault(section_of(e["case"]), []).append(e)

@@ -58,6 +58,63 @@ def assert_limit(reply: dict[str, Any], limit: str) -> None:
     assert limit in err["message"] and f"MP_BRIDGE_{limit.upper()}" in err["message"]
 
 
+class Bystander:
+    """Another client polling broker/status on its own thread (a blocking socket), for others' p99 during a flood.
+
+    Connected before the flood starts, so it holds its connection through it (at the fd limit too).
+    """
+
+    def __init__(self, path: str, every: float = 0.01) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.every = every
+        self.latencies: list[float] = []
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._buf = b""
+
+    def _call(self, n: int) -> bool:
+        self.sock.sendall(protocol.encode(protocol.request(f"b{n}", "broker/status")))
+        while b"\n" not in self._buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return False
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return "result" in json.loads(line)
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            t0 = time.monotonic()
+            try:
+                ok = self._call(n)
+            except OSError:
+                ok = False
+            if not ok:
+                self.failures += 1
+                return
+            self.latencies.append(time.monotonic() - t0)
+            time.sleep(self.every)
+
+    def __enter__(self) -> Bystander:
+        self._call(0)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+        self.sock.close()
+
+    def p99_ms(self) -> float:
+        lat = sorted(self.latencies)
+        return round(lat[max(0, int(len(lat) * 0.99) - 1)] * 1000, 1) if lat else float("nan")
+
+
 # --- the pure parts -------------------------------------------------------------------------------
 def test_peer_pid_on_linux_and_macos_by_their_inputs() -> None:
     assert bounds.parse_peercred(struct.pack("3i", 4242, 501, 20)) == 4242
@@ -364,6 +421,8 @@ def test_connection_floods_are_refused_with_one_line(broker_factory: Any) -> Non
     broker = broker_factory(env={"MP_BRIDGE_ENGINE": FAKE, "MP_BRIDGE_MAX_CONNECTIONS": "14",
                                  "MP_BRIDGE_MAX_CONNECTIONS_PER_PEER": "10"})
 
+    rounds = scale(1, 30)
+
     async def main() -> None:
         mine = await _hold(broker.socket_path, 12)  # this process is one peer
         replies = [r for _, r in mine]
@@ -390,6 +449,24 @@ def test_connection_floods_are_refused_with_one_line(broker_factory: Any) -> Non
         await c.close()
 
     run(main())
+    with Bystander(broker.socket_path) as other:  # the same flood again, with another client polling throughout
+        run(_flood_rounds(broker.socket_path, rounds))
+    assert other.failures == 0 and other.latencies
+    record("bounds: connection flood",
+           f"16 connections from one process against max_connections 14 / per peer 10 (then a second process), "
+           f"and {rounds} more such round(s) while another client polls broker/status",
+           f"the excess got one -32068 line each and was closed; the other client's broker/status p99 "
+           f"{other.p99_ms()} ms over {len(other.latencies)} calls, none failed",
+           {"rounds": rounds, "status_p99_ms": other.p99_ms(), "status_calls": len(other.latencies)})
+
+
+async def _flood_rounds(path: str, rounds: int) -> None:
+    for _ in range(rounds):
+        flood = await _hold(path, 16)
+        assert any(r is not None and "error" in r for _, r in flood)  # over the bound: refused
+        for c, _ in flood:
+            await c.close()
+        await asyncio.sleep(0.2)
 
 
 async def _tcp(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -448,7 +525,17 @@ def test_unauthenticated_tcp_peers_are_cut_off(broker_factory: Any) -> None:
         assert first["result"] == {"ok": True} and second["id"] == 2 and "result" in second
         w.close()
 
-    run(main())
+    with Bystander(broker.socket_path) as other:
+        run(main())
+    grown_mb = (rss(pid) - before) / MB
+    assert other.failures == 0 and other.latencies
+    record("bounds: unauthenticated TCP peers",
+           f"{scale(5, 20)} TCP peers each send 4 MiB without a newline before authenticating, one says nothing, "
+           "one sends a wrong token; another client polls broker/status on the UNIX socket meanwhile",
+           f"each flooder got one -32068 preauth_max_bytes line and was closed, the silent one -32068 "
+           f"preauth_timeout, the wrong token -32064; broker RSS grew {grown_mb:.1f} MB; the other client's "
+           f"broker/status p99 {other.p99_ms()} ms over {len(other.latencies)} calls",
+           {"flooders": scale(5, 20), "rss_growth_mb": round(grown_mb, 1), "status_p99_ms": other.p99_ms()})
     assert rss(pid) < before + 60 * MB
 
 
@@ -500,12 +587,14 @@ def test_at_the_open_file_limit_the_broker_refuses_quietly_and_recovers(home: Pa
             assert refusal is not None, "never refused"
             assert_limit(refusal, "fd_reserve")
             served = sum(1 for _, r in held if r is not None and "result" in r)
+            facts["served"] = served
             assert limit - reserve - 20 <= served <= limit - reserve
             sizes = (_log_size(log_path), broker_log.stat().st_size if broker_log.exists() else 0)
             more = await _hold(broker.socket_path, 3)  # still at the limit: refused, and not logged again
             assert all(r is None or "error" in r for _, r in more)
             await asyncio.sleep(2)
             grown = _log_size(log_path) - sizes[0] + (broker_log.stat().st_size if broker_log.exists() else 0) - sizes[1]
+            facts["log_bytes_at_limit"] = grown
             assert grown < 2000, f"log grew {grown} bytes at the limit"
             said = [line for line in log_path.read_text().splitlines() if "open-file limit" in line]
             assert len(said) == 1, said  # once per LOG_EVERY_S, with the count of refusals
@@ -533,7 +622,20 @@ def test_at_the_open_file_limit_the_broker_refuses_quietly_and_recovers(home: Pa
                 await asyncio.sleep(0.5)
             assert fresh is not None and "result" in fresh, fresh
 
-        run(main())
+        facts: dict[str, Any] = {}
+        with Bystander(broker.socket_path, every=0.05) as other:  # connected before the limit is reached
+            run(main())
         assert broker.proc.poll() is None
+        assert other.failures == 0 and other.latencies
+        record("bounds: open-file limit",
+               f"a broker at RLIMIT_NOFILE {limit} (soft = hard) with fd_reserve {reserve}; connections opened until "
+               "refused, 3 more at the limit, the engine killed and restarted there, then everything closed",
+               f"{facts['served']} clients served, then -32068 fd_reserve; the log grew {facts['log_bytes_at_limit']} "
+               "bytes in 2 s at the limit (one line); the engine restarted from the reserve; a new client was "
+               "served again without restarting the broker; another client's broker/status p99 "
+               f"{other.p99_ms()} ms over {len(other.latencies)} calls, none failed",
+               {"limit": limit, "reserve": reserve, "served": facts["served"],
+                "log_bytes_at_limit": facts["log_bytes_at_limit"], "status_p99_ms": other.p99_ms(),
+                "recovered_without_restart": True})
     finally:
         stop_process(broker.proc, timeout=20)

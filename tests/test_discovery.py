@@ -137,3 +137,21 @@ def test_degraded_decision_refuses_while_someone_holds_the_lock(home: Path) -> N
     finally:
         os.close(fd)
     assert stat.S_IMODE(s.paths.lock.stat().st_mode) == 0o600
+
+
+def test_degraded_mode_waits_for_a_killed_brokers_engine(home: Path) -> None:
+    """engine.json naming a live engine of this machine (its broker killed with -9): no second engine."""
+    from mp_ssh_bridge import hostinfo, liveness
+
+    s = _settings(home)
+    cfg = s.session_config()
+    state.ensure_private_dir(s.paths.root)
+    alive = {"pid": os.getpid(), "proc_start": hostinfo.proc_start(os.getpid()), **liveness.writer_identity()}
+    state.write_json_atomic(s.paths.engine, alive)
+    assert discovery.orphan_engine(s.paths) is not None
+    with pytest.raises(ShimError, match="engine.json names engine pid"):
+        discovery.degraded_or_refuse(cfg, s, "test", "host")
+    state.write_json_atomic(s.paths.engine, dict(alive, proc_start="another start"))  # the pid was reused
+    assert discovery.orphan_engine(s.paths) is None
+    state.write_json_atomic(s.paths.engine, dict(alive, host="the-mac", boot_id="mac-boot"))  # not checkable here
+    assert discovery.orphan_engine(s.paths) is None

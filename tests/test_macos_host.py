@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import pytest
 
-from mp_ssh_bridge import state, urls
+from mp_ssh_bridge import hostinfo, state, urls
 from mp_ssh_bridge.doctor import tcp_check
 from mp_ssh_bridge.errors import EndpointError
 from mp_ssh_bridge.settings import load_broker
@@ -289,3 +289,22 @@ def test_an_engine_killed_by_a_signal_is_logged_by_name(broker_factory: Callable
     assert wait_for(lambda: asyncio.run(last_exit()), 20, what="the engine's exit") == "signal SIGTERM (15)"
     assert "exited: signal SIGTERM (15)" in "".join(p.read_text() for p in home.glob("broker-*.log"))
 
+
+
+def test_ps_reads_start_times_in_the_c_locale_and_utc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ps -o lstart=` prints in the locale's format and local time: a broker under launchd (no LANG) and one
+    from a German terminal in another zone must read one process's start alike, or the proof fails."""
+    import subprocess as sp
+
+    seen: dict[str, Any] = {}
+
+    def fake_run(argv: list[str], **kw: Any) -> sp.CompletedProcess[str]:
+        seen.update(argv=argv, env=kw.get("env"))
+        return sp.CompletedProcess(argv, 0, stdout="Fri Nov 27 09:00:00 2026\n", stderr="")
+
+    monkeypatch.setenv("LANG", "de_DE.UTF-8")
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    monkeypatch.setattr(sp, "run", fake_run)
+    assert hostinfo.proc_start(4242, platform="darwin") is not None
+    assert seen["argv"][:3] == ["ps", "-o", "lstart="]
+    assert seen["env"]["LC_ALL"] == "C" and seen["env"]["TZ"] == "UTC"

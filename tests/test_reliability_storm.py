@@ -48,7 +48,7 @@ WRITERS = scale(4, 8)  # half host, half container
 WRITES_PER_WRITER = scale(12, 60)
 # The contrast writes drawers only, enough for each engine to pass chromadb's HNSW sync_threshold (1000, which
 # mempalace 3.4.0 keeps): below it neither engine persists its in-memory index over the other's.
-CONTRAST_DRAWERS_PER_ENGINE = 1100
+CONTRAST_DRAWERS_PER_ENGINE = 1000  # the RFC's measurement: 2 x 1000 writes
 CALL_BOUND_S = 150.0  # no single call may take longer than this (the session's deadline is 60 s)
 TOOLS = ("mempalace_add_drawer", "mempalace_diary_write", "mempalace_kg_add")
 

@@ -267,3 +267,17 @@ def test_protocol_shape_checks():
     assert protocol.check_request_shape({"id": 1, "result": {}}) is None
     assert protocol.decode(protocol.encode({"k": "ü"})) == {"k": "ü"}
     assert protocol.encode({"a": 1}).count(b"\n") == 1
+
+
+def test_the_engines_nan_is_passed_on_but_a_clients_is_refused() -> None:
+    """mempalace-mcp is Python: json.dumps writes NaN (a NaN distance, say); dropping that reply would leave
+    its request to the stall timer. A client's NaN is still a parse error (docs/PROTOCOL.md)."""
+    from mp_ssh_bridge import protocol
+
+    line = b'{"jsonrpc":"2.0","id":3,"result":{"distance":NaN,"far":Infinity}}'
+    with pytest.raises(ValueError):
+        protocol.decode(line)
+    msg = protocol.decode(line, strict=False)
+    assert msg["id"] == 3 and msg["result"]["distance"] != msg["result"]["distance"]  # NaN
+    with pytest.raises(ValueError):  # the nesting bound holds either way
+        protocol.decode(b"[" * 5000 + b"]" * 5000, strict=False)

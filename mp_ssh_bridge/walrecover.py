@@ -10,16 +10,14 @@ integrity_check` says ok); only the recovery is missing.
 
 So before each engine start, with the old engine proven gone (broker/enginerecord.py), the broker
 opens each database that has a non-empty `-wal` read-write once: SQLite recovers the log on open and
-checkpoints it when the last connection closes. A few milliseconds, and only when a log is there.
+checkpoints it when the last connection closes. A few milliseconds, and only when a log is there. A
+session that runs the engine itself (degraded mode, mp_ssh_bridge/discovery.py) does the same. Stdlib
+only (sqlite3 is imported only when a log is pending).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import sqlite3
-
-log = logging.getLogger("broker.walrecover")
 
 BUSY_TIMEOUT_S = 2.0  # another writer (a `mempalace mine`) holding the database: wait this long, then leave it
 
@@ -38,6 +36,8 @@ def pending_logs(palace: str, kg: str) -> list[str]:
 
 def recover(db: str) -> str | None:
     """Open `db` read-write once so SQLite recovers and checkpoints its log; None, or what went wrong."""
+    import sqlite3
+
     try:
         conn = sqlite3.connect(db, timeout=BUSY_TIMEOUT_S)
         try:
