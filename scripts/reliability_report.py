@@ -47,7 +47,10 @@ SECTIONS = [
      "engine are killed with SIGKILL mid-storm."),
     ("contrast", "The contrast: no broker", "The same storm's writes from two plain `mempalace-mcp` engines on one "
      "palace under different HOMEs (a host and a container), which is what agents do without the bridge. "
-     "Measured, not asserted."),
+     "Measured, not asserted. The original RFC measured 770 of 2000 vectors unreadable with mempalace 3.4.0; "
+     "here the same kind of run shows the damage as writes reported failed that were stored, writes never "
+     "answered, and a palace file quarantined (a scar) — an agent cannot trust what it was told. Through "
+     "the bridge the storm above has none of these."),
     ("fault", "Faults", "Each fault has a clear outcome within a bound."),
     ("security", "Security", "Owner-only state, other users refused, tokens and host keys checked, paths passed "
      "to the host without a shell seeing them."),
@@ -163,8 +166,10 @@ def render(entries: list[dict[str, Any]]) -> str:
             for e in cases:
                 f = e.get("figures") or {}
                 parts.append(f"- **{f.get('engine', e['case'])}**: {f.get('writes_tried', '?')} writes tried, "
-                             f"{f.get('acked', '?')} acknowledged, {f.get('unknown', '?')} answered with an error "
-                             f"({f.get('unknown_but_stored', '?')} of those stored anyway), scar files: {f.get('scars', '?')}; "
+                             f"{f.get('acked', '?')} acknowledged, {f.get('unknown', '?')} answered with an error, "
+                             f"{f.get('exceptions', 0)} with no reply at all within the bound "
+                             f"({f.get('unknown_but_stored', '?')} of those unanswered or failed writes stored anyway), "
+                             f"scar files: {f.get('scars', '?')}; "
                              f"**{f.get('acked_lost_session', '?')} lost** (acknowledged, not readable afterwards); "
                              f"{f.get('acked_lost_direct', '?')} missing from the files themselves, "
                              f"{f.get('acked_drawers_not_searchable', '?')} drawers not found by search (vectors).")
