@@ -30,10 +30,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mp_ssh_bridge import protocol, state  # noqa: E402
+from mp_ssh_bridge import protocol  # noqa: E402
 from mp_ssh_bridge.connection import Connection  # noqa: E402
 from tests.platforms import cpu_model  # noqa: E402
-from tests.sshd import SSHServer, write_broker_wrapper  # noqa: E402
+from tests.sshd import SSHServer, two_sides  # noqa: E402
 
 MODEL_CACHE = REPO / ".test-home" / ".cache"
 
@@ -125,13 +125,7 @@ async def bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     home = root / "home"
     home.mkdir()
     (home / ".cache").symlink_to(MODEL_CACHE)
-    host_state = home / ".mempalace"
-    state.ensure_private_dir(host_state)
-    state.palace_id(state.StatePaths(host_state))
-    ctr_state = root / "ctr" / ".mempalace"
-    ctr_state.mkdir(parents=True, mode=0o700)
-    shutil.copyfile(host_state / "palace.id", ctr_state / "palace.id")
-    wrapper = write_broker_wrapper(root / "remote-broker.sh", home, host_state)
+    host_state, ctr_state, wrapper = two_sides(home)
     os.environ["MP_BRIDGE_CONFIG"] = str(home / "mp-bridge.toml")
     servers = [SSHServer(root / "sshd"), SSHServer(root / "sshd-nofwd", extra={"AllowStreamLocalForwarding": "no"})]
     for s in servers:

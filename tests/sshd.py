@@ -284,3 +284,18 @@ def sshd_factory() -> Iterator[Callable[..., SSHServer]]:
 def sshd(sshd_factory: Callable[..., SSHServer]) -> SSHServer:
     """One running sshd with stream-local forwarding allowed."""
     return sshd_factory()
+
+
+def two_sides(home: Path, ctr_state: Path | None = None, *, extra: str = "") -> tuple[Path, Path, Path]:
+    """The host's state dir under `home` (with its palace.id), a container's view of it (`ctr_state`,
+    default `<home>/../ctr/.mempalace`: the same palace.id, no reachable socket), and the host broker
+    command the container's SSH session runs (write_broker_wrapper). (host_state, ctr_state, wrapper)."""
+    from mp_ssh_bridge import state
+
+    host_state = home / ".mempalace"
+    state.ensure_private_dir(host_state)
+    state.palace_id(state.StatePaths(host_state))
+    ctr_state = ctr_state or home.parent / "ctr" / ".mempalace"
+    ctr_state.mkdir(parents=True, mode=0o700)
+    shutil.copyfile(host_state / "palace.id", ctr_state / "palace.id")
+    return host_state, ctr_state, write_broker_wrapper(home.parent / "remote-broker.sh", home, host_state, extra=extra)

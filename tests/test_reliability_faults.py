@@ -35,7 +35,7 @@ from mp_ssh_bridge import protocol, state
 from tests.conftest import BrokerHandle
 from tests.helpers import RawClient, broker_pids, children_of, kill_pid, pid_alive, wait_for
 from tests.reliability import record, scale
-from tests.sshd import SSHServer, write_broker_wrapper
+from tests.sshd import SSHServer, two_sides
 from tests.test_shim_support import ShimProc
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
@@ -145,13 +145,7 @@ def test_engine_crash_at_start_is_a_clear_not_executed_error(home: Path, tmp_pat
 # --- sshd killed and restarted under a container session -------------------------------------------
 @pytest.fixture
 def container(home: Path, sshd: SSHServer) -> dict[str, Any]:
-    host_state = home / ".mempalace"
-    state.ensure_private_dir(host_state)
-    state.palace_id(state.StatePaths(host_state))
-    ctr_state = home.parent / "ctr" / ".mempalace"
-    ctr_state.mkdir(parents=True, mode=0o700)
-    shutil.copyfile(host_state / "palace.id", ctr_state / "palace.id")
-    wrapper = write_broker_wrapper(home.parent / "remote-broker.sh", home, host_state)
+    host_state, ctr_state, wrapper = two_sides(home)
     return {"env": sshd.container_env(ctr_state, wrapper, MEMPALACE_MCP_TIMEOUT_MS=str(DEADLINE_MS * 5)),
             "ctr_state": ctr_state, "host_state": host_state}
 

@@ -37,7 +37,7 @@ from tests.conftest import REPO, BrokerHandle
 from tests.helpers import kill_pid, wait_for
 from tests.platforms import RUNUSER
 from tests.reliability import record
-from tests.sshd import SSHServer, keygen, write_broker_wrapper
+from tests.sshd import SSHServer, keygen, two_sides
 from tests.test_shim_support import ShimProc
 
 pytestmark = [pytest.mark.reliability]
@@ -254,13 +254,7 @@ def test_the_token_is_compared_in_constant_time_only() -> None:
 def test_a_changed_host_key_is_refused_never_served_locally(
     sshd: SSHServer, home: Path, tmp_path: Path
 ) -> None:
-    host_state = home / ".mempalace"
-    state.ensure_private_dir(host_state)
-    state.palace_id(state.StatePaths(host_state))
-    ctr_state = home.parent / "ctr" / ".mempalace"
-    ctr_state.mkdir(parents=True, mode=0o700)
-    shutil.copyfile(host_state / "palace.id", ctr_state / "palace.id")
-    wrapper = write_broker_wrapper(home.parent / "remote-broker.sh", home, host_state)
+    host_state, ctr_state, wrapper = two_sides(home)
     env = sshd.container_env(ctr_state, wrapper)
     first = ShimProc(env=env, stderr_path=tmp_path / "before.err")
     try:
@@ -297,13 +291,7 @@ def test_palace_path_with_shell_metacharacters_reaches_the_host_exactly(
     canary = [root / "injected-semicolon", root / "injected-dollar", root / "injected-backtick", root / "injected-quote"]
     palace = (f"{root}/my palace; touch {canary[0]} $(touch {canary[1]}) `touch {canary[2]}` "
               f"'; touch {canary[3]}; ' \"x\" & | > < * ? ~ #end")
-    host_state = home / ".mempalace"
-    state.ensure_private_dir(host_state)
-    state.palace_id(state.StatePaths(host_state))
-    ctr_state = root / "ctr" / ".mempalace"
-    ctr_state.mkdir(parents=True, mode=0o700)
-    shutil.copyfile(host_state / "palace.id", ctr_state / "palace.id")
-    wrapper = write_broker_wrapper(root / "remote-broker.sh", home, host_state)
+    host_state, ctr_state, wrapper = two_sides(home)
     env = sshd.container_env(ctr_state, wrapper, MP_BRIDGE_REMOTE_PALACE=palace)
     marker = uuid.uuid4().hex
     s = ShimProc(env=env, stderr_path=tmp_path / "ctr.err")

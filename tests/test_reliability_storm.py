@@ -40,7 +40,7 @@ from mp_ssh_bridge import palacecheck, state
 from tests.conftest import BIN, EngineUnderTest
 from tests.helpers import broker_pids, children_of, kill_pid, pid_alive, wait_for
 from tests.reliability import FULL, record, scale
-from tests.sshd import SSHServer, write_broker_wrapper
+from tests.sshd import SSHServer, two_sides
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -147,15 +147,9 @@ async def sdk_writer(name: str, env: dict[str, str], cwd: Path, writes: list[Wri
 def storm_sides(home: Path, sshd: SSHServer, tmp_path: Path) -> dict[str, Any]:
     """The host's state dir (with palace.id), a container's view of it (the same palace.id, no socket,
     another HOME), and the host broker command the container's SSH session runs."""
-    host_state = home / ".mempalace"
-    state.ensure_private_dir(host_state)
-    state.palace_id(state.StatePaths(host_state))
     ctr_home = home.parent / "ctr-home"
-    ctr_state = ctr_home / ".mempalace"
-    ctr_state.mkdir(parents=True, mode=0o700)
-    shutil.copyfile(host_state / "palace.id", ctr_state / "palace.id")
     engine_line = f"export MP_BRIDGE_ENGINE='{os.environ['MP_BRIDGE_ENGINE']}'\n" if os.environ.get("MP_BRIDGE_ENGINE") else ""
-    wrapper = write_broker_wrapper(home.parent / "remote-broker.sh", home, host_state, extra=engine_line)
+    host_state, ctr_state, wrapper = two_sides(home, ctr_home / ".mempalace", extra=engine_line)
     return {"host_state": host_state, "ctr_home": ctr_home, "ctr_state": ctr_state, "wrapper": wrapper, "sshd": sshd}
 
 

@@ -30,7 +30,7 @@ from mp_ssh_bridge.connection import Connection
 from mp_ssh_bridge.settings import Settings
 from tests.conftest import BIN, BrokerHandle
 from tests.helpers import engine_facts, pid_alive
-from tests.sshd import SSHServer, keygen, write_broker_wrapper
+from tests.sshd import SSHServer, keygen, two_sides, write_broker_wrapper
 
 
 class _LazySSH:
@@ -58,24 +58,18 @@ def run(coro: Any) -> Any:
 @pytest.fixture
 def host_state(home: Path) -> Path:
     """The host's state dir (the `home` fixture's MEMPALACE_PATH), with its palace.id."""
-    d = home / ".mempalace"
-    state.ensure_private_dir(d)
-    state.palace_id(state.StatePaths(d))
-    return d
+    return two_sides(home)[0]
 
 
 @pytest.fixture
 def ctr_state(home: Path, host_state: Path) -> Path:
     """The container's view: another path, the same palace.id, no reachable socket."""
-    d = home.parent / "ctr" / ".mempalace"
-    d.mkdir(parents=True, mode=0o700)
-    shutil.copyfile(host_state / "palace.id", d / "palace.id")
-    return d
+    return home.parent / "ctr" / ".mempalace"  # made by two_sides (host_state)
 
 
 @pytest.fixture
 def wrapper(home: Path, host_state: Path) -> Path:
-    return write_broker_wrapper(home.parent / "remote-broker.sh", home, host_state)
+    return home.parent / "remote-broker.sh"  # written by two_sides (host_state)
 
 
 @pytest.fixture
