@@ -61,7 +61,7 @@ SCOPES: dict[str, tuple[str, ...]] = {
     "session": ("mcp_timeout_ms", "read_only"),
     # Read by client processes (mp-shim, mp-bridge) only; never passed to a broker.
     "client": (
-        "broker", "broker_token", "role", "ensure_timeout", "ssh_host", "ssh_config", "remote_broker",
+        "broker", "broker_token", "role", "ensure_timeout", "owner_wait", "grant_max_duration", "ssh_host", "ssh_config", "remote_broker",
         "remote_palace", "keepalive_interval", "keepalive_count_max",
     ),
     # The broker's, from its own start (config file, service unit, the command line that started it).
@@ -73,7 +73,7 @@ SCOPES: dict[str, tuple[str, ...]] = {
         "max_connections_per_peer", "preauth_max_bytes", "preauth_timeout", "fd_reserve",
     ),
     # Every process reads its own value (its own connections, its own log).
-    "process": ("connect_timeout", "max_line_bytes", "heartbeat_stale_after", "log_level"),
+    "process": ("connect_timeout", "max_line_bytes", "heartbeat_stale_after", "log_level", "lock_dir"),
 }
 
 

@@ -42,7 +42,7 @@ from mp_ssh_bridge import hostinfo, state
 
 CONFIRM_S = 2.0  # the confirming reading's delay: above a writer's 1 s tick (BeatSchedule)
 SEEN_KEEP_S = 7 * 86400  # reading files untouched this long are removed (a state directory gone, a boot long past)
-KINDS = {"broker": "broker.json", "degraded": "degraded.json"}
+KINDS = {"broker": "broker.json", "degraded": "degraded.json", "owner": "owner.json"}
 
 
 class Machine(NamedTuple):
@@ -229,14 +229,16 @@ def check(
     sleep: Callable[[float], None] = time.sleep,
     pid_alive: Callable[[int], bool] = hostinfo.pid_alive,
     confirm: float | None = None,
+    path: Path | None = None,
 ) -> tuple[dict[str, Any] | None, Verdict | None]:
-    """Read `kind`'s record (broker.json or degraded.json) and judge it; (None, None) when there is none.
+    """Read `kind`'s record (broker.json, degraded.json, owner.json; or `path`, whose readings are kept
+    under `kind`) and judge it; (None, None) when there is none.
 
     A foreign record about to be declared dead is read once more `confirm` seconds later
     (default min(CONFIRM_S, stale_after)); a change then means alive. Once confirmed, the
     same reading is not confirmed again (every later reader of this machine agrees at once).
     """
-    path = paths.root / KINDS[kind]
+    path = paths.root / KINDS[kind] if path is None else path
     record = state.read_broker_json(path)
     if record is None:
         return None, None

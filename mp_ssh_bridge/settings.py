@@ -88,8 +88,14 @@ class _Base(BaseSettings):
         default=30.0, gt=0, description="A heartbeat older than this means its writer is gone, seconds."
     )
     log_level: str = Field(default="INFO", description="Logging level (stderr / log file).")
+    lock_dir: Path | None = Field(
+        default=None,
+        description="For tests only: where this process takes its flocks (broker.lock, owner.lock); default the "
+        "state directory. Two sides of a VM boundary do not share flocks; on one kernel they would, so the "
+        "ownership tests give the container side its own.",
+    )
 
-    @field_validator("mempalace_path", "palace", mode="after")
+    @field_validator("mempalace_path", "palace", "lock_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return None if value is None else state.expand(value)
@@ -126,7 +132,7 @@ class _Base(BaseSettings):
 
     @property
     def paths(self) -> state.StatePaths:
-        return state.StatePaths(self.state_dir)
+        return state.StatePaths(self.state_dir, self.lock_dir)
 
     @property
     def palace_path(self) -> Path:
@@ -283,6 +289,16 @@ class SessionSettings(_Base):
     )
     ensure_timeout: float = Field(
         default=20.0, gt=0, description="How long an election (or --ensure) waits for a broker, seconds."
+    )
+    owner_wait: float = Field(
+        default=120.0, gt=0,
+        description="How long a session (or `mp-bridge run`) waits for the palace's owner to hand it over — a "
+        "grant to finish, the host's broker to exit — before it gives up and says who holds it, seconds.",
+    )
+    grant_max_duration: float = Field(
+        default=7200.0, gt=0,
+        description="Longest `mp-bridge run -- CMD` may hold the palace: then CMD is stopped (SIGTERM, then "
+        "SIGKILL) and the grant released, seconds.",
     )
     ssh_host: str = Field(default="host", description="Host alias in the SSH config that reaches the broker's host.")
     ssh_config: Path | None = Field(

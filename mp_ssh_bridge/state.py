@@ -31,10 +31,13 @@ def expand(path: str | os.PathLike[str]) -> Path:
 class StatePaths:
     """Every file the broker keeps in one state directory."""
 
-    __slots__ = ("root",)
+    __slots__ = ("root", "lock_dir")
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, lock_dir: Path | None = None) -> None:
         self.root = Path(root)
+        # Where the flocks live: the state directory itself, except in tests that play two sides of a VM
+        # boundary on one kernel (setting `lock_dir`): there each side's locks must not see the other's.
+        self.lock_dir = Path(lock_dir) if lock_dir is not None else self.root
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, StatePaths) and other.root == self.root
@@ -47,7 +50,22 @@ class StatePaths:
 
     @property
     def lock(self) -> Path:
-        return self.root / "broker.lock"
+        return self.lock_dir / "broker.lock"
+
+    @property
+    def owner(self) -> Path:
+        """Who may write the palace now (mp_ssh_bridge.owner): seen by both sides of a bind mount."""
+        return self.root / "owner.json"
+
+    @property
+    def owner_requests(self) -> Path:
+        """One file per process waiting to own the palace (mp_ssh_bridge.owner.Request)."""
+        return self.root / "owner.requests"
+
+    @property
+    def owner_lock(self) -> Path:
+        """Serializes claims of owner.json on one kernel (across the boundary O_EXCL does)."""
+        return self.lock_dir / "owner.lock"
 
     @property
     def json(self) -> Path:

@@ -1,0 +1,342 @@
+"""Who may write the palace now: one owner record that both sides of a VM boundary see.
+
+Why: flock keeps a second writer off the palace on one kernel only. Across a bind mount (a
+container, a Mac's Linux VM) the single-writer rule used to hold by refusing — whoever held the
+palace first kept everyone else out, until it exited — and writers that are not MCP sessions
+(`mempalace mine`, session hooks, cron) were not in it at all. Here ownership moves instead, by
+request and release (docs/PROTOCOL.md "Ownership"):
+
+- `owner.json` in the state directory names the one owner: a host broker (`broker`), a process
+  on the container side running the engine itself (`local`), or a command run by
+  `mp-bridge run` (`grant`). Only its holder writes it. A claim creates it exclusively (link of
+  a complete temp file, else O_EXCL: atomic through a bind mount, where flock is not), and on one
+  kernel claims are serialized by `owner.lock` as well. The holder rewrites it every heartbeat
+  and removes it — the explicit release — only after its engine (or command) has exited.
+- A record whose writer is gone by `liveness`' rule (this machine: its pid; another machine:
+  its heartbeat seen standing still for `heartbeat_stale_after`) is moved aside by the next claim.
+- Whoever wants the palace writes a request, `owner.requests/<kind>-<token>.json`, kept alive by
+  a heartbeat, and withdraws it once it holds the palace or gives up. A holder yields to a live
+  request that outranks it (grant > broker > local): it finishes its running call, stops its
+  engine, then releases. A claim never overtakes a live request that outranks it, so a waiting
+  grant is served before the broker it displaced comes back.
+- `degraded.json` of a live session not of this process counts as a holder: a bridge from
+  before this record only writes that one.
+
+Stdlib only: the shim's slow path, the broker and mp-bridge all import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from mp_ssh_bridge import hostinfo, liveness, state
+
+RANK = {"local": 1, "broker": 2, "grant": 3}
+LOCK_WAIT_S = 2.0  # owner.lock is held for a few file operations at most
+REQUEST_BEAT_S = 2.0  # a waiting request's heartbeat (judged like every record: pid here, heartbeat elsewhere)
+UNREADABLE_STALE_FACTOR = 2  # an owner.json without a complete record (O_EXCL fallback, crash) is moved aside
+# once its mtime is this many heartbeat_stale_after old
+
+
+class Busy(Exception):
+    """The palace is held, or a request that outranks this claim waits; `record` is that holder or request."""
+
+    def __init__(self, record: dict[str, Any] | None, why: str) -> None:
+        super().__init__(why)
+        self.record = record
+
+
+def describe(record: dict[str, Any]) -> str:
+    """The holder (or requester) in words: what it is, its pid and machine, since when."""
+    kind, pid, host = record.get("kind"), record.get("pid"), record.get("host") or "?"
+    age = time.time() - float(record["since"]) if isinstance(record.get("since"), (int, float)) else None
+    held = f", for {age:.0f} s" if age is not None and age >= 0 else ""
+    if kind == "broker":
+        return f"the broker (pid {pid} on {host}{held})"
+    if kind == "local":
+        return f"a session running its own engine (pid {pid} on {host}{held})"
+    if kind == "grant":
+        what = record.get("what") or "a command"
+        until = record.get("expires")
+        limit = f", at most until {time.strftime('%H:%M:%S', time.localtime(until))}" if isinstance(until, (int, float)) else ""
+        return f"`{what}` under `mp-bridge run` (pid {pid} on {host}{held}{limit})"
+    return f"an owner of unknown kind {kind!r} (pid {pid} on {host}{held})"
+
+
+def new_record(kind: str, pid: int | None = None, **fields: Any) -> dict[str, Any]:
+    pid = os.getpid() if pid is None else pid
+    now = time.time()
+    return {
+        "kind": kind, "pid": pid, **liveness.writer_identity(), "proc_start": hostinfo.proc_start(pid),
+        "token": uuid.uuid4().hex, "since": now, "heartbeat": now, **fields,
+    }
+
+
+# --------------------------------------------------------------------------- reading
+def holder(paths: state.StatePaths, stale_after: float, **rules: Any) -> tuple[dict[str, Any], liveness.Verdict] | None:
+    """owner.json and liveness' verdict on it (alive or not), or None when there is none."""
+    record, verdict = liveness.check(paths, "owner", stale_after, **rules)
+    if record is not None and verdict is not None:
+        return record, verdict
+    try:
+        st = paths.owner.stat()
+    except OSError:
+        return None
+    # There but no complete record: a claim between its O_EXCL create and its write, or one that crashed there.
+    age = time.time() - st.st_mtime
+    alive = age < stale_after * UNREADABLE_STALE_FACTOR
+    stub = {"kind": "unknown", "pid": 0, "token": None, "unreadable": True}
+    return stub, liveness.Verdict(alive, False, f"{paths.owner} holds no complete record ({age:.0f} s old)")
+
+
+def live_holder(paths: state.StatePaths, stale_after: float, **rules: Any) -> dict[str, Any] | None:
+    found = holder(paths, stale_after, **rules)
+    return found[0] if found is not None and found[1].alive else None
+
+
+def live_requests(paths: state.StatePaths, stale_after: float, **rules: Any) -> list[dict[str, Any]]:
+    """The requests whose writers live, oldest first; those of gone writers are removed."""
+    try:
+        names = sorted(e.name for e in os.scandir(paths.owner_requests) if e.name.endswith(".json"))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        path = paths.owner_requests / name
+        record, verdict = liveness.check(paths, f"request-{name[:-5]}", stale_after, path=path, **rules)
+        if record is None or verdict is None:
+            continue
+        if verdict.alive and record.get("kind") in RANK:
+            out.append(record)
+        elif not verdict.alive:
+            _unlink(path)
+    out.sort(key=lambda r: r.get("since") if isinstance(r.get("since"), (int, float)) else 0.0)
+    return out
+
+
+def outranking(requests: list[dict[str, Any]], kind: str, exclude: str | None = None) -> dict[str, Any] | None:
+    """The first request of a higher rank than `kind` (the one a holder of `kind` yields to), or None."""
+    mine = RANK[kind]
+    ahead = [r for r in requests if r.get("token") != exclude and RANK.get(str(r.get("kind")), 0) > mine]
+    if not ahead:
+        return None
+    top = max(RANK[str(r["kind"])] for r in ahead)
+    return next(r for r in ahead if RANK[str(r["kind"])] == top)
+
+
+def wanted_by(paths: state.StatePaths, kind: str, stale_after: float, **rules: Any) -> dict[str, Any] | None:
+    """The live request a holder of `kind` must yield to, or None."""
+    return outranking(live_requests(paths, stale_after, **rules), kind)
+
+
+# --------------------------------------------------------------------------- claiming
+@contextlib.contextmanager
+def _owner_flock(paths: state.StatePaths, wait: float = LOCK_WAIT_S) -> Iterator[None]:
+    """owner.lock, bounded: claims on one kernel one at a time."""
+    fd = os.open(paths.owner_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        end = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or time.monotonic() >= end:
+                    raise Busy(None, f"{paths.owner_lock} is held by another claim ({exc.strerror or exc})") from exc
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def claim(
+    paths: state.StatePaths, kind: str, stale_after: float, *, pid: int | None = None,
+    request_token: str | None = None, fields: dict[str, Any] | None = None, **rules: Any,
+) -> Claim:
+    """Take the palace for `kind` now, or raise Busy naming who holds it (or who waits ahead).
+
+    `request_token`: this claimer's own request, which does not count against it.
+    :raises Busy: held by a live owner, outranked by a waiting request, or just claimed by someone else.
+    :raises OSError: the state directory cannot be written.
+    """
+    me = os.getpid() if pid is None else pid
+    with _owner_flock(paths):
+        found = holder(paths, stale_after, **rules)
+        if found is not None:
+            record, verdict = found
+            if verdict.alive:
+                raise Busy(record, f"{describe(record)} holds the palace ({verdict.why})")
+            _move_aside(paths, record)
+        ahead = outranking(live_requests(paths, stale_after, **rules), kind, request_token)
+        if ahead is not None:
+            raise Busy(ahead, f"{describe(ahead)} waits for the palace ahead of this {kind}")
+        legacy = liveness.live_degraded_writer(paths, stale_after, **rules)
+        if legacy is not None and not (legacy.get("pid") == me and liveness.same_machine(legacy)):
+            raise Busy(dict(legacy, kind="local"), liveness.describe_degraded(legacy, paths))
+        record = new_record(kind, me, **(fields or {}))
+        try:
+            _create_exclusive(paths.owner, record)
+        except FileExistsError:
+            now = holder(paths, stale_after, **rules)
+            raise Busy(now[0] if now else None, f"{describe(now[0]) if now else 'another process'} has just "
+                                                 "claimed the palace") from None
+    return Claim(paths, record)
+
+
+class Claim:
+    """The palace, held: beat while writing, release after the engine (or command) has exited."""
+
+    def __init__(self, paths: state.StatePaths, record: dict[str, Any]) -> None:
+        self.paths = paths
+        self.record = record
+        self.released = False
+
+    @property
+    def token(self) -> str:
+        return str(self.record["token"])
+
+    @property
+    def kind(self) -> str:
+        return str(self.record["kind"])
+
+    def ours(self) -> bool:
+        current = state.read_json_object(self.paths.owner)
+        return current is not None and current.get("token") == self.token
+
+    def beat(self, **fields: Any) -> bool:
+        """Refresh the heartbeat (and `fields`); False when the record is no longer ours (never rewritten then)."""
+        if self.released or not self.ours():
+            return False
+        self.record.update(fields, heartbeat=time.time())
+        state.write_json_atomic(self.paths.owner, self.record)
+        return True
+
+    def release(self) -> bool:
+        """Remove owner.json if it is still ours; True when it was. Idempotent."""
+        if self.released:
+            return False
+        self.released = True
+        if not self.ours():
+            return False
+        _unlink(self.paths.owner)
+        return True
+
+
+class Request:
+    """A waiting claimer's request: makes the holder yield to it when it outranks the holder."""
+
+    def __init__(self, paths: state.StatePaths, kind: str, pid: int | None = None, **fields: Any) -> None:
+        self.paths = paths
+        self.record = new_record(kind, pid, **fields)
+        self.path = paths.owner_requests / f"{kind}-{self.record['token']}.json"
+        self._beaten = 0.0
+        try:
+            paths.owner_requests.mkdir(mode=0o700, exist_ok=True)
+        except OSError:
+            pass
+        self.beat(force=True)
+
+    @property
+    def token(self) -> str:
+        return str(self.record["token"])
+
+    def beat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._beaten < REQUEST_BEAT_S:
+            return
+        self._beaten = now
+        self.record["heartbeat"] = time.time()
+        try:
+            state.write_json_atomic(self.path, self.record)
+        except OSError:
+            pass  # the holder then does not yield: the claimer waits its bound and says who holds the palace
+
+    def withdraw(self) -> None:
+        _unlink(self.path)
+
+
+def acquire(
+    paths: state.StatePaths, kind: str, stale_after: float, timeout: float, *, pid: int | None = None,
+    fields: dict[str, Any] | None = None, progress: Callable[[Busy, float], None] | None = None,
+    poll: float = 0.1, **rules: Any,
+) -> Claim:
+    """Request the palace and claim it as soon as it is released (bounded by `timeout`).
+
+    `progress(busy, waited_s)` is called after each refused claim.
+    :raises Busy: still held when `timeout` ran out (the last refusal).
+    """
+    request = Request(paths, kind, pid, **({"what": fields["what"]} if fields and "what" in fields else {}))
+    start = time.monotonic()
+    try:
+        while True:
+            try:
+                return claim(paths, kind, stale_after, pid=pid, request_token=request.token, fields=fields, **rules)
+            except Busy as exc:
+                waited = time.monotonic() - start
+                if waited >= timeout:
+                    raise
+                if progress is not None:
+                    progress(exc, waited)
+            request.beat()
+            time.sleep(min(poll, max(0.0, timeout - (time.monotonic() - start))))
+    finally:
+        request.withdraw()
+
+
+# --------------------------------------------------------------------------- files
+def _create_exclusive(path: Path, record: dict[str, Any]) -> None:
+    """Create `path` holding `record`, or raise FileExistsError. A complete file linked into place where the
+    file system has hard links; else O_EXCL and write (a reader may then see it empty for a moment)."""
+    data = (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
+    tmp = path.with_name(f".{path.name}.{record['token']}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+    finally:
+        _unlink(tmp)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_aside(paths: state.StatePaths, record: dict[str, Any]) -> None:
+    """Remove a gone owner's record — only if owner.json still holds that record (a rename, then a check)."""
+    aside = paths.owner.with_name(f"owner.json.gone-{uuid.uuid4().hex[:12]}")
+    try:
+        os.rename(paths.owner, aside)
+    except FileNotFoundError:
+        return
+    moved = state.read_json_object(aside)
+    if moved is not None and record.get("token") is not None and moved.get("token") != record.get("token"):
+        # A fresh claim from the other side landed between our reading and the rename: put it back.
+        with contextlib.suppress(OSError):
+            os.link(aside, paths.owner)
+    _unlink(aside)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
