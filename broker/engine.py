@@ -6,6 +6,11 @@ on demand, initializes it once, restarts it with backoff and a budget, and
 kills it (SIGTERM, then SIGKILL) when it stalls. Spawning costs 0.6–1 s, so
 clients see it at most once per restart, never per session.
 
+Every start first holds the palace (`before_start`, the broker's ownership of
+owner.json: broker/ownership.py); waiting for it is no failed start. When another
+owner takes the palace over, `stop_for_handover` stops the engine without counting
+it as a crash, and a later start is possible again (unlike `stop`, at shutdown).
+
 Because it answers in order, a reply to request N also proves that every older
 request still unanswered never will be (an engine that drops a request whose
 handling raised, as mempalace 3.4.0 does): those fail at once with EngineNoReply,
@@ -21,7 +26,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mp_ssh_bridge import enginecmd, protocol, walrecover
@@ -34,10 +39,16 @@ log = logging.getLogger("broker.engine")
 IDLE_HOURS_ENV = "MEMPALACE_MCP_IDLE_HOURS"  # mempalace-mcp's own idle exit (mcp_server/_guards.py)
 IDLE_HOURS_DEFAULT = 8.0
 IDLE_SLACK_S = 1.0  # our clock starts when a request is written, the engine's when it handles it
+STOP_GRACE_S = 3.0  # after EOF on its stdin the engine gets this long to exit before SIGTERM/SIGKILL
+START_GIVE_UP_WAIT_S = 15.0  # a forced hand-over waits this long (beyond the start timeout) for a start under way
 
 
 class EngineUnavailable(Exception):
     """The engine cannot be started right now (the message says why)."""
+
+
+class StartAborted(EngineUnavailable):
+    """A start under way was given up because the palace is no longer the broker's (`may_run`): no failed start."""
 
 
 class EngineExited(Exception):
@@ -68,9 +79,17 @@ class EngineNoReply(Exception):
 class Engine:
     """One `mempalace-mcp` child process at a time, and its request futures."""
 
-    def __init__(self, settings: BrokerSettings, on_notification: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(
+        self, settings: BrokerSettings, on_notification: Callable[[dict[str, Any]], None],
+        before_start: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.settings = settings
         self._on_notification = on_notification
+        # Awaited right before every spawn (first, warm, crash restart): returns once the broker owns the palace.
+        self.before_start = before_start
+        # Asked again during a start (before the WAL recovery, right after the spawn, after initialize): False when
+        # the palace stopped being the broker's meanwhile; the start then kills what it spawned (StartAborted).
+        self.may_run: Callable[[], bool] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next_id = 0
@@ -93,6 +112,12 @@ class Engine:
         self.state = "stopped"
         self._stopping = False
         self._restart_task: asyncio.Task[None] | None = None
+        self._not_starting = asyncio.Event()  # clear while a spawn that passed before_start is under way
+        self._not_starting.set()
+        self._handing_over = False  # stop_for_handover: the exit is no crash (no restart)
+        self._uncharged_start = False  # the start after a hand-over is not charged to the restart budget
+        self._charged_at: float | None = None  # what the start under way added to the restart budget
+        self._aborting = False  # a start kills what it spawned (StartAborted): that exit is no crash
         self._ready_proc: asyncio.subprocess.Process | None = None  # the child that answered initialize
         self._last_request = time.monotonic()  # the engine's idle clock restarts with every request
 
@@ -138,17 +163,59 @@ class Engine:
                     raise
                 if delay > 0:
                     await asyncio.sleep(delay)
+                if self.before_start is not None:
+                    await self.before_start()  # the palace is ours first: waiting for its owner is no failed start
+                    if self._stopping:
+                        raise EngineUnavailable("the broker is shutting down")
+                self._not_starting.clear()  # no await since before_start returned: a hand-over waits for this start
                 try:
                     await self._start()
                     self._failures = 0
                     return
                 except EngineUnavailable as exc:
+                    if self.before_start is not None and (isinstance(exc, StartAborted) or not self._may_run()):
+                        # The palace was handed over (or taken) while this start was under way: no failed start,
+                        # no charge to the budget; the next round waits in before_start until it is ours again.
+                        self._uncharge()
+                        log.warning("engine start given up: %s", exc)
+                        continue
                     self._failures += 1
                     self._last_error = str(exc)
                     log.error("engine start failed (%d): %s", self._failures, exc)
                     if self._failures >= 3:
                         self._cooldown_until = time.monotonic() + self.settings.engine_backoff_max
                         raise
+                finally:
+                    self._not_starting.set()
+
+    def _may_run(self) -> bool:
+        return self.may_run is None or self.may_run()
+
+    def _check_may_run(self, when: str) -> None:
+        if not self._may_run():
+            raise StartAborted(f"the palace is no longer the broker's ({when})")
+
+    def _uncharge(self) -> None:
+        """Take the start just given up off the restart budget (the next one follows a hand-over: uncharged too)."""
+        self._uncharged_start = True
+        at, self._charged_at = self._charged_at, None
+        if at is not None:
+            try:
+                self._restart_times.remove(at)
+            except ValueError:
+                pass
+
+    async def _abort_start(self, proc: asyncio.subprocess.Process, when: str) -> None:
+        """The palace stopped being ours during this start: kill what was spawned (no restart), raise StartAborted."""
+        self._aborting = True
+        try:
+            if self._proc is proc and proc.returncode is None:
+                await self.kill(f"the palace is no longer the broker's ({when})")
+        finally:
+            self._aborting = False
+        if self._proc is proc:
+            self.state = "stopped"
+        raise StartAborted(f"the palace is no longer the broker's ({when}); the engine it had spawned was killed")
 
     def health(self) -> dict[str, object]:
         """For `broker/status` (and so `mp-bridge doctor`): why the last start failed, and how long restarts
@@ -182,6 +249,8 @@ class Engine:
         return max(0.0, delay - (now - self._restart_times[-1]))
 
     async def _start(self) -> None:
+        self._charged_at = None
+        self._check_may_run("before the start")
         try:
             # --palace only when the session gave one: without it the engine resolves its palace, and keeps its
             # knowledge graph, exactly as a plain mempalace-mcp would (palace.resolve).
@@ -191,6 +260,7 @@ class Engine:
             self.state = "failed"
             raise EngineUnavailable(str(exc)) from None
         await self._clear_old_engine()
+        self._check_may_run("before the spawn")
         env = dict(os.environ)
         env["MEMPALACE_HUB_FORWARD"] = "0"  # 3.8+ would otherwise proxy to a registered hub
         # The broker's engine is the palace's one writer; read-only is per session (broker/readonly.py).
@@ -198,7 +268,11 @@ class Engine:
         env.pop("MEMPALACE_MCP_READ_ONLY", None)
         if self.settings.engine_eager_warmup:
             env.setdefault("MEMPALACE_EAGER_WARMUP", "1")
-        self._restart_times.append(time.monotonic())
+        if self._uncharged_start:  # a hand-over stopped the last engine: no crash, no charge to the budget
+            self._uncharged_start = False
+        else:
+            self._charged_at = time.monotonic()
+            self._restart_times.append(self._charged_at)
         self._stderr_tail.clear()  # what THIS start says: a failure names its own output, not the last three's
         self.state = "starting"
         self.starts += 1
@@ -219,6 +293,8 @@ class Engine:
             self.state = "failed"
             raise EngineUnavailable(f"cannot run engine {argv[0]!r}: {exc.strerror or exc}") from exc
         self._proc = proc
+        if not self._may_run():  # lost while spawning: a hand-over that came meanwhile did not see this child
+            await self._abort_start(proc, "right after the spawn")
         await asyncio.to_thread(self._record, proc.pid)  # macOS reads the start time with ps: off the loop
         self.started_at = time.time()
         self._readers = [
@@ -241,6 +317,8 @@ class Engine:
                 f"engine did not answer initialize within {self.settings.engine_start_timeout:.0f}s"
             ) from None
         except EngineExited as exc:
+            if not self._may_run():  # a hand-over killed it: no failed start
+                raise StartAborted(f"the palace is no longer the broker's; the starting engine was stopped ({exc})") from None
             self.state = "failed"
             said = exc.stderr_tail.strip()[-800:] or "(the engine wrote nothing on stderr)"
             raise EngineUnavailable(f"engine exited during start-up ({exc}): {said}") from None
@@ -249,6 +327,8 @@ class Engine:
             raise EngineUnavailable(f"engine refused initialize: {reply.get('error') or 'a reply without result or error'}")
         self.initialize_result = reply["result"]
         await self.send(protocol.notification("notifications/initialized"))
+        if not self._may_run():  # checked with no await before `ready`: a ready engine always started on a held palace
+            await self._abort_start(proc, "after initialize")
         self.state = "ready"
         self._ready_proc = proc
         self._last_request = time.monotonic()
@@ -271,6 +351,7 @@ class Engine:
             raise EngineUnavailable(f"cannot check {self.settings.paths.engine} for an engine still running: {exc}") from None
         if done:
             log.warning("before starting the engine: %s", done)
+        self._check_may_run("before the WAL recovery")  # it writes the palace's files
         for line in await asyncio.to_thread(walrecover.recover_all, memory.palace, memory.kg):
             log.warning("before starting the engine: %s", line)
 
@@ -437,7 +518,7 @@ class Engine:
             self.state = "stopped"
             self.last_exit = describe_exit(code) + (" (its own idle exit)" if idle else "")
             log.warning("engine pid %s exited: %s", proc.pid, self.last_exit)
-            if not self._stopping and not idle and (was_ready or code != 0):
+            if not self._stopping and not self._handing_over and not self._aborting and not idle and (was_ready or code != 0):
                 # A crash, a stall kill, a kill from outside, an exit 0 nobody asked for (mempalace-mcp exits 0
                 # on SIGTERM): bring a warm engine back now, so the next client does not pay the spawn. The
                 # engine's own idle exit is left alone until someone needs it.
@@ -485,20 +566,59 @@ class Engine:
         child behind our back while we wait for the old one.
         """
         self._stopping = True
+        await self._cancel_restart()
+        await self._stop_child("broker shutting down", graceful=True)
+        await self._tasks.cancel_all()  # sends still blocked on a full pipe, a restart that slipped in
+
+    async def stop_for_handover(self, reason: str, *, graceful: bool = True) -> None:
+        """Stop the engine because another owner takes the palace (docs/PROTOCOL.md "Ownership"); it can be
+        started again afterwards (the next start waits in `before_start` until the palace is ours again).
+
+        `graceful`: a start under way finishes first, then EOF on stdin, then SIGTERM/SIGKILL (the caller has
+        let the running call finish). Otherwise SIGTERM/SIGKILL at once: the palace was lost, another writer may
+        be on it already. Either way the exit is no crash (no restart), engine.json is removed as on any exit,
+        and the next start is not charged to the restart budget.
+        """
+        self._handing_over = True
+        try:
+            await self._cancel_restart()
+            if graceful:
+                await self._not_starting.wait()  # stopped half-way it would count as a failed start
+            await self._stop_child(reason, graceful=graceful)
+            if not graceful and not self._not_starting.is_set():
+                # A start under way (past before_start): it gives up at its next `may_run` check and kills what
+                # it spawned. Wait for that (bounded), then stop whatever child there is once more.
+                bound = self.settings.engine_start_timeout + START_GIVE_UP_WAIT_S
+                try:
+                    await asyncio.wait_for(self._not_starting.wait(), bound)
+                except asyncio.TimeoutError:
+                    log.error("an engine start under way did not end within %.0f s of the hand-over", bound)
+                await self._stop_child(reason, graceful=False)
+        finally:
+            self._handing_over = False
+        self._uncharged_start = True
+        log.warning("engine stopped: %s", reason)
+
+    async def _cancel_restart(self) -> None:
+        """A crash-restart in progress is cancelled, so it cannot spawn a new child behind our back."""
         restart, self._restart_task = self._restart_task, None
         if restart is not None and not restart.done():
             restart.cancel()
             await asyncio.wait([restart], timeout=5)
+
+    async def _stop_child(self, reason: str, *, graceful: bool) -> None:
+        """EOF on stdin and STOP_GRACE_S (graceful), then SIGTERM/SIGKILL; returns once its readers have ended."""
         proc = self._proc
         if proc is not None and proc.returncode is None:
-            if proc.stdin is not None:
+            if graceful and proc.stdin is not None:
                 proc.stdin.close()
-            try:
-                await asyncio.wait_for(proc.wait(), 3.0)
-            except asyncio.TimeoutError:
-                await self.kill("broker shutting down")
+                try:
+                    await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+                except asyncio.TimeoutError:
+                    await self.kill(reason)
+            else:
+                await self.kill(reason)
         await self._join_tasks()
-        await self._tasks.cancel_all()  # sends still blocked on a full pipe, a restart that slipped in
 
     async def _join_tasks(self) -> None:
         """Let this child's readers drain and fail its pending futures (they end at its EOF); cancel stragglers."""

@@ -7,9 +7,12 @@ a broker.json naming a live broker on another machine — mp_ssh_bridge.liveness
 — makes this one refuse before it touches the socket). The heartbeat follows
 the wall clock as well, so a machine waking from sleep beats within a second.
 Then the socket is bound, and only then `broker.json` is written — a
-reader that finds the file can connect. On SIGTERM/SIGINT: stop accepting,
-let the running request finish within a bound, stop the engine, remove the
-socket and broker.json.
+reader that finds the file can connect. The engine starts only once the broker
+owns the palace (owner.json, broker/ownership.py): a session running its own
+engine hands it over, a grant (`mp-bridge run`) takes it for a while; the
+broker serves (and answers status) while it waits. On SIGTERM/SIGINT: stop
+accepting, let the running request finish within a bound, stop the engine,
+release owner.json, remove the socket and broker.json.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from mp_ssh_bridge.settings import BrokerSettings
 from mp_ssh_bridge_broker import __version__, coldstart
 from mp_ssh_bridge_broker.engine import EngineUnavailable
 from mp_ssh_bridge_broker.mux import Mux
+from mp_ssh_bridge_broker.ownership import Ownership
 from mp_ssh_bridge_broker.server import Server
 
 log = logging.getLogger("broker.lifecycle")
@@ -64,6 +68,10 @@ class BrokerProcess:
         self.paths = settings.paths
         self._inherited_lock = lock_fd
         self.mux = Mux(settings)
+        # Every engine start (warm-up, on demand, crash restart) first holds the palace (docs/PROTOCOL.md "Ownership"),
+        # and gives up if the palace is lost while it is under way: Ownership sets engine.before_start and may_run.
+        self.ownership = Ownership(settings, self.mux.engine, self.mux.gate)
+        self.mux.attach_ownership(self.ownership)
         self.server = Server(self.mux, settings.max_line_bytes)  # bounds from settings (broker/bounds.py)
         self.stop_event = asyncio.Event()
         self.socket_path: Path | None = None
@@ -81,9 +89,8 @@ class BrokerProcess:
 
     async def _serve(self) -> int:
         s = self.settings
-        other = liveness.live_degraded_writer(self.paths, s.heartbeat_stale_after)
-        if other is not None:
-            raise AlreadyRunning(liveness.describe_degraded(other, self.paths))
+        # A live degraded-mode session (degraded.json) is no reason to refuse any more: the engine waits until the
+        # palace is handed over (owner.claim counts that record as a holder, so no engine starts beside it).
         owner = liveness.live_foreign_owner(self.paths, s.heartbeat_stale_after)  # our flock cannot see it
         if owner is not None:  # never a second writer, never its socket removed (Server.start_unix)
             raise AlreadyRunning(liveness.describe_owner(*owner, self.paths, s.heartbeat_stale_after))
@@ -150,6 +157,7 @@ class BrokerProcess:
             "endpoints": endpoints,
         }
         self.mux.start()
+        self.ownership.start()
         self._write_record()
         log.info("broker %s serving %s (id %s)", os.getpid(), memory, palace_id)
         loop = asyncio.get_running_loop()
@@ -165,6 +173,7 @@ class BrokerProcess:
                 task.cancel()
             await self.server.close()
             await self.mux.shutdown(s.shutdown_grace, self.exit_reason)
+            await self.ownership.close()  # after the engine has exited (Rule 4)
             await self.server.close_connections()
             self._remove_state()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -234,6 +243,7 @@ class BrokerProcess:
                     self._write_record()
                 except OSError as exc:
                     log.error("cannot refresh broker.json: %s", exc)
+                await asyncio.to_thread(self.ownership.beat, self.mux.engine.pid)  # owner.json, while held
                 try:
                     if brokerlog.rotate_if_big(self.paths.log):
                         log.info("log rotated: the previous part is %s.1", self.paths.log)

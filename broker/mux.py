@@ -11,6 +11,10 @@ engine failures become JSON-RPC errors that say whether the request ran:
 broker owns each request's deadline (only it knows whether the request
 reached the engine); a session tells it its own timer with broker/status
 `timeoutMs`, and the broker answers just before that timer fires.
+
+Each job runs under the dispatch gate (`gate`), so a hand-over of the palace
+(broker/ownership.py) takes it between two jobs: the running call finishes,
+the queued ones stay queued (and meet their deadlines naming the owner).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mp_ssh_bridge import enginecmd, protocol
 from mp_ssh_bridge.settings import BrokerSettings
@@ -30,6 +34,9 @@ from mp_ssh_bridge_broker.bounds import Bounds, PendingJobs, limit_error, over_q
 from mp_ssh_bridge_broker.engine import Engine, EngineExited, EngineNoReply, EngineUnavailable
 from mp_ssh_bridge_broker.queue import FairQueue
 from mp_ssh_bridge_broker.tasks import Tasks
+
+if TYPE_CHECKING:
+    from mp_ssh_bridge_broker.ownership import Ownership
 
 log = logging.getLogger("broker.mux")
 
@@ -257,9 +264,17 @@ class Mux:
         self._dispatcher: asyncio.Task[None] | None = None
         self._dispatching: Job | None = None  # taken from the queue, in _run (maybe still waiting for the engine)
         self.status_extra: dict[str, Any] = {}
+        # Held by the dispatch loop around each job's run; a hand-over of the palace takes it between jobs (FIFO).
+        self.gate = asyncio.Lock()
+        self.ownership: Ownership | None = None  # set by the broker's lifecycle (None: no ownership, unit tests)
         self._read_only_probe: asyncio.Task[frozenset[str] | None] | None = None
         # Sessions whose requests wait for a loading engine hear how it goes (MCP log notices).
         self.startup = startup.StartupNotices(self.engine, lambda: list(self.sessions.values()))
+
+    def attach_ownership(self, ownership: Ownership) -> None:
+        """The broker's ownership of the palace: in broker/status, and named by waiting requests' notices/errors."""
+        self.ownership = ownership
+        self.startup.held_by = ownership.blocked_by
 
     # --- sessions ------------------------------------------------------------------
     def attach(self, session: ClientSession) -> None:
@@ -493,8 +508,8 @@ class Mux:
         if job.state == "queued":
             self.queue.remove(job)
             others = len(self.queue)
-            loading = None if self.in_flight is not None else self.startup.deadline_error(waited, limit, others)
-            if loading is not None:  # it waited for the engine to come up, not behind other work
+            loading = self.startup.deadline_error(waited, limit, others, engine_busy=self.in_flight is not None)
+            if loading is not None:  # it waited for the palace's owner or the engine to come up, not behind other work
                 self._reply_error(job, protocol.DEADLINE_EXCEEDED, *loading)
                 self._finish(job)
                 return
@@ -544,7 +559,8 @@ class Mux:
                 continue
             self._dispatching = job  # kept if cancelled: shutdown answers it when it never reached the engine
             try:
-                await self._run(job)
+                async with self.gate:  # a hand-over of the palace waits for this job, then holds the next one
+                    await self._run(job)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - one bad job must not stop the broker
@@ -849,4 +865,5 @@ class Mux:
                 "running_s": round(mono - flight.created, 3),
             },
             "totals": {k: self.totals.get(k, 0) for k in TOTALS},
+            "ownership": self.ownership.status() if self.ownership is not None else None,
         }

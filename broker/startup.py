@@ -14,6 +14,13 @@ while someone waits, cancelled at shutdown.
 A request that reaches its deadline while the engine loads is answered with what it was
 waiting for ("memory engine still starting (N s so far)"), that it was NOT executed, and
 where to look; an engine that failed to start is named with its last error.
+
+While the broker does not own the palace (broker/ownership.py: a grant or a local owner holds
+it, or the broker is handing it over) the engine cannot start at all: notices say the broker
+waits for the palace's owner, and a request that meets its deadline then is answered naming
+the holder and how long it has held the palace ("the palace is held by `mempalace mine ~/x`
+under `mp-bridge run` (pid 123 on mac, for 42 s); this request was NOT executed (safe to
+retry)"), whether or not a call was still running.
 """
 
 from __future__ import annotations
@@ -111,10 +118,15 @@ class StartupNotices:
         self._since: float | None = None  # when the broker first saw this start (if the engine cannot say)
         self._timer: asyncio.TimerHandle | None = None
         self.last_failure = ""  # why the last start failed; cleared when the engine is up
+        # Who keeps the palace from the broker, in words ("the palace is held by ..."), or None while it is ours.
+        self.held_by: Callable[[], str | None] | None = None
+
+    def held(self) -> str | None:
+        return self.held_by() if self.held_by is not None else None
 
     # --- the clock ----------------------------------------------------------------
     def loading(self) -> bool:
-        return self._engine.state != "ready"
+        return self._engine.state != "ready" or self.held() is not None
 
     def loading_for(self) -> float:
         """Seconds this start has taken: since the engine's spawn when it is known, else since the broker saw it."""
@@ -160,7 +172,11 @@ class StartupNotices:
             return
         self._last[session.id] = now
         took = self.loading_for()
-        if self._engine.state == "failed" and self.last_failure:
+        held = self.held()
+        if held is not None:
+            level, text = "info", f"the broker is waiting for the palace's owner: {held}; memory comes back once it " \
+                                  "is released"
+        elif self._engine.state == "failed" and self.last_failure:
             level = "warning"
             text = f"memory engine failed to start ({self.last_failure}); trying again"
         elif last is None:
@@ -200,9 +216,27 @@ class StartupNotices:
             self._timer = None
 
     # --- errors ---------------------------------------------------------------------
-    def deadline_error(self, waited: float, limit: str, others: int) -> tuple[str, dict[str, Any]] | None:
-        """The -32061 message and data for a queued request that met its deadline while the engine loads (else None)."""
-        if not self.loading():
+    def deadline_error(
+        self, waited: float, limit: str, others: int, engine_busy: bool = False,
+    ) -> tuple[str, dict[str, Any]] | None:
+        """The -32061 message and data for a queued request that met its deadline while the palace is not the
+        broker's (always), or while the engine loads (unless `engine_busy`: then it waited behind a call); else None."""
+        held = self.held()
+        if held is not None:
+            message = (
+                f"{held}; this request was NOT executed (safe to retry): it reached its deadline ({limit}) after "
+                f"waiting {waited:.1f}s, with {others} other request(s) still queued. The broker takes the palace "
+                "back as soon as it is released (`mp-bridge status` names the owner)"
+            )
+            return message, {
+                "outcome": "not_executed",
+                "waited_s": round(waited, 3),
+                "queued": others,
+                "busy_with": None,
+                "engine_state": self._engine.state,
+                "palace_held_by": held,
+            }
+        if engine_busy or not self.loading():
             return None
         took = self.loading_for()
         if self._engine.state == "failed" and self.last_failure:

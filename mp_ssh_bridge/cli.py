@@ -9,6 +9,11 @@
   mp-bridge doctor --fix      also repair what is safe to repair (modes, stale state, no broker)
   mp-bridge migrate [--apply] move what an older bridge wrote to other files into the memory a plain
                               engine opens (a dry run first; --apply backs up, merges, verifies)
+  mp-bridge run [--timeout S] -- CMD ARGS…
+                              run a writer that is not an MCP session (mempalace mine, a hook, a
+                              cron job) as the palace's only writer: wait (bounded) for the owner
+                              to hand the palace over, run CMD, release; exit status is CMD's (75:
+                              not handed over in time; 127: CMD not found). See docs/WRITERS.md
   mp-bridge stop [--force] [--timeout S]
                               stop the broker, if it is proven to be ours (see
                               mp_ssh_bridge/stopping.py); exit 0 stopped or none
@@ -90,6 +95,9 @@ def _status_over_ssh(settings: Any) -> dict[str, Any] | None:
               file=sys.stderr)
         return None
     snap["via"] = f"ssh {settings.ssh_host}"
+    from mp_ssh_bridge.status import ownership
+
+    snap.update(ownership(settings.paths, settings.heartbeat_stale_after))  # this side's view of the mount
     return snap
 
 
@@ -99,13 +107,16 @@ def _status_view(snap: dict[str, Any]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
+    from mp_ssh_bridge.status import describe_ownership
+
+    owning = [Text(line) for line in describe_ownership(snap)]
     st = snap["status"]
     if not st:
         stale = ""
         if snap["record"]:  # by the liveness rule: a moving heartbeat on another machine is not "stale"
             stale = (" (broker.json names a broker that may be alive: on another machine, or hung)"
                      if snap.get("may_be_alive") else " (stale broker.json)")
-        return Text.from_markup(f"[yellow]No broker answers for[/] {snap['state_dir']}{stale}")
+        return Group(Text.from_markup(f"[yellow]No broker answers for[/] {snap['state_dir']}{stale}"), *owning)
     b, e = st["broker"], st["engine"]
     table = Table("#", "agent", "via", "role", "connected s", "queued", "in flight", "requests")
     for c in st["clients"]:
@@ -127,6 +138,7 @@ def _status_view(snap: dict[str, Any]) -> Any:
              f"{t.get('errors', 0)} errors ({t.get('timeouts', 0)} deadlines, {t.get('outcome_unknown', 0)} outcome "
              f"unknown), {t.get('cancelled', 0)} cancelled; {t.get('engine_requests', 0)} reached the engine "
              "(initialize is answered from cache)"),
+        *owning,
     )
 
 
@@ -320,6 +332,19 @@ def _relay_on_host(settings: Any, words: list[str], bound: float, what: str) -> 
     return status
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """`mp-bridge run -- CMD`: CMD as the palace's one owner (a grant; mp_ssh_bridge/grant.py)."""
+    from mp_ssh_bridge.grant import run
+
+    settings = _load_settings(args)
+    if settings is None:
+        return 2
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    return run(settings, command, args.timeout)
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -381,6 +406,13 @@ def main(argv: list[str] | None = None) -> int:
                         "call is lost")
     rs.add_argument("--timeout", type=_positive_seconds, help="seconds to wait for the old broker to drain and exit")
     rs.set_defaults(func=cmd_restart)
+    ru = sub.add_parser("run", parents=[common], help="run CMD as the palace's only writer (mempalace mine, a hook, "
+                        "cron): wait for the owner to hand over, run, release; exit status is CMD's. A grant cannot be "
+                        "suspended (^Z is ignored): CMD keeps the palace until it exits")
+    ru.add_argument("--timeout", type=_positive_seconds, help="seconds to wait for the palace (default owner_wait); "
+                    "then exit 75 naming who holds it")
+    ru.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS…")
+    ru.set_defaults(func=cmd_run)
     from mp_ssh_bridge import migrate
 
     migrate.add_parser(sub, common)

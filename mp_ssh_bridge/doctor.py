@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from mp_ssh_bridge import config, hostinfo, liveness, palace, state
-from mp_ssh_bridge.doctorkit import Check, lock_check, palace_health_checks, probe_checks
+from mp_ssh_bridge.doctorkit import (
+    Check,
+    admit_owner_writers,
+    lock_check,
+    owner_check,
+    palace_health_checks,
+    probe_checks,
+)
 from mp_ssh_bridge.settings import Settings
 
 ENGINE_RESOLVE_SECONDS = 30.0
@@ -50,6 +57,7 @@ def run_checks(settings: Settings) -> list[Check]:
              ("memory", lambda out: out.append(memory_check(settings))),
              ("stranded data", stranded),
              ("state directory", lambda out: _state_dir_checks(settings, out)),
+             ("owner", lambda out: out.append(owner_check(settings))),
              ("over SSH" if role == "container" else "broker", side)]
     for title, step in steps:
         try:
@@ -173,6 +181,7 @@ def _host_checks(settings: Settings, checks: list[Check]) -> None:
     if tcp is not None:
         checks.append(tcp)
     report = palacecheck.report(settings.memory.palace, settings.memory.kg, str(settings.paths.root))
+    admit_owner_writers(report, settings)  # a grant's CMD writes through the door, not past it
     lock_check(report, ours, checks)
     other = liveness.live_degraded_writer(settings.paths, settings.heartbeat_stale_after)
     if other is not None:

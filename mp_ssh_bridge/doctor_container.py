@@ -14,6 +14,7 @@ import time
 
 from mp_ssh_bridge.doctorkit import (
     Check,
+    admit_owner_writers,
     host_json,
     lock_check,
     palace_health_checks,
@@ -134,5 +135,6 @@ def _host_side_checks(settings: Settings, checks: list[Check], broker_pid: int |
         checks.append(Check("warn", "palace files", f"the host did not report on its palace files: {why}",
                             f"on the host: mp-bridge doctor (or {settings.remote_broker} --check)"))
         return
+    admit_owner_writers(report, settings, here=False)  # a grant run on the host is no stray writer
     lock_check(report, broker_pid, checks)
     palace_health_checks(report, " (checked on the host)", checks)

@@ -153,12 +153,18 @@ def palace_health_checks(report: dict[str, Any], where: str, checks: list[Check]
     if writers is None:
         checks.append(Check("ok", "stray writers", f"this host cannot tell{note}{where}"))
     elif writers:
-        shown = "; ".join(f"pid {w['pid']} ({w['command'][:80]}) holds {w['path']}" for w in writers[:5])
-        checks.append(Check("fail", "stray writers", f"{len(writers)} process(es) other than the broker's engine "
-                            f"hold the palace's files{where}: {shown}", "end them, and point every agent at "
-                            "mp-shim instead of mempalace-mcp (two writers lose vectors)"))
+        shown = "; ".join(f"pid {w['pid']} (`{w['command'][:120]}`) has {w['path']} open for writing"
+                          for w in writers[:5])
+        checks.append(Check("fail", "stray writers", f"{len(writers)} process(es) write the palace past its owner "
+                            f"(neither the owner's engine nor a command run by `mp-bridge run`){where}: {shown}",
+                            "end them; run such a writer through `mp-bridge run -- <its command>` (see "
+                            "docs/WRITERS.md: the `mempalace` CLI shim does it for mine and hooks), and point every "
+                            "agent at mp-shim instead of mempalace-mcp (two writers lose vectors)"))
     elif "writers" in report:
-        checks.append(Check("ok", "stray writers", f"none{note}{where}"))
+        granted = report.get("granted_writers") or []
+        besides = ("; besides the grant's " + ", ".join(f"pid {w['pid']} (`{w['command'][:80]}`)" for w in granted[:3])
+                   if granted else "")
+        checks.append(Check("ok", "stray writers", f"none{besides}{note}{where}"))
     scars = report.get("scars") or []
     if scars:
         shown = ", ".join(str(s) for s in scars[:5]) + (f" and {len(scars) - 5} more" if len(scars) > 5 else "")
@@ -200,3 +206,44 @@ def host_json(settings: Settings, *args: str, bound: float) -> tuple[dict[str, A
     except (ValueError, IndexError):
         return None, f"`{settings.remote_broker} {' '.join(args)}` on the host printed no JSON: {out.strip()[-200:]!r}"
     return (data, "") if isinstance(data, dict) else (None, "the host's answer is not a JSON object")
+
+
+def admit_owner_writers(report: dict[str, Any], settings: Settings, here: bool = True) -> None:
+    """Move the writers owner.json admits (a grant's CMD and its children, the owner's engine) out of
+    `report["writers"]` into `report["granted_writers"]`: they write through the door, not past it."""
+    from mp_ssh_bridge import holders
+
+    writers = report.get("writers")
+    if not writers:
+        return
+    pids = holders.owner_writers(str(settings.paths.root), settings.heartbeat_stale_after, here=here)
+    report["granted_writers"], report["writers"] = holders.admitted(writers, pids, descendants=here)
+
+
+def owner_check(settings: Settings) -> Check:
+    """Who owns the palace now (owner.json), and who waits for it (owner.requests/)."""
+    import time
+
+    from mp_ssh_bridge import owner
+
+    paths, stale = settings.paths, settings.heartbeat_stale_after
+    found = owner.holder(paths, stale)
+    waiting = owner.live_requests(paths, stale)
+    queue = ("; waiting: " + ", ".join(owner.describe(r) for r in waiting)) if waiting else ""
+    if found is None:
+        return Check("ok", "owner", f"none: the palace is free, the next writer claims it{queue}")
+    record, verdict = found
+    if record.get("unreadable"):
+        return Check("warn" if not verdict.alive else "ok", "owner", verdict.why + queue,
+                     "" if verdict.alive else "the next claim moves it aside; nothing to do")
+    who = owner.describe(record)
+    if not verdict.alive:
+        return Check("warn", "owner", f"stale owner.json: {who} is gone ({verdict.why}){queue}",
+                     f"the next claim replaces it; if no writer runs, it is safe to rm {paths.owner}")
+    engine = f", engine pid {record['engine_pid']}" if record.get("engine_pid") else ""
+    until = record.get("expires")
+    if record.get("kind") == "grant" and isinstance(until, (int, float)) and time.time() > until + 60:
+        return Check("warn", "owner", f"{who} has outlived its grant_max_duration by {time.time() - until:.0f} s "
+                     f"({verdict.why}){queue}", f"its `mp-bridge run` should have stopped it: look at pid "
+                     f"{record.get('pid')} on {record.get('host')}")
+    return Check("ok", "owner", f"{record.get('kind')}: {who}{engine} ({verdict.why}){queue}")

@@ -10,10 +10,13 @@ health round trip. Every wait is bounded. The shim's election calls
 container) calls the same function on the host.
 
 flock is coherent on one kernel only. A VM or container sharing the state
-directory through a bind mount has its own, so there broker.json and
-degraded.json decide (`mp_ssh_bridge.liveness`, one rule on every side): a
-live broker on another machine is refused by name, never started beside, and
-its socket never removed.
+directory through a bind mount has its own, so there broker.json decides
+(`mp_ssh_bridge.liveness`, one rule on every side): a live broker on another
+machine is refused by name, never started beside, and its socket never
+removed. Who may *write* the palace is owner.json's to say
+(`mp_ssh_bridge.owner`): a live degraded-mode session or a grant is no reason
+to refuse a broker — it is started (or found) as usual, and its engine waits
+until the palace is handed over.
 
 The broker is configured by its own start, never by the session that happens
 to elect it: it gets the palace's identity as flags, and an environment from
@@ -190,9 +193,8 @@ def ensure_broker(settings: Settings, timeout: float | None = None, *, wait_fore
         if record is not None:
             check_palace(settings, record)
             return describe(record, spawned)
-        other = liveness.live_degraded_writer(paths, settings.heartbeat_stale_after)
-        if other is not None:
-            raise EnsureError(liveness.describe_degraded(other, paths))
+        # A live degraded-mode session (degraded.json) no longer refuses: the broker's engine starts only once it
+        # owns the palace, which such a session hands over (docs/PROTOCOL.md "Ownership").
         owner = liveness.live_foreign_owner(paths, settings.heartbeat_stale_after)
         if owner is not None:
             if not wait_foreign or time.monotonic() >= deadline:

@@ -286,3 +286,39 @@ def lock_holders(lock_path: str, platform: str | None = None) -> tuple[bool | No
     if (platform or sys.platform).startswith("linux"):
         return held, holders_linux([real], writers=False)[0]
     return held, holders_lsof([real], writers=False) or []
+
+
+# --------------------------------------------------------------------------- writers the owner record admits
+def owner_writers(state_dir: str, stale_after: float, here: bool = True) -> set[int]:
+    """The pids owner.json (mp_ssh_bridge/owner.py) names as the palace's writer: a grant's CMD (`pid` of a
+    `grant`) and the owner's engine (`engine_pid`) — only while that owner lives. `here`: records written on
+    this machine (their descendants count too, see `strays`); else records of another machine (a container
+    asks about the host's processes, which the host reported: exact pids only)."""
+    from pathlib import Path
+
+    from mp_ssh_bridge import liveness, owner, state
+
+    found = owner.holder(state.StatePaths(Path(state_dir)), stale_after)
+    if found is None or not found[1].alive:
+        return set()
+    record = found[0]
+    if liveness.same_machine(record) != here:
+        return set()
+    pids = {record.get("engine_pid")}
+    if record.get("kind") == "grant":
+        pids.add(record.get("pid"))
+    return {p for p in pids if isinstance(p, int) and not isinstance(p, bool) and p > 0}
+
+
+def admitted(writers: list[dict[str, object]], pids: set[int], descendants: bool = True) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """(the writers `pids` admit — those pids, and with `descendants` their children —, the others).
+    `writers` as palacecheck reports them: {"pid", "command", "path"}."""
+    if not pids:
+        return [], list(writers)
+    ok: list[dict[str, object]] = []
+    other: list[dict[str, object]] = []
+    for w in writers:
+        pid = w.get("pid")
+        inside = isinstance(pid, int) and (pid in pids or (descendants and _ours_or_below(pid, pids)))
+        (ok if inside else other).append(w)
+    return ok, other

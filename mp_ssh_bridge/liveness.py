@@ -87,9 +87,11 @@ def pid_gone(
     record: dict[str, Any],
     pid_alive: Callable[[int], bool] = hostinfo.pid_alive,
     proc_start: Callable[[int], str | None] = hostinfo.proc_start,
+    zombie: Callable[[int], bool] = hostinfo.is_zombie,
 ) -> str | None:
-    """Why the pid a record of THIS machine names is no longer its writer — "is gone", or "now belongs to
-    another process" (the record's `proc_start` differs: a reused pid) — or None while it runs.
+    """Why the pid a record of THIS machine names is no longer its writer — "is gone", "has exited" (a
+    zombie, which writes nothing), or "now belongs to another process" (the record's `proc_start`
+    differs: a reused pid) — or None while it runs.
 
     One rule for elections (`judge`), `mp-bridge doctor`, `--fix` and the stray-writer check. A start
     time that cannot be read (no such process, no `ps`) is no proof of reuse.
@@ -99,6 +101,8 @@ def pid_gone(
         return f"names no valid pid ({pid!r})"
     if not pid_alive(pid):
         return f"pid {pid} is gone"
+    if zombie(pid):  # exited, not yet reaped (its parent may never reap it: a test runner, a container's pid 1)
+        return f"pid {pid} has exited (a zombie not yet reaped)"
     recorded = record.get("proc_start")
     if recorded is not None:
         now = proc_start(pid)

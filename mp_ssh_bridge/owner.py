@@ -47,6 +47,10 @@ UNREADABLE_STALE_FACTOR = 2  # an owner.json without a complete record (O_EXCL f
 # once its mtime is this many heartbeat_stale_after old
 
 
+class BeatSkipped(OSError):
+    """owner.lock stayed busy past its bound: this beat was not written (the record is unchanged)."""
+
+
 class Busy(Exception):
     """The palace is held, or a request that outranks this claim waits; `record` is that holder or request."""
 
@@ -59,7 +63,7 @@ def describe(record: dict[str, Any]) -> str:
     """The holder (or requester) in words: what it is, its pid and machine, since when."""
     kind, pid, host = record.get("kind"), record.get("pid"), record.get("host") or "?"
     age = time.time() - float(record["since"]) if isinstance(record.get("since"), (int, float)) else None
-    held = f", for {age:.0f} s" if age is not None and age >= 0 else ""
+    held = (f", waiting {age:.0f} s" if record.get("request") else f", for {age:.0f} s") if age is not None and age >= 0 else ""
     if kind == "broker":
         return f"the broker (pid {pid} on {host}{held})"
     if kind == "local":
@@ -86,6 +90,10 @@ def holder(paths: state.StatePaths, stale_after: float, **rules: Any) -> tuple[d
     """owner.json and liveness' verdict on it (alive or not), or None when there is none."""
     record, verdict = liveness.check(paths, "owner", stale_after, **rules)
     if record is not None and verdict is not None:
+        if not verdict.alive and not verdict.foreign:
+            running = _engine_still_runs(record)
+            if running:  # its writer died, its engine did not (yet): that engine still writes
+                return record, liveness.Verdict(True, False, f"{verdict.why}, but its engine {running}")
         return record, verdict
     try:
         st = paths.owner.stat()
@@ -96,6 +104,18 @@ def holder(paths: state.StatePaths, stale_after: float, **rules: Any) -> tuple[d
     alive = age < stale_after * UNREADABLE_STALE_FACTOR
     stub = {"kind": "unknown", "pid": 0, "token": None, "unreadable": True}
     return stub, liveness.Verdict(alive, False, f"{paths.owner} holds no complete record ({age:.0f} s old)")
+
+
+def _engine_still_runs(record: dict[str, Any]) -> str | None:
+    """For a record of this machine: "pid N still runs" when the engine it names (`engine_pid`, and
+    `engine_proc_start` when recorded: not a reused pid) is alive, else None."""
+    pid = record.get("engine_pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    engine = {"pid": pid, "proc_start": record.get("engine_proc_start")}
+    if liveness.pid_gone(engine) is not None:  # gone, reused, or a zombie (which writes nothing)
+        return None
+    return f"pid {pid} still runs"
 
 
 def live_holder(paths: state.StatePaths, stale_after: float, **rules: Any) -> dict[str, Any] | None:
@@ -119,7 +139,7 @@ def live_requests(paths: state.StatePaths, stale_after: float, **rules: Any) -> 
             out.append(record)
         elif not verdict.alive:
             _unlink(path)
-    out.sort(key=lambda r: r.get("since") if isinstance(r.get("since"), (int, float)) else 0.0)
+    out.sort(key=lambda r: float(r["since"]) if isinstance(r.get("since"), (int, float)) else 0.0)
     return out
 
 
@@ -140,11 +160,11 @@ def wanted_by(paths: state.StatePaths, kind: str, stale_after: float, **rules: A
 
 # --------------------------------------------------------------------------- claiming
 @contextlib.contextmanager
-def _owner_flock(paths: state.StatePaths, wait: float = LOCK_WAIT_S) -> Iterator[None]:
-    """owner.lock, bounded: claims on one kernel one at a time."""
+def _owner_flock(paths: state.StatePaths, wait: float | None = None) -> Iterator[None]:
+    """owner.lock, bounded (LOCK_WAIT_S): claims on one kernel one at a time."""
     fd = os.open(paths.owner_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        end = time.monotonic() + wait
+        end = time.monotonic() + (LOCK_WAIT_S if wait is None else wait)
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -209,15 +229,34 @@ class Claim:
         return str(self.record["kind"])
 
     def ours(self) -> bool:
-        current = state.read_json_object(self.paths.owner)
-        return current is not None and current.get("token") == self.token
+        """False only when owner.json is gone or names another holder, seen twice 50 ms apart: a read that
+        fails (EMFILE, a flaky mount) or a moment's absence (another side moving a record aside and back)
+        is no proof that the palace was lost."""
+        for attempt in range(2):
+            token = _read_token(self.paths.owner)
+            if token is _UNREADABLE or token == self.token:
+                return True
+            if attempt == 0:
+                time.sleep(0.05)
+        return False
 
     def beat(self, **fields: Any) -> bool:
-        """Refresh the heartbeat (and `fields`); False when the record is no longer ours (never rewritten then)."""
+        """Refresh the heartbeat (and `fields`); False when the record is no longer ours (never rewritten then).
+
+        Across a bind mount there is no compare-and-swap: a claim landing between our check and our rename
+        would be overwritten. It can only come from a side that judged us gone, i.e. after our heartbeat stood
+        still for `heartbeat_stale_after` — and then we beat late; the holder that lost finds out at its next
+        beat. On one kernel, owner.lock closes the gap."""
         if self.released or not self.ours():
             return False
         self.record.update(fields, heartbeat=time.time())
-        state.write_json_atomic(self.paths.owner, self.record)
+        try:
+            with _owner_flock(self.paths):
+                if not self.ours():
+                    return False
+                state.write_json_atomic(self.paths.owner, self.record)
+        except Busy as exc:
+            raise BeatSkipped(f"{self.paths.owner_lock} busy: heartbeat not written") from exc
         return True
 
     def release(self) -> bool:
@@ -225,7 +264,7 @@ class Claim:
         if self.released:
             return False
         self.released = True
-        if not self.ours():
+        if _read_token(self.paths.owner) != self.token:  # only a record we can read as ours is removed
             return False
         _unlink(self.paths.owner)
         return True
@@ -236,7 +275,7 @@ class Request:
 
     def __init__(self, paths: state.StatePaths, kind: str, pid: int | None = None, **fields: Any) -> None:
         self.paths = paths
-        self.record = new_record(kind, pid, **fields)
+        self.record = new_record(kind, pid, request=True, **fields)
         self.path = paths.owner_requests / f"{kind}-{self.record['token']}.json"
         self._beaten = 0.0
         try:
@@ -335,6 +374,21 @@ def _move_aside(paths: state.StatePaths, record: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):
             os.link(aside, paths.owner)
     _unlink(aside)
+
+
+_UNREADABLE = object()
+
+
+def _read_token(path: Path) -> object:
+    """owner.json's token; None when there is no such file (or it holds no token); _UNREADABLE when it
+    could not be read or parsed (which proves nothing either way)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError):
+        return _UNREADABLE
+    return data.get("token") if isinstance(data, dict) else _UNREADABLE
 
 
 def _unlink(path: Path) -> None:

@@ -81,6 +81,8 @@ def _holders(palace: str, kg: str, state_dir: str) -> dict[str, object]:
         pid = _recorded_pid(record)
         if pid is not None:
             ours.add(pid)  # the broker (or a degraded session): it and its descendants (the engine) are no strays
+    # the owner's engine, a grant's command (mp-bridge run); records of this machine, judged by pid
+    ours |= holders.owner_writers(state_dir, stale_after=30.0)
     found, note = holders.holders(palace, kg)
     held, lockers = holders.lock_holders(str(paths.lock))
     return {

@@ -4,8 +4,9 @@ Data flows one way: agent stdin -> `Shim.from_client` -> the link -> the
 broker, and back through `link_loop` -> `from_broker` -> stdout. One pending
 table keyed by the agent's ids, one backlog for frames that wait for a
 connection, cleanup of every pending request when a link is lost (answered as
-"outcome unknown" — never retried) and a transparent re-initialize on the
-next link.
+"outcome unknown" — never retried — unless the link proves it never ran: a
+stopping broker's "not_executed", a degraded-mode engine handing the palace
+over) and a transparent re-initialize on the next link.
 
 The broker owns each request's deadline (docs/PROTOCOL.md "Deadlines"): this
 session's MEMPALACE_MCP_TIMEOUT_MS travels to it in the handshake and it
@@ -119,6 +120,22 @@ DEGRADED_NOTICE = (
     "runs its own memory engine directly. Memory works, but writes from other agent sessions are not "
     "serialized with this one. Reason: {reason}"
 )
+TRANSPORT_WORDS = {"ssh": "SSH", "unix": "its socket", "tcp": "TCP"}
+
+
+def handover_notice(handed: str, link: Link) -> str:
+    """One line for the result after a hand-over: what happened to this session's engine, and how memory runs now."""
+    if link.degraded:
+        waited = getattr(link, "waited", None)  # (seconds, for whom): discovery waited for the palace
+        if waited:
+            whom = "it" if waited[1] in handed else waited[1]
+            now = f"this session waited {waited[0]:.0f} s for {whom} and now runs its own memory engine again"
+        else:
+            now = "this session now runs its own memory engine again"
+    else:
+        over = TRANSPORT_WORDS.get(link.transport, link.transport)
+        now = f"this session now reaches the broker over {over} ({link.endpoint})"
+    return f"NOTE from mp-shim: {handed}; {now}."
 
 
 class Shim:
@@ -141,6 +158,9 @@ class Shim:
         self.client_initialized = False
         self.swallow: set = set()
         self.notice_sent = False
+        self.handed_over: str | None = None  # how the last link gave the palace up (localowner), until a new link
+        self.next_notice: str | None = None  # appended once to the next tools/call result
+        self.waiting_for: str | None = None  # discovery is waiting for the palace's owner to release it (who, in words)
         self.stdin_done = False
         self.done = threading.Event()
         self._heap: list[tuple[float, int, tuple[str, object], Pending]] = []
@@ -349,22 +369,28 @@ class Shim:
                 late = pend
             else:
                 del self.pending[key]
-            add_notice = (
-                link.degraded and not self.notice_sent and pend is not None and pend.method == "tools/call"
-                and isinstance(msg.get("result"), dict) and isinstance(msg["result"].get("content"), list)
-            )
-            if add_notice:
-                self.notice_sent = True
+            notices: list[str] = []
+            if (pend is not None and pend.method == "tools/call" and isinstance(msg.get("result"), dict)
+                    and isinstance(msg["result"].get("content"), list)):
+                if link.degraded and not self.notice_sent:
+                    self.notice_sent = True
+                    notices.append(DEGRADED_NOTICE.format(reason=link.reason))
+                if self.next_notice is not None:
+                    notices.append(self.next_notice)
+                    self.next_notice = None
         if late is not None:
             self.answer_not_resent(late)
-        elif add_notice:
-            msg["result"]["content"].append({"type": "text", "text": DEGRADED_NOTICE.format(reason=link.reason)})
+        elif notices:
+            msg["result"]["content"].extend({"type": "text", "text": text} for text in notices)
             self.write_out(encode(msg))
         else:
             self.write_out(frame + b"\n")
 
     def link_lost(self, link: Link, reason: str) -> None:
         errors: list[Pending] = []
+        handed = getattr(link, "handover", None)  # a degraded-mode engine that gave the palace up (localowner)
+        if handed:
+            reason = handed
         with self.lock:
             if self.link is link:
                 self.link = None
@@ -373,12 +399,17 @@ class Shim:
             else:
                 link.close()
                 return
+            if handed:
+                self.handed_over = handed
             for key, pend in list(self.pending.items()):
                 if pend.link is not link:
                     continue
                 if pend.method == "initialize":  # no effect on the palace: send it again on the next link
                     pend.link = None
                     self.backlog.insert(0, (key, pend.frame, pend))
+                elif link.unsent(pend.msg_id):  # proven never to have reached the engine: the next link gets it
+                    pend.link = None
+                    self.backlog.append((key, pend.frame, pend))
                 else:
                     del self.pending[key]
                     errors.append(pend)
@@ -423,10 +454,14 @@ class Shim:
             with self.lock:
                 reason = f" ({self.last_error})" if self.last_error else ""
                 dialing = time.monotonic() - self.connect_started if self.connecting else None
-            still = "" if dialing is None else (
-                f"; mp-shim was still connecting to the broker, or starting it ({dialing:.1f} s so far): "
-                "check `mp-bridge logs` and `mp-bridge doctor`"
-            )
+                waiting = self.waiting_for
+            if dialing is None:
+                still = ""
+            elif waiting:
+                still = f"; mp-shim is still waiting ({dialing:.1f} s so far) because {waiting}"
+            else:
+                still = (f"; mp-shim was still connecting to the broker, or starting it ({dialing:.1f} s so far): "
+                         "check `mp-bridge logs` and `mp-bridge doctor`")
             self.reply_error(
                 pend.msg_id,
                 DEADLINE_EXCEEDED,
@@ -505,7 +540,12 @@ class Shim:
         from mp_ssh_bridge import discovery  # the slow path: settings, election, SSH, degraded mode
 
         fast_reason, self._fast_failed = self._fast_failed, ""
-        return discovery.discover(cfg, fast_failure=fast_reason)
+        return discovery.discover(cfg, fast_failure=fast_reason, on_wait=self._on_wait)
+
+    def _on_wait(self, what: str | None) -> None:
+        """Discovery waits for the palace's owner to release it (`what`, in words), or no longer (None)."""
+        with self.lock:
+            self.waiting_for = what
 
     def connect_worker(self) -> None:
         try:
@@ -549,6 +589,10 @@ class Shim:
                 replay.append(encode(dict(self.init_msg, id=rid)))
                 if self.client_initialized:
                     replay.append(encode({"jsonrpc": JSONRPC, "method": "notifications/initialized"}))
+        with self.lock:
+            if self.handed_over is not None:
+                self.next_notice = handover_notice(self.handed_over, link)
+                self.handed_over = None
         threading.Thread(target=self.link_loop, args=(link,), name=f"link-{self.generation}", daemon=True).start()
         if link.degraded:
             log(30, f"memory runs WITHOUT the broker (degraded mode): {link.reason}")

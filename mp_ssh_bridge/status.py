@@ -1,4 +1,5 @@
-"""Gather what `mp-bridge status` and `doctor` show: broker.json plus a live round trip.
+"""Gather what `mp-bridge status` and `doctor` show: broker.json plus a live round trip, and who owns the
+palace now (owner.json and the waiting requests, mp_ssh_bridge/owner.py).
 
 Pure data (no rendering), so the CLI and tests share it.
 """
@@ -8,10 +9,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from mp_ssh_bridge import liveness, state
+from mp_ssh_bridge import liveness, owner, state
 from mp_ssh_bridge.settings import Settings
 
 SECRETS = ("tcp_token",)
+OWNER_FIELDS = ("kind", "pid", "host", "since", "heartbeat", "what", "expires", "engine_pid", "guardian_pid")
 
 
 def public(record: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -30,7 +32,8 @@ def snapshot_of(paths: state.StatePaths, stale_after: float, timeout: float = 2.
     from mp_ssh_bridge.election import probe
 
     record = state.read_broker_json(paths.json)
-    out: dict[str, Any] = {"state_dir": str(paths.root), "record": public(record), "status": None}
+    out: dict[str, Any] = {"state_dir": str(paths.root), "record": public(record), "status": None,
+                           **ownership(paths, stale_after)}
     if record is None:
         return out
     age = state.heartbeat_age(record)
@@ -58,3 +61,51 @@ def state_dirs(settings: Settings) -> list[state.StatePaths]:
         if state.StatePaths(d) not in out and (d / "broker.json").exists():
             out.append(state.StatePaths(d))
     return out
+
+
+def _owner_view(record: dict[str, Any], now: float) -> dict[str, Any]:
+    """An owner record (or request) for people and scripts: its fields without the token, with ages."""
+    out = {k: record[k] for k in OWNER_FIELDS if k in record}
+    since, beat, until = record.get("since"), record.get("heartbeat"), record.get("expires")
+    if isinstance(since, (int, float)):
+        out["held_s"] = round(max(0.0, now - since), 1)
+    if isinstance(beat, (int, float)):
+        out["heartbeat_age_s"] = round(now - beat, 1)
+    if isinstance(until, (int, float)):
+        out["expires_in_s"] = round(until - now, 1)
+    out["same_machine"] = liveness.same_machine(record)
+    out["description"] = owner.describe(record)
+    return out
+
+
+def ownership(paths: state.StatePaths, stale_after: float) -> dict[str, Any]:
+    """{"owner": who holds the palace now (owner.json, judged by liveness' rule) or None, "requests": the live
+    requests, oldest first}. Read from the state directory: both sides of a bind mount see the same files."""
+    now = time.time()
+    found = owner.holder(paths, stale_after)
+    view: dict[str, Any] | None = None
+    if found is not None:
+        record, verdict = found
+        view = {"kind": "unknown", "unreadable": True} if record.get("unreadable") else _owner_view(record, now)
+        view.update(alive=verdict.alive, why=verdict.why)
+    requests = [_owner_view(r, now) for r in owner.live_requests(paths, stale_after)]
+    return {"owner": view, "requests": requests}
+
+
+def describe_ownership(snap: dict[str, Any]) -> list[str]:
+    """`status`'s lines on ownership: the owner (or none) and each request."""
+    held = snap.get("owner")
+    lines = []
+    if held is None:
+        lines.append("owner: none (the palace is free: the next writer claims it)")
+    elif held.get("unreadable"):
+        lines.append(f"owner: owner.json holds no complete record ({held.get('why')})")
+    else:
+        state_word = "" if held.get("alive") else f" — gone ({held.get('why')}): the next claim replaces it"
+        extra = f"; engine pid {held['engine_pid']}" if held.get("engine_pid") else ""
+        lines.append(f"owner: {held['kind']}, {held.get('description')}{extra}{state_word}")
+    for r in snap.get("requests") or []:
+        waited = f" for {r['held_s']:.0f} s" if isinstance(r.get("held_s"), (int, float)) else ""
+        what = f" `{r['what']}`" if r.get("what") else ""
+        lines.append(f"waiting: {r['kind']}{what} (pid {r.get('pid')} on {r.get('host')}){waited}")
+    return lines

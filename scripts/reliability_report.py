@@ -56,6 +56,11 @@ SECTIONS = [
      "to the host without a shell seeing them."),
     ("fuzz", "Fuzzing", "Random and malformed input on the broker socket and the shim's stdin (tests/test_fuzz.py)."),
     ("bounds", "Bounds", "Floods of requests, bytes, connections and file descriptors (tests/test_bounds.py)."),
+    ("handover", "Ownership: hand-over", "A container-side session owns the palace; a host session starts and the "
+     "palace moves to the host broker (tests/test_ownership_e2e.py: shared state directory, each side's flocks in "
+     "its own directory, the container side in its own mount namespace so the host's socket is out of reach)."),
+    ("grant", "Ownership: grants", "`mp-bridge run -- mempalace mine` while host and container sessions write; two "
+     "runs at once; one killed with SIGKILL mid-mine."),
 ]
 
 
@@ -133,6 +138,12 @@ def targets(entries: list[dict[str, Any]]) -> str:
         ("exceptions escaping for any fuzz case", "0", total(_figures(entries, "fuzz", "exceptions"))),
         ("recovery after fd exhaustion without a restart", "yes",
          "yes" if _figures(entries, "bounds", "recovered_without_restart") else "not measured"),
+        ("hand-over: the host session's memory, s (max)", "≤ 30", worst(_figures(entries, "handover", "handover_s_max"))),
+        ("writers on the palace at once, any sample (hand-over, grants)", "≤ 1",
+         worst(_figures(entries, "handover", "max_writers_seen") + _figures(entries, "grant", "max_writers_seen"))),
+        ("acknowledged writes lost (hand-over, grants)", "0",
+         total(_figures(entries, "handover", "acked_lost") + _figures(entries, "grant", "acked_lost"))),
+        ("mined files not stored (grants)", "0", total(_figures(entries, "grant", "mined_lost"))),
     ]
     lines = ["\n## Targets\n", "| target | wanted | measured |", "| --- | --- | --- |"]
     lines += [f"| {name} | {want} | {got} |" for name, want, got in rows]

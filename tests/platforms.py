@@ -68,3 +68,15 @@ def cpu_model() -> str:
         if out:
             return out
     return platform.processor() or platform.machine()
+
+
+def other_kernel_argv(argv: list[str], private_dirs: list[str]) -> list[str]:
+    """`argv` run as the container side of a VM boundary would see this machine: in its own mount
+    namespace, with an empty tmpfs over each of `private_dirs` (this machine's runtime directory,
+    where the host broker's socket stand-in lives: a socket that cannot be reached through the mount).
+    Needs Linux and root (unshare -m); elsewhere the test is skipped."""
+    require_linux("a private mount namespace (unshare -m) standing in for the container side")
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("unshare -m needs root and util-linux here")
+    mounts = " && ".join(f"mkdir -p '{d}' && mount -t tmpfs -o mode=0700 tmpfs '{d}'" for d in private_dirs)
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$0" "$@"', *argv]
