@@ -276,7 +276,7 @@ class Ownership:
         self.phase, self._waiting_since = "waiting", time.monotonic()
         try:
             now = await asyncio.to_thread(state.read_json_object, self.paths.owner)
-            self._blocker = now if now is None or now.get("token") != claim.token else None  # not ourselves
+            self._blocker = None if owner.names(now, claim) else now  # not ourselves
             log.error("the broker lost the palace: owner.json now names %s (another side judged this broker gone); "
                       "stopping the engine at once", who(now) if now else "nobody")
             for _ in range(3):  # a start under way is waited for (it gives up and kills its child): then none runs

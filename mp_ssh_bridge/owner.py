@@ -270,6 +270,12 @@ class Claim:
         return True
 
 
+def names(record: dict[str, Any] | None, claim: Claim) -> bool:
+    """Does `record` (owner.json as read) name this very claim? (An owner token identifies a claim; it is
+    no secret — owner.json is readable by its owner — so it is compared plainly, here, in one place.)"""
+    return record is not None and record.get("token") == claim.token
+
+
 class Request:
     """A waiting claimer's request: makes the holder yield to it when it outranks the holder."""
 
