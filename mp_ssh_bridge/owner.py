@@ -8,8 +8,8 @@ request and release (docs/PROTOCOL.md "Ownership"):
 
 - `owner.json` in the state directory names the one owner: a host broker (`broker`), a process
   on the container side running the engine itself (`local`), or a command run by
-  `mp-bridge run` (`grant`). Only its holder writes it. A claim creates it exclusively (link of
-  a complete temp file, else O_EXCL: atomic through a bind mount, where flock is not), and on one
+  `mp-bridge run` (`grant`). Only its holder writes it. A claim creates it exclusively, as palace.id
+  is created (`state.create_new`: atomic through a bind mount, where flock is not), and on one
   kernel claims are serialized by `owner.lock` as well. The holder rewrites it every heartbeat
   and removes it — the explicit release — only after its engine (or command) has exited.
 - A record whose writer is gone by `liveness`' rule (this machine: its pid; another machine:
@@ -203,12 +203,10 @@ def claim(
         if legacy is not None and not (legacy.get("pid") == me and liveness.same_machine(legacy)):
             raise Busy(dict(legacy, kind="local"), liveness.describe_degraded(legacy, paths))
         record = new_record(kind, me, **(fields or {}))
-        try:
-            _create_exclusive(paths.owner, record)
-        except FileExistsError:
+        if not state.create_new(paths.owner, json.dumps(record, indent=1, sort_keys=True) + "\n"):
             now = holder(paths, stale_after, **rules)
             raise Busy(now[0] if now else None, f"{describe(now[0]) if now else 'another process'} has just "
-                                                 "claimed the palace") from None
+                                                 "claimed the palace")
     return Claim(paths, record)
 
 
@@ -338,35 +336,6 @@ def acquire(
 
 
 # --------------------------------------------------------------------------- files
-def _create_exclusive(path: Path, record: dict[str, Any]) -> None:
-    """Create `path` holding `record`, or raise FileExistsError. A complete file linked into place where the
-    file system has hard links; else O_EXCL and write (a reader may then see it empty for a moment)."""
-    data = (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
-    tmp = path.with_name(f".{path.name}.{record['token']}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)
-        return
-    except FileExistsError:
-        raise
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
-            raise
-    finally:
-        _unlink(tmp)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _move_aside(paths: state.StatePaths, record: dict[str, Any]) -> None:
     """Remove a gone owner's record — only if owner.json still holds that record (a rename, then a check)."""
     aside = paths.owner.with_name(f"owner.json.gone-{uuid.uuid4().hex[:12]}")

@@ -266,24 +266,36 @@ def _write_temp(path: Path, text: str) -> str:
 
 def _create_palace_id(path: Path) -> str | None:
     """A new id in `path` if it does not exist yet; None when someone else created it first."""
-    import errno
     import uuid
 
     new = str(uuid.uuid4())
-    tmp = _write_temp(path, new + "\n")
+    return new if create_new(path, new + "\n") else None
+
+
+def create_new(path: Path, text: str) -> bool:
+    """Create `path` holding `text` (ASCII), never replacing it; False when it already exists.
+
+    Complete or not at all: a temporary file flushed to the disk, then hard-linked into place (atomic,
+    also through a bind mount, where flock is not). On a file system without hard links (some FUSE
+    mounts) an exclusive create and write, which a reader may see empty for a moment. The directory is
+    synced after. palace.id and owner.json (mp_ssh_bridge/owner.py) are created this way.
+    """
+    import errno
+
+    tmp = _write_temp(path, text)
     try:
-        os.link(tmp, path)  # atomic, and never replaces: the file appears complete or not at all
+        os.link(tmp, path)
     except FileExistsError:
-        return None
-    except OSError as exc:  # a file system without hard links (some FUSE mounts): exclusive create
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
             raise
-        if not _create_exclusive(path, new + "\n"):
-            return None
+        if not _create_exclusive(path, text):
+            return False
     finally:
         os.unlink(tmp)
     hostinfo.sync_dir(path.parent)
-    return new
+    return True
 
 
 def _create_exclusive(path: Path, text: str) -> bool:
