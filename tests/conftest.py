@@ -114,7 +114,8 @@ def home(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}")
     yield h
     _kill_brokers(h / ".mempalace")
-    subprocess.run(["rm", "-rf", str(root)], check=False)
+    if not os.environ.get("MPB_TEST_KEEP_HOME"):  # set it to read a failed test's broker logs afterwards
+        subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
 def _kill_brokers(state_dir: Path) -> None:

@@ -463,7 +463,7 @@ def test_proof_lost_while_waiting_means_no_signal_and_no_start(paths: state.Stat
     assert procs.sent == [] and paths.engine.exists()
 
 
-# --- a dead engine's write-ahead log is recovered before the next engine opens the palace ----------
+# --- a dead engine's logs (hot journal, WAL) are recovered before the next engine opens the palace ---------
 def test_walrecover_recovers_a_killed_writers_log(tmp_path: Path) -> None:
     import sqlite3
     import subprocess
@@ -485,7 +485,7 @@ def test_walrecover_recovers_a_killed_writers_log(tmp_path: Path) -> None:
     assert (palace / "chroma.sqlite3-wal").stat().st_size > 0, "the killed writer left no log to recover"
     assert walrecover.pending_logs(str(palace), str(kg)) == [str(db)]
     said = walrecover.recover_all(str(palace), str(kg))
-    assert said == [f"{db}: recovered its write-ahead log"]
+    assert said == [f"{db}: recovered its log"]
     assert walrecover.pending_logs(str(palace), str(kg)) == []  # checkpointed: the log is empty
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
@@ -493,6 +493,49 @@ def test_walrecover_recovers_a_killed_writers_log(tmp_path: Path) -> None:
     finally:
         conn.close()
     assert walrecover.recover_all(str(palace), str(kg)) == []  # nothing pending: nothing touched
+
+
+def test_walrecover_rolls_back_a_killed_writers_hot_journal(tmp_path: Path) -> None:
+    """chromadb keeps chroma.sqlite3 in rollback-journal mode: a writer killed mid-transaction leaves a hot
+    `-journal`, and a read-only open (mempalace 3.11's start-up quick_check) cannot roll it back."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from mp_ssh_bridge import walrecover
+
+    palace = tmp_path / "palace"
+    palace.mkdir()
+    db = palace / "chroma.sqlite3"
+    writer = (
+        "import os, signal, sqlite3, sys\n"
+        "c = sqlite3.connect(sys.argv[1], isolation_level=None); c.execute('create table t(x)')\n"
+        "c.executemany('insert into t values (?)', [('x' * 500,) for _ in range(2000)])\n"
+        "c.execute('PRAGMA cache_size=2'); c.execute('begin'); c.execute(\"update t set x = x || 'y'\")\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"  # the cache spilled changed pages into the file: the journal is hot
+    )
+    subprocess.run([sys.executable, "-c", writer, str(db)], check=False)
+    assert (palace / "chroma.sqlite3-journal").stat().st_size > 0, "the killed writer left no journal"
+
+    def read_only_check() -> str:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return str(conn.execute("PRAGMA quick_check").fetchone()[0])
+        except sqlite3.Error as exc:
+            return str(exc)
+        finally:
+            conn.close()
+
+    assert read_only_check() == "attempt to write a readonly database"  # what the engine's start-up check meets
+    assert walrecover.pending_logs(str(palace), str(tmp_path / "kg.sqlite3")) == [str(db)]
+    assert walrecover.recover_all(str(palace), str(tmp_path / "kg.sqlite3")) == [f"{db}: recovered its log"]
+    assert not (palace / "chroma.sqlite3-journal").exists()  # rolled back and removed
+    assert read_only_check() == "ok"
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        assert conn.execute("select count(*) from t where x like '%y'").fetchone() == (0,)  # the update was undone
+    finally:
+        conn.close()
 
 
 def test_walrecover_reports_a_database_it_cannot_open(tmp_path: Path) -> None:
