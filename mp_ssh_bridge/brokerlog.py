@@ -42,23 +42,36 @@ def rotate_if_big(log: Path, max_bytes: int = MAX_BYTES) -> bool:
 
 def tail(log: Path, lines: int = 50) -> str:
     """The last `lines` lines of the log (and of `<log>.1` when the current file is shorter)."""
+    return tail_and_position(log, lines)[0]
+
+
+def tail_and_position(log: Path, lines: int = 50) -> tuple[str, tuple[int | None, int]]:
+    """`tail`, and where in the current log it stopped reading ((inode, offset)): `follow(since=...)` goes on
+    from there, so a line written between the two is printed once, never lost."""
     text = ""
+    where: tuple[int | None, int] = (None, 0)
     for path in (log.with_name(log.name + ".1"), log):
         try:
             with open(path, "rb") as fh:
                 fh.seek(0, os.SEEK_END)
                 fh.seek(max(0, fh.tell() - 256 * 1024))
                 text += fh.read().decode("utf-8", "replace")
+                if path == log:
+                    where = (os.fstat(fh.fileno()).st_ino, fh.tell())
         except OSError:
             continue
-    return "\n".join(text.splitlines()[-lines:])
+    return "\n".join(text.splitlines()[-lines:]), where
 
 
-def follow(log: Path, poll: float = 0.5, stop: Callable[[], bool] | None = None) -> Iterator[str]:
+def follow(log: Path, poll: float = 0.5, stop: Callable[[], bool] | None = None,
+           since: tuple[int | None, int] | None = None) -> Iterator[str]:
     """New lines as they are written (across a rotation), until the caller stops iterating or `stop()` is true
-    (checked at every poll: `mempalace-broker --logs --follow` over SSH ends when its session is gone)."""
-    pos = log.stat().st_size if log.exists() else 0
-    ino = log.stat().st_ino if log.exists() else None
+    (checked at every poll: `mempalace-broker --logs --follow` over SSH ends when its session is gone).
+    `since`: where a `tail_and_position` stopped (else: the end of the log now)."""
+    if since is not None:
+        ino, pos = since
+    else:
+        ino, pos = (log.stat().st_ino, log.stat().st_size) if log.exists() else (None, 0)
     while not (stop is not None and stop()):
         try:
             st = log.stat()

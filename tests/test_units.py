@@ -281,3 +281,21 @@ def test_the_engines_nan_is_passed_on_but_a_clients_is_refused() -> None:
     assert msg["id"] == 3 and msg["result"]["distance"] != msg["result"]["distance"]  # NaN
     with pytest.raises(ValueError):  # the nesting bound holds either way
         protocol.decode(b"[" * 5000 + b"]" * 5000, strict=False)
+
+
+def test_follow_goes_on_where_the_tail_stopped(tmp_path: Path) -> None:
+    """`logs -f`: a line written between the tail and the start of the follow is printed once, never lost (under
+    load the follower started after the test's second line had landed, and waited for it forever)."""
+    from mp_ssh_bridge import brokerlog
+
+    log = tmp_path / "broker.log"
+    log.write_text("one\ntwo\n")
+    text, where = brokerlog.tail_and_position(log, 5)
+    assert text == "one\ntwo"
+    with open(log, "a") as fh:
+        fh.write("three\n")  # before the follow begins
+    lines = brokerlog.follow(log, poll=0.01, since=where)
+    assert next(lines) == "three"
+    with open(log, "a") as fh:
+        fh.write("four\n")
+    assert next(lines) == "four"
