@@ -7,6 +7,11 @@ Usage:
   mempalace-broker --stop [--force] [--timeout S]
                                    stop this host's broker if it is proven to be it (what
                                    `mp-bridge stop` runs over SSH from a container)
+  mempalace-broker --container-daemon
+                                   the container's daemon in local-owner mode (broker/daemon.py): the
+                                   engine for every session of the container, as the palace's `local`
+                                   owner; its records in /tmp/mp-bridge-<uid>/daemon-* (exec'd by
+                                   `python -m mp_ssh_bridge.containerd`, which decides the mode)
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stop", action="store_true", help="stop the broker, only if proven to be this host's (exit 0/1/2)")
     p.add_argument("--force", action="store_true", help="--stop: SIGKILL a hung broker and its engine, clean up")
+    p.add_argument("--container-daemon", dest="container_daemon", action="store_true",
+                   help="run as the container's daemon in local-owner mode (mp_ssh_bridge.containerd decides the mode)")
     p.add_argument("--detach", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dial-stdio", dest="dial_stdio", action="store_true", help="bridge stdin/stdout to the broker socket (SSH fallback)")
@@ -72,6 +79,8 @@ def settings_from(args: argparse.Namespace, *, serving: bool) -> Any:
 
     `--ensure` is a client action run on the host (it elects), so it reads every field;
     serving reads only the broker's (`BrokerSettings`): a session's variables do not apply.
+    The container daemon reads every field (it is a client of the host too: ssh_*), with its own paths
+    (broker/daemon.py `DaemonSettings`).
     """
     from mp_ssh_bridge.settings import load, load_broker
 
@@ -83,6 +92,10 @@ def settings_from(args: argparse.Namespace, *, serving: bool) -> Any:
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
+    if getattr(args, "container_daemon", False):
+        from mp_ssh_bridge_broker.daemon import load_settings
+
+        return load_settings(**overrides)
     return load_broker(**overrides) if serving else load(**overrides)
 
 
@@ -101,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
+    if args.container_daemon and (args.ensure or args.dial_stdio or args.stop):
+        print("mempalace-broker: --container-daemon serves (or, with --status, --logs, --check, looks); it does not "
+              "combine with --ensure, --dial-stdio or --stop", file=sys.stderr)
+        return 2
     if args.dial_stdio:  # before settings: with --socket it needs none (fast start over SSH)
         from mp_ssh_bridge_broker.dial import main as dial_main
 
@@ -126,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.logs:
         from mp_ssh_bridge import brokerlog
 
-        print(brokerlog.tail(settings.paths.log, args.lines) or f"(no log at {settings.paths.log})", flush=True)
+        text, where = brokerlog.tail_and_position(settings.paths.log, args.lines)
+        print(text or f"(no log at {settings.paths.log})", flush=True)
         if args.follow:
             parent = os.getppid()
             gone = lambda: os.getppid() != parent or _stdin_closed()  # noqa: E731
             try:  # ends when the SSH session that runs it is gone: stdin at EOF, re-parented, or stdout closed
-                for line in brokerlog.follow(settings.paths.log, stop=gone):
+                for line in brokerlog.follow(settings.paths.log, stop=gone, since=where):
                     print(line, flush=True)
             except (BrokenPipeError, KeyboardInterrupt):
                 return 0
@@ -161,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     from mp_ssh_bridge_broker.lifecycle import AlreadyRunning, BrokerProcess
 
     try:
+        if args.container_daemon:
+            from mp_ssh_bridge_broker.daemon import serve
+
+            return asyncio.run(serve(settings, args.lock_fd))
         return asyncio.run(BrokerProcess(settings, args.lock_fd).run())
     except AlreadyRunning as exc:
         logging.getLogger("broker").warning("%s; exiting", exc)

@@ -13,6 +13,13 @@ engine hands it over, a grant (`mp-bridge run`) takes it for a while; the
 broker serves (and answers status) while it waits. On SIGTERM/SIGINT: stop
 accepting, let the running request finish within a bound, stop the engine,
 release owner.json, remove the socket and broker.json.
+
+The container daemon in local-owner mode (broker/daemon.py) is this same broker with its own records in a
+directory of the container's own (`settings.paths` is `StatePaths.daemon_paths()`: broker.lock, broker.sock,
+broker.json, engine.json, broker.log, engine-cache.json there; owner.json, owner.requests/ and palace.id in the
+shared state directory). It holds the palace as kind `local`, says `mode: "local-owner"` in its broker.json and
+broker/status, never repairs palace.id (its broker.lock does not keep the host's broker out), and exits once it
+has handed the palace over (broker/ownership.py `on_handed_over`) instead of waiting to take it back.
 """
 
 from __future__ import annotations
@@ -60,17 +67,26 @@ def acquire_lock(paths: state.StatePaths, inherited_fd: int | None = None) -> in
     return fd
 
 
-class BrokerProcess:
-    """One broker run, from lock to clean exit."""
+LOCAL_OWNER = "local-owner"  # the container daemon's mode when it runs the engine itself (broker.json "mode")
+DAEMON_WHAT = "mp-bridge container daemon"  # its owner.json "what"
 
-    def __init__(self, settings: BrokerSettings, lock_fd: int | None = None) -> None:
+
+class BrokerProcess:
+    """One broker run, from lock to clean exit (`container_daemon`: the container daemon's local-owner mode)."""
+
+    def __init__(self, settings: BrokerSettings, lock_fd: int | None = None, *, container_daemon: bool = False) -> None:
         self.settings = settings
         self.paths = settings.paths
         self._inherited_lock = lock_fd
+        self.container_daemon = container_daemon
         self.mux = Mux(settings)
         # Every engine start (warm-up, on demand, crash restart) first holds the palace (docs/PROTOCOL.md "Ownership"),
         # and gives up if the palace is lost while it is under way: Ownership sets engine.before_start and may_run.
-        self.ownership = Ownership(settings, self.mux.engine, self.mux.gate)
+        if container_daemon:  # the palace's `local` owner: a hand-over ends the daemon (its sessions re-elect one)
+            self.ownership = Ownership(settings, self.mux.engine, self.mux.gate, kind="local", what=DAEMON_WHAT,
+                                       on_handed_over=self._request_stop)
+        else:
+            self.ownership = Ownership(settings, self.mux.engine, self.mux.gate)
         self.mux.attach_ownership(self.ownership)
         self.server = Server(self.mux, settings.max_line_bytes)  # bounds from settings (broker/bounds.py)
         self.stop_event = asyncio.Event()
@@ -81,6 +97,7 @@ class BrokerProcess:
 
     async def run(self) -> int:
         state.ensure_private_dir(self.paths.root)
+        state.ensure_private_dir(self.paths.own)  # the daemon's own directory (the state directory for a broker)
         lock_fd = acquire_lock(self.paths, self._inherited_lock)
         try:
             return await self._serve()
@@ -99,12 +116,16 @@ class BrokerProcess:
             self.engine_argv: list[str] | None = enginecmd.resolve(s.engine_argv)
         except enginecmd.EngineNotFound:
             self.engine_argv = None  # the engine's own start reports it to every request
-        cached = coldstart.load(self.paths.root, coldstart.engine_key(self.engine_argv))
+        # The daemon keeps its own: a container's engine is another install than the host's (another key), and
+        # each would otherwise overwrite the other's cache in the shared directory.
+        cached = coldstart.load(self.paths.own, coldstart.engine_key(self.engine_argv))
         if cached is not None:
             self.mux.seed(*cached)  # initialize and tools/list answered before the engine is up
             log.info("answering initialize and tools/list from the last run's engine until this one is up")
         await self._check_engine_files()  # before anything is published: a refusing broker is never "healthy"
-        palace_id = state.palace_id(self.paths, repair=True)  # we hold broker.lock: a damaged one is replaced
+        # A broker holds broker.lock: a damaged palace.id is replaced. The daemon's own lock keeps no host broker
+        # out, so it never replaces one (it refuses, naming the file, until the host's broker repairs it).
+        palace_id = state.palace_id(self.paths, repair=not self.container_daemon)
         self.socket_path = self.paths.socket()
         await self.server.start_unix(self.socket_path)
         endpoints = {"unix": f"unix://{self.socket_path}"}
@@ -143,6 +164,9 @@ class BrokerProcess:
             "heartbeat_interval": s.heartbeat_interval,
             "manager": hostinfo.service_manager(),  # launchd / systemd: `mp-bridge stop` names their command
         }
+        if self.container_daemon:
+            self.record["mode"] = LOCAL_OWNER
+            self.record["daemon_dir"] = str(self.paths.own)
         if token:
             self.record["tcp_token"] = token
             self.record["tcp_listen"] = tcp_listen  # what is bound; endpoints["tcp"] is what to dial (if any)
@@ -156,10 +180,13 @@ class BrokerProcess:
             "state_dir": str(self.paths.root),
             "endpoints": endpoints,
         }
+        if self.container_daemon:  # `mp-bridge status` in the container shows which mode its daemon is in
+            self.mux.status_extra["daemon"] = {"mode": LOCAL_OWNER, "dir": str(self.paths.own)}
         self.mux.start()
         self.ownership.start()
         self._write_record()
-        log.info("broker %s serving %s (id %s)", os.getpid(), memory, palace_id)
+        log.info("%s %s serving %s (id %s)%s", "container daemon" if self.container_daemon else "broker", os.getpid(),
+                 memory, palace_id, f" in {LOCAL_OWNER} mode, records in {self.paths.own}" if self.container_daemon else "")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, f"signal {sig.name}")
@@ -230,7 +257,7 @@ class BrokerProcess:
         if isinstance(listed, dict) and engine.initialize_result is not None:
             if self.mux.confirm_tools(listed):
                 log.warning("the engine lists other tools than last time: sessions were sent tools/list_changed")
-            coldstart.save(self.paths.root, coldstart.engine_key(self.engine_argv), engine.initialize_result, listed)
+            coldstart.save(self.paths.own, coldstart.engine_key(self.engine_argv), engine.initialize_result, listed)
 
     async def _heartbeat_loop(self) -> None:
         s = self.settings

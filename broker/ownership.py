@@ -23,6 +23,14 @@ out altogether. Under docs/PROTOCOL.md "Ownership" the palace has one owner at a
 - `beat()` from the broker's heartbeat loop (with the engine's pid and start time: a same-machine
   record stays alive while its engine runs); `close()` at exit, after the engine has stopped.
 
+The container daemon in local-owner mode (broker/daemon.py) is the same broker holding the palace as
+kind `local` (`kind`, `what`). It does not take the palace back after a hand-over (or a loss): with
+`on_handed_over` set, once the engine has stopped and owner.json is released, it stays closed, keeps the
+dispatch gate (so no queued call runs again: the exiting broker answers them "not executed" and the
+sessions resend them after reconnecting) and calls `on_handed_over(why)`, which makes the daemon exit.
+Its sessions' shims then elect a new daemon, which reaches the host's broker over SSH or waits for the
+palace. The host broker's behaviour (take it back once a grant ends) is unchanged.
+
 mp_ssh_bridge.owner does blocking file I/O (a liveness check of a record from another machine may
 sleep up to 2 s), so every call goes through a thread. A thread the loop stopped waiting for (a
 cancelled acquire) may still create a claim or a request: `_in_thread` undoes it once it lands, so
@@ -44,7 +52,7 @@ from mp_ssh_bridge_broker.engine import Engine, EngineUnavailable
 
 log = logging.getLogger("broker.ownership")
 
-KIND = "broker"
+KIND = "broker"  # the host's broker; the container daemon in local-owner mode claims "local" (broker/daemon.py)
 WHAT = "mempalace-broker"
 POLL_S = 0.15  # between two claims while the palace is held
 WATCH_S = 0.2  # how often the holder looks for a request that outranks it (docs/PROTOCOL.md "Yield")
@@ -63,8 +71,18 @@ def who(record: dict[str, Any]) -> str:
 class Ownership:
     """The broker's hold on the palace, as the engine and broker/status see it."""
 
-    def __init__(self, settings: BrokerSettings, engine: Engine, gate: asyncio.Lock) -> None:
+    def __init__(
+        self, settings: BrokerSettings, engine: Engine, gate: asyncio.Lock, *, kind: str = KIND, what: str = WHAT,
+        on_handed_over: Callable[[str], None] | None = None,
+    ) -> None:
+        if kind not in owner.RANK:
+            raise ValueError(f"unknown owner kind {kind!r}")
         self.paths = settings.paths
+        self.kind = kind  # what owner.json and owner.requests/ say this holder is (ranked: grant > broker > local)
+        self.what = what
+        self.me = "the broker" if kind == KIND else f"the {what}"  # in log lines
+        # Set: a hand-over (or a loss) ends this holder instead of a wait to take the palace back (module docstring).
+        self._on_handed_over = on_handed_over
         self.stale_after = settings.heartbeat_stale_after
         self._engine = engine
         self._gate = gate  # the mux's dispatch gate: a yield waits for the running call, and holds the next
@@ -127,6 +145,7 @@ class Ownership:
         waited = time.monotonic() - since if since is not None else None
         return {
             "state": self.state,
+            "kind": self.kind,
             "owner": {k: record.get(k) for k in RECORD_FIELDS} if record else None,
             "waiting_for": self.waiting_for,
             "waiting_s": round(waited, 1) if waited is not None else None,
@@ -151,7 +170,7 @@ class Ownership:
             start = time.monotonic()
             self._waiting_since = self._waiting_since if self.phase == "yielded" and self._waiting_since else start
             request: owner.Request = await self._in_thread(
-                lambda: owner.Request(self.paths, KIND, what=WHAT), undo=lambda r: r.withdraw())
+                lambda: owner.Request(self.paths, self.kind, what=self.what), undo=lambda r: r.withdraw())
             try:
                 while True:
                     self._check_open()
@@ -173,15 +192,16 @@ class Ownership:
             was = self._blocker
             self.phase, self._blocker, self._waiting_since, self._logged = "holding", None, None, None
         if was is not None or waited > 1.0:
-            log.warning("the broker holds the palace (owner.json) after waiting %.1f s%s", waited,
+            log.warning("%s holds the palace (owner.json, kind %s) after waiting %.1f s%s", self.me, self.kind, waited,
                         f" for {who(was)}" if was is not None else "")
         else:
-            log.info("the broker holds the palace (owner.json)")
+            log.info("%s holds the palace (owner.json, kind %s)", self.me, self.kind)
 
     def _claim_now(self, request_token: str) -> owner.Claim:
         """One claim (in a thread); refused: the live requests and owner.json are read again for status."""
         try:
-            return owner.claim(self.paths, KIND, self.stale_after, request_token=request_token, fields={"what": WHAT})
+            return owner.claim(self.paths, self.kind, self.stale_after, request_token=request_token,
+                               fields={"what": self.what})
         except owner.Busy:
             self._requests = owner.live_requests(self.paths, self.stale_after)
             self._owner_seen = state.read_json_object(self.paths.owner)
@@ -229,7 +249,7 @@ class Ownership:
             return
         # owner.wanted_by, in two steps: the list is kept for broker/status.
         self._requests = await asyncio.to_thread(owner.live_requests, self.paths, self.stale_after)
-        wanted = owner.outranking(self._requests, KIND)
+        wanted = owner.outranking(self._requests, self.kind)
         if wanted is not None and self._claim is claim and self.holding():
             await self._yield_to(claim, wanted)
 
@@ -243,7 +263,7 @@ class Ownership:
                 return
             # The wait for the gate may have been long (the running call): does a live request still outrank us?
             self._requests = await asyncio.to_thread(owner.live_requests, self.paths, self.stale_after)
-            still = owner.outranking(self._requests, KIND)
+            still = owner.outranking(self._requests, self.kind)
             if self._claim is not claim or not self.holding():
                 return
             if still is None:
@@ -263,10 +283,12 @@ class Ownership:
                 return
             released = await asyncio.to_thread(self._release, claim)
             self.handovers += 1
-            log.warning("handed the palace over to %s (engine stopped%s); the broker takes it back once it is "
-                        "released", who(request), ", owner.json released" if released else
-                        "; owner.json was no longer the broker's")
-            await self._take_back()
+            log.warning("handed the palace over to %s (engine stopped%s); %s", who(request),
+                        ", owner.json released" if released else f"; owner.json was no longer {self.me}'s",
+                        f"{self.me} exits" if self._on_handed_over is not None else
+                        "the broker takes it back once it is released")
+            if not await self._end_here(f"handed the palace over to {who(request)}"):
+                await self._take_back()
 
     async def _lost(self, claim: owner.Claim) -> None:
         """Rule 2: owner.json names someone else (another side judged this broker gone): stop the engine at once."""
@@ -277,8 +299,8 @@ class Ownership:
         try:
             now = await asyncio.to_thread(state.read_json_object, self.paths.owner)
             self._blocker = None if owner.names(now, claim) else now  # not ourselves
-            log.error("the broker lost the palace: owner.json now names %s (another side judged this broker gone); "
-                      "stopping the engine at once", who(now) if now else "nobody")
+            log.error("%s lost the palace: owner.json now names %s (another side judged it gone); "
+                      "stopping the engine at once", self.me, who(now) if now else "nobody")
             for _ in range(3):  # a start under way is waited for (it gives up and kills its child): then none runs
                 await self._engine.stop_for_handover("the palace was taken over by another owner", graceful=False)
                 if self._engine.pid is None:
@@ -293,7 +315,21 @@ class Ownership:
             if self._losing is claim:
                 self._losing = None
         async with self._gate:
-            await self._take_back()
+            if not await self._end_here(f"lost the palace to {who(now) if now else 'another owner'}"):
+                await self._take_back()
+
+    async def _end_here(self, why: str) -> bool:
+        """With `on_handed_over` (the container daemon): no taking the palace back. Closed from now on (an engine
+        start is refused), `on_handed_over(why)` asked to end the process, and the dispatch gate the caller holds
+        kept until close() cancels this task, so no queued call reaches an engine again: the exiting daemon answers
+        them "not executed" and their sessions resend them. False at once on the host broker (it takes it back)."""
+        if self._on_handed_over is None:
+            return False
+        self._closed = True
+        self.phase = "yielded"
+        self._on_handed_over(why)
+        await asyncio.Event().wait()  # until close() cancels the watch
+        return True
 
     async def _take_back(self) -> None:
         """Claim again (waits while the other owner holds it) and warm-start a fresh engine (inside the gate)."""

@@ -86,17 +86,28 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _status_over_ssh(settings: Any) -> dict[str, Any] | None:
-    """Container role: the host's own view (`mempalace-broker --status` over SSH), as the shim reaches it."""
+    """Container role: this container's daemon, and the host's own view (`mempalace-broker --status` over SSH) as
+    the daemon reaches it; when the daemon owns the palace itself (local-owner mode), its own broker status."""
     from mp_ssh_bridge.doctorkit import host_json
+    from mp_ssh_bridge.status import daemon_view, ownership, public
 
-    snap, why = host_json(settings, "--status", bound=settings.connect_timeout + 15)
-    if snap is None:
-        print(f"mp-bridge: cannot read the host's broker status over SSH (Host {settings.ssh_host}): {why}",
-              file=sys.stderr)
-        return None
-    snap["via"] = f"ssh {settings.ssh_host}"
-    from mp_ssh_bridge.status import ownership
-
+    daemon = daemon_view(settings)
+    if daemon.get("running") and daemon.get("mode") not in (None, "relay") and daemon.get("status"):
+        snap: dict[str, Any] | None = {"state_dir": str(settings.paths.root), "record": daemon.get("record"),
+                                       "status": daemon["status"], "round_trip_ms": daemon.get("round_trip_ms"),
+                                       "via": "this container's daemon (the palace's local owner)"}
+    else:
+        snap, why = host_json(settings, "--status", bound=settings.connect_timeout + 15)
+        if snap is None:
+            print(f"mp-bridge: cannot read the host's broker status over SSH (Host {settings.ssh_host}): {why}",
+                  file=sys.stderr)
+            if not daemon.get("running"):
+                return None
+            snap = {"state_dir": str(settings.paths.root), "record": public(None), "status": None}
+        else:
+            snap["via"] = f"ssh {settings.ssh_host}"
+    assert snap is not None
+    snap["daemon"] = daemon
     snap.update(ownership(settings.paths, settings.heartbeat_stale_after))  # this side's view of the mount
     return snap
 
@@ -107,9 +118,9 @@ def _status_view(snap: dict[str, Any]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    from mp_ssh_bridge.status import describe_ownership
+    from mp_ssh_bridge.status import describe_daemon, describe_ownership
 
-    owning = [Text(line) for line in describe_ownership(snap)]
+    owning = [Text(line) for line in describe_daemon(snap.get("daemon")) + describe_ownership(snap)]
     st = snap["status"]
     if not st:
         stale = ""
@@ -128,8 +139,7 @@ def _status_view(snap: dict[str, Any]) -> Any:
                f"({flight.get('running_s')} s)") if flight else "running: nothing"
     return Group(
         Text.from_markup(f"[bold]broker[/] pid {b['pid']} v{b['version']}  palace {b['palace']}  "
-                         f"round trip {snap['round_trip_ms']} ms" + (f" (on the host, via {snap['via']})"
-                                                                     if snap.get("via") else "")),
+                         f"round trip {snap['round_trip_ms']} ms" + (f" (via {snap['via']})" if snap.get("via") else "")),
         Text.from_markup(f"[bold]engine[/] pid {e['pid']} mempalace {e['version']}  {e['state']}  "
                          f"up {e['uptime_s']} s  restarts {e['restarts']}"),
         table,
@@ -233,10 +243,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
         return _relay_on_host(settings, ["--logs", "--lines", str(args.lines)], settings.connect_timeout + 30,
                               "read the host's broker log")
     log = settings.paths.log
-    print(brokerlog.tail(log, args.lines) or f"(no log at {log})", flush=True)
+    text, where = brokerlog.tail_and_position(log, args.lines)
+    print(text or f"(no log at {log})", flush=True)
     if args.follow:
         try:
-            for line in brokerlog.follow(log):
+            for line in brokerlog.follow(log, since=where):
                 print(line, flush=True)
         except KeyboardInterrupt:
             return 0

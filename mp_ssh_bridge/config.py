@@ -91,6 +91,18 @@ def expand(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def daemon_dir_for(state_dir: str, uid: int | None = None) -> str:
+    """The container daemon's own directory for the memory whose state directory is `state_dir`:
+    `/tmp/mp-bridge-<uid>/daemon-<key>`, inside the container (never the bind-mounted state directory, whose
+    broker.sock and broker.lock belong to the host's broker). Shared by the shim's fast path and
+    `state.StatePaths.daemon`; stdlib only (zlib, as `palace.Memory.key`)."""
+    import zlib
+
+    data = os.fsencode(os.path.realpath(state_dir))  # one key for every spelling of the directory (a symlink)
+    name = f"daemon-{zlib.crc32(data):08x}{zlib.adler32(data):08x}"
+    return os.path.join("/tmp", f"mp-bridge-{os.getuid() if uid is None else uid}", name)
+
+
 def config_file_path(environ: Mapping[str, str] = os.environ, platform: str | None = None) -> str:
     """`$MP_BRIDGE_CONFIG`, else the user config dir's `mp-ssh-bridge/config.toml`.
 

@@ -10,12 +10,14 @@ in order (README "How it works", docs/PROTOCOL.md):
    spawns a detached broker, the rest wait), bounded by `ensure_timeout`.
    When broker.json names a live broker on another machine (the other side
    of a VM boundary, `liveness`): the SSH path if one is configured
-   (`ssh_host` set), else a bounded wait watching its heartbeat, then a
-   refusal that names it.
-   Container role: the socket in broker.json if it happens to work, else
-   `mp_ssh_bridge.ssh.connect_container(settings)` (its TCP + token fallback is
-   dialed by `endpoints`, like every other TCP link).
-4. Degraded mode, only after proving no broker can be alive (pid dead on this
+   (`ssh_host` set: through this machine's container daemon, as below), else a
+   bounded wait watching its heartbeat, then a refusal that names it.
+   Container role: the socket in broker.json if it happens to work, else this
+   container's daemon (`mp_ssh_bridge.daemon.connect`: found, or elected and
+   started), which relays to the host's broker over one SSH connection or owns
+   the palace for the whole container. A container session never runs an
+   engine of its own.
+4. Host role only — degraded mode, only after proving no broker can be alive (pid dead on this
    machine, or a heartbeat seen standing still for `heartbeat_stale_after` by
    this machine's clock; and nobody holds broker.lock) and claiming the palace
    as its `local` owner (owner.json, docs/PROTOCOL.md "Ownership"): the real
@@ -35,12 +37,12 @@ import subprocess
 import time
 from collections.abc import Callable
 
-from mp_ssh_bridge import endpoints, handshake, liveness, localowner, owner, state
+from mp_ssh_bridge import endpoints, liveness, localowner, owner, state
 from mp_ssh_bridge.config import ENGINE_CHILD_ENV, Config
 from mp_ssh_bridge.diag import log
 from mp_ssh_bridge.errors import PalaceMismatch, ShimError
-from mp_ssh_bridge.links import AsyncLink, Link, run_async
-from mp_ssh_bridge.protocol import BROKER_UNREACHABLE, PALACE_MISMATCH, SHIM_BACKSTOP_GRACE_S
+from mp_ssh_bridge.links import Link
+from mp_ssh_bridge.protocol import BROKER_UNREACHABLE, SHIM_BACKSTOP_GRACE_S
 from mp_ssh_bridge.settings import Settings, load
 
 OnWait = Callable[[str | None], None]  # told what the session waits for (None: no longer waiting)
@@ -133,33 +135,18 @@ def ssh_configured(settings: Settings) -> bool:
 
 # --------------------------------------------------------------------------- container
 def _container(cfg: Config, settings: Settings, on_wait: OnWait | None = None) -> Link:
+    """The host broker's socket through the mount if it happens to work, else this container's daemon (started
+    when none runs): it relays to the host broker over its one SSH connection, or, with no bridge, owns the
+    palace for the whole container (mp_ssh_bridge.daemon). Never an engine of this session's own."""
     try:
         return _direct(cfg, settings, CONTAINER_DIRECT_TIMEOUT, "container")
     except PalaceMismatch:
         raise
     except (OSError, ShimError, ValueError):
         pass  # the usual case across a VM boundary: the host's socket is not connectable from here
-    from mp_ssh_bridge import ssh
+    from mp_ssh_bridge import daemon
 
-    try:
-        conn = run_async(ssh.connect_container(settings), settings.connect_timeout + settings.ensure_timeout + 30)
-    except ssh.TcpFallback as fallback:
-        try:
-            return endpoints.connect(cfg, fallback.url, settings=settings, role="container")
-        except ShimError as exc:
-            if exc.code == PALACE_MISMATCH:
-                raise
-            return degraded_or_refuse(cfg, settings, f"{fallback}; and TCP {fallback.url}: {exc}", "container", on_wait)
-    except ShimError as exc:  # SSHBridgeError included: its code survives
-        if exc.code == PALACE_MISMATCH or getattr(exc, "refuse", False):
-            raise  # another palace, or a host we could not verify: neither proves that no broker runs
-        return degraded_or_refuse(cfg, settings, f"cannot reach the host broker over SSH: {exc}", "container", on_wait)
-    except TimeoutError as exc:
-        return degraded_or_refuse(cfg, settings, f"the SSH path to the host broker did not finish: {exc}", "container",
-                                  on_wait)
-    link = AsyncLink(conn)
-    handshake.prove(link, cfg, "container", settings.connect_timeout)
-    return link
+    return daemon.connect(cfg, settings)
 
 
 # --------------------------------------------------------------------------- degraded mode

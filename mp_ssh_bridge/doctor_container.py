@@ -1,6 +1,7 @@
-"""`mp-bridge doctor` in a container: every check goes the way the container's sessions go, over SSH.
+"""`mp-bridge doctor` in a container: every check goes the way the container's sessions go: its daemon, then SSH.
 
-A container's memory is the host's broker, reached with asyncssh per the user's OpenSSH config;
+A container's sessions go through its daemon (mp_ssh_bridge/daemon.py), which reaches the host's broker with
+asyncssh per the user's OpenSSH config (or, with no way to the host, owns the palace itself);
 probing the host's UNIX path through the bind mount would report a healthy broker as dead, and
 the palace's sqlite files must be checked on the host (WAL shared memory does not cross the VM
 boundary). So: the SSH config and its keys, the connection (host key, login), the host's broker
@@ -11,6 +12,7 @@ MCP round trip, `palace.id` on both sides, then `mempalace-broker --check` run o
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from mp_ssh_bridge.doctorkit import (
     Check,
@@ -64,12 +66,44 @@ def _config_checks(settings: Settings, checks: list[Check]) -> bool:
     return True
 
 
+def daemon_check(settings: Settings, checks: list[Check]) -> dict[str, Any]:
+    """This container's daemon (mp_ssh_bridge.daemon): running, its mode, its SSH connection, its sessions. Returns
+    what status.daemon_view saw."""
+    from mp_ssh_bridge.status import daemon_view, describe_daemon
+
+    view = daemon_view(settings)
+    text = describe_daemon(view)[0].removeprefix("container daemon: ")
+    if not view.get("running"):
+        checks.append(Check("warn", "container daemon", text, "the next mp-shim in this container starts it"))
+        return view
+    ssh_state = (view.get("ssh") or {}).get("state") if isinstance(view.get("ssh"), dict) else None
+    if view.get("mode") == "relay" and ssh_state not in (None, "connected"):
+        checks.append(Check("warn", "container daemon", text, f"its log: {view.get('log')}; the checks below say "
+                            "what stands in the SSH path's way"))
+    elif view.get("mode") not in (None, "relay") and not view.get("status"):
+        checks.append(Check("fail", "container daemon", text + "; it does not answer on its socket",
+                            f"its log: {view.get('log')}"))
+    else:
+        checks.append(Check("ok", "container daemon", text))
+    return view
+
+
 def container_checks(settings: Settings, checks: list[Check]) -> None:
-    """The way a container session goes: SSH config, connect (host key, login), the host's broker over SSH."""
+    """The way a container session goes: its daemon, SSH config, connect (host key, login), the host's broker
+    over SSH."""
     from mp_ssh_bridge import ssh
     from mp_ssh_bridge.errors import ShimError
     from mp_ssh_bridge.links import run_async
 
+    view = daemon_check(settings, checks)
+    if view.get("running") and view.get("mode") == "local-owner":
+        from mp_ssh_bridge.containerd import ssh_path
+
+        if ssh_path(settings) is None:  # no bridge on purpose: nothing of SSH to check
+            checks.append(Check("warn", "ssh", "no SSH path to the host is configured: this container's sessions share "
+                                "its daemon's engine, and cannot reach the host's broker when it takes the palace",
+                                "to share the host's broker, set MP_BRIDGE_SSH_HOST and a `Host` entry (configs/ssh_config)"))
+            return
     if not _config_checks(settings, checks):
         return
     bound = settings.connect_timeout + 10

@@ -36,6 +36,7 @@ import time
 from typing import Any
 
 from mp_ssh_bridge import config, handshake, hostinfo, liveness, palace, state
+from mp_ssh_bridge.errors import ShimError
 from mp_ssh_bridge.links import connect_unix
 from mp_ssh_bridge.settings import Settings
 
@@ -79,7 +80,7 @@ def probe(endpoint: str, timeout: float) -> dict[str, Any] | None:
         return None
     try:
         return handshake.broker_status(link, timeout, {"probe": True})
-    except (OSError, ValueError):
+    except (OSError, ValueError, ShimError):  # no answer, or a refusal: not a healthy broker either way
         return None
     finally:
         link.close()

@@ -33,3 +33,11 @@ class EndpointError(ShimError):
 
     def __init__(self, message: str, code: int = BROKER_UNREACHABLE) -> None:
         super().__init__(code, message)
+
+
+class NoAnswer(ShimError):
+    """The endpoint was reached but did not answer as a broker (a timeout, a reset): a transport failure, not its
+    refusal — worth another try, unlike an error the broker itself sent."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(BROKER_UNREACHABLE, message)

@@ -17,10 +17,10 @@ import time
 
 from mp_ssh_bridge.config import Config
 from mp_ssh_bridge.diag import log
-from mp_ssh_bridge.errors import EndpointError, PalaceMismatch, ShimError
+from mp_ssh_bridge.errors import EndpointError, NoAnswer, PalaceMismatch, ShimError
 from mp_ssh_bridge.links import Link
 from mp_ssh_bridge.palace import mismatch
-from mp_ssh_bridge.protocol import BROKER_UNREACHABLE, JSONRPC, UNAUTHORIZED, encode
+from mp_ssh_bridge.protocol import JSONRPC, PALACE_MISMATCH, UNAUTHORIZED, encode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs every agent start ~3 ms; annotations only
@@ -56,9 +56,13 @@ def broker_status(link: Link, timeout: float, params: dict[str, Any] | None = No
         msg["params"] = params
     reply = round_trip(link, msg, timeout, "broker/status")
     res = reply.get("result")
-    if not isinstance(res, dict):
-        raise ConnectionError(f"broker/status failed: {reply.get('error')}")
-    return res
+    if isinstance(res, dict):
+        return res
+    err = reply.get("error")
+    if isinstance(err, dict) and isinstance(err.get("code"), int) and isinstance(err.get("message"), str):
+        # A refusal in the broker's own words and code (a container daemon that cannot reach the host says why).
+        raise (PalaceMismatch(err["message"]) if err["code"] == PALACE_MISMATCH else ShimError(err["code"], err["message"]))
+    raise ConnectionError(f"broker/status failed: {err}")
 
 
 def session_params(cfg: Config, link: Link) -> dict[str, Any]:
@@ -113,7 +117,11 @@ def check_identity(status: dict[str, Any], cfg: Config, endpoint: str, role: str
             f"but this session's state directory {cfg.state_dir} belongs to palace id {our_id}; one broker serves "
             "one palace — point MEMPALACE_BROKER / MEMPALACE_PATH at the right one"
         )
-    if role == "host" and cfg.memory is not None:  # across a VM boundary paths differ; the palace.id decides
+    daemon = broker.get("daemon") if isinstance(broker.get("daemon"), dict) else {}
+    # Across a VM boundary paths differ and the palace.id decides; the container's own daemon in local-owner mode
+    # runs on this side, so its files are compared as a host broker's are.
+    same_side = role == "host" or (isinstance(daemon, dict) and daemon.get("mode") == "local-owner")
+    if same_side and cfg.memory is not None:
         why = mismatch(cfg.memory, broker)
         if why:
             raise PalaceMismatch(
@@ -136,7 +144,7 @@ def prove(link: Link, cfg: Config, role: str, timeout: float | None = None) -> d
         raise
     except (OSError, ValueError) as exc:  # TimeoutError and ConnectionError are OSErrors
         link.close()
-        raise ShimError(BROKER_UNREACHABLE, f"{link.endpoint} does not answer as a broker: {exc}") from exc
+        raise NoAnswer(f"{link.endpoint} does not answer as a broker: {exc}") from exc
     note = version_note(status)
     if note:
         log(30, note)

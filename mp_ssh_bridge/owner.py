@@ -67,7 +67,9 @@ def describe(record: dict[str, Any]) -> str:
     if kind == "broker":
         return f"the broker (pid {pid} on {host}{held})"
     if kind == "local":
-        return f"a session running its own engine (pid {pid} on {host}{held})"
+        what = record.get("what")  # the container daemon names itself; a host session in degraded mode does not
+        return f"the {what} (pid {pid} on {host}{held})" if what and "daemon" in str(what) else \
+            f"a session running its own engine (pid {pid} on {host}{held})"
     if kind == "grant":
         what = record.get("what") or "a command"
         until = record.get("expires")

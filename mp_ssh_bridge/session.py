@@ -32,7 +32,7 @@ import time
 from mp_ssh_bridge import endpoints
 from mp_ssh_bridge.config import Config
 from mp_ssh_bridge.diag import log
-from mp_ssh_bridge.errors import PalaceMismatch, ShimError
+from mp_ssh_bridge.errors import EndpointError, NoAnswer, PalaceMismatch, ShimError
 from mp_ssh_bridge.links import Link
 from mp_ssh_bridge.protocol import (
     BROKER_UNREACHABLE,
@@ -535,6 +535,20 @@ class Shim:
             except (OSError, ShimError, ValueError) as exc:
                 self._fast_failed = f"{type(exc).__name__}: {exc}"
                 log(20, f"fast path failed ({self._fast_failed}); running discovery")
+        elif cfg.broker_url is None and cfg.resolved_role() == "container" and not self._fast_failed:
+            from mp_ssh_bridge import daemon  # stdlib: the running daemon's socket, as broker.json names it
+
+            try:
+                return daemon.fast_connect(cfg)
+            except PalaceMismatch:
+                raise
+            except FileNotFoundError:
+                self._fast_failed = "no container daemon"
+            except (OSError, ShimError, ValueError) as exc:
+                if isinstance(exc, ShimError) and not isinstance(exc, (EndpointError, NoAnswer)):
+                    raise  # the daemon answered: its refusal (a host key, no way to the host) is the answer
+                self._fast_failed = f"{type(exc).__name__}: {exc}"
+                log(20, f"container daemon not reachable ({self._fast_failed}); running discovery")
         elif cfg.broker_url is not None and cfg.broker_url.startswith(("unix://", "tcp://")):
             return endpoints.connect(cfg, cfg.broker_url, role=cfg.resolved_role())
         from mp_ssh_bridge import discovery  # the slow path: settings, election, SSH, degraded mode

@@ -31,26 +31,47 @@ def expand(path: str | os.PathLike[str]) -> Path:
 class StatePaths:
     """Every file the broker keeps in one state directory."""
 
-    __slots__ = ("root", "lock_dir")
+    __slots__ = ("root", "lock_dir", "private")
 
-    def __init__(self, root: Path, lock_dir: Path | None = None) -> None:
+    def __init__(self, root: Path, lock_dir: Path | None = None, private: Path | None = None) -> None:
         self.root = Path(root)
+        # A container daemon's paths (`daemon_paths`): its own records — broker.json, broker.sock, broker.lock,
+        # engine.json, broker.log — live in `private`, a directory of the container's own; what both sides of the
+        # bind mount must see (owner.json, owner.requests/, palace.id) stays in `root`.
+        self.private = Path(private) if private is not None else None
         # Where the flocks live: the state directory itself, except in tests that play two sides of a VM
         # boundary on one kernel (setting `lock_dir`): there each side's locks must not see the other's.
+        # A daemon's broker.lock is its own (private); owner.lock stays where the other claimers on this kernel look.
         self.lock_dir = Path(lock_dir) if lock_dir is not None else self.root
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, StatePaths) and other.root == self.root
+        return isinstance(other, StatePaths) and other.root == self.root and other.private == self.private
 
     def __hash__(self) -> int:
-        return hash(self.root)
+        return hash((self.root, self.private))
 
     def __repr__(self) -> str:
-        return f"StatePaths({str(self.root)!r})"
+        return f"StatePaths({str(self.root)!r}" + (f", private={str(self.private)!r})" if self.private else ")")
+
+    @property
+    def own(self) -> Path:
+        """Where this process's own records live: `private` for a container daemon, else the state directory."""
+        return self.private or self.root
+
+    @property
+    def daemon_dir(self) -> Path:
+        """The container daemon's directory for this memory (config.daemon_dir_for), whoever asks."""
+        from mp_ssh_bridge.config import daemon_dir_for
+
+        return Path(daemon_dir_for(str(self.root)))
+
+    def daemon_paths(self) -> StatePaths:
+        """The paths a container daemon of this memory uses (its records in `daemon_dir`, see `private`)."""
+        return StatePaths(self.root, self.lock_dir, private=self.daemon_dir)
 
     @property
     def lock(self) -> Path:
-        return self.lock_dir / "broker.lock"
+        return (self.private or self.lock_dir) / "broker.lock"
 
     @property
     def owner(self) -> Path:
@@ -69,7 +90,7 @@ class StatePaths:
 
     @property
     def json(self) -> Path:
-        return self.root / "broker.json"
+        return self.own / "broker.json"
 
     @property
     def degraded(self) -> Path:
@@ -80,11 +101,11 @@ class StatePaths:
     def engine(self) -> Path:
         """The broker's engine (pid, start time, boot): a broker killed with -9 leaves it, so the next one
         can wait for that engine or stop it before starting its own (broker/enginerecord.py)."""
-        return self.root / "engine.json"
+        return self.own / "engine.json"
 
     @property
     def log(self) -> Path:
-        return self.root / "broker.log"
+        return self.own / "broker.log"
 
     @property
     def palace_id_file(self) -> Path:
@@ -92,7 +113,7 @@ class StatePaths:
 
     @property
     def preferred_socket(self) -> Path:
-        return self.root / "broker.sock"
+        return self.own / "broker.sock"
 
     def socket(self, platform: str | None = None, uid: int | None = None) -> Path:
         """`broker.sock` in the state dir, or a short stand-in when that path is too long.
@@ -106,7 +127,7 @@ class StatePaths:
             return preferred
         import hashlib
 
-        digest = hashlib.sha256(os.fsencode(self.root)).hexdigest()[:20]
+        digest = hashlib.sha256(os.fsencode(self.own)).hexdigest()[:20]
         return runtime_dir(uid) / f"{digest}.sock"
 
 

@@ -109,3 +109,53 @@ def describe_ownership(snap: dict[str, Any]) -> list[str]:
         what = f" `{r['what']}`" if r.get("what") else ""
         lines.append(f"waiting: {r['kind']}{what} (pid {r.get('pid')} on {r.get('host')}){waited}")
     return lines
+
+
+def daemon_view(settings: Settings, timeout: float = 2.0) -> dict[str, Any]:
+    """This container's daemon (mp_ssh_bridge.daemon), from its own record in the container's daemon directory:
+    whether it runs, its mode (relay over SSH, or the palace's local owner), its SSH connection and its sessions;
+    in local-owner mode also its `broker/status` (it is the container's broker)."""
+    from mp_ssh_bridge.election import probe
+
+    paths = settings.paths.daemon_paths()
+    record = state.read_broker_json(paths.json)
+    view: dict[str, Any] = {"dir": str(paths.own), "log": str(paths.log), "running": False, "record": public(record)}
+    if record is None:
+        view["why"] = "no daemon record (the first container session starts the daemon)"
+        return view
+    gone = liveness.pid_gone(record) if liveness.same_machine(record) else "it was recorded on another machine"
+    view.update(running=gone is None, why=gone, pid=record.get("pid"), mode=record.get("mode"),
+                ssh=record.get("ssh"), sessions=record.get("sessions"), endpoint=record.get("endpoint"))
+    age = state.heartbeat_age(record)
+    view["heartbeat_age_s"] = None if age is None else round(age, 1)
+    endpoint = record.get("endpoint")
+    if gone is None and record.get("mode") != "relay" and isinstance(endpoint, str):
+        started = time.perf_counter()
+        view["status"] = probe(endpoint, timeout)
+        view["round_trip_ms"] = round((time.perf_counter() - started) * 1000, 2) if view["status"] else None
+    return view
+
+
+def describe_daemon(view: dict[str, Any] | None) -> list[str]:
+    """`status`'s lines on the container daemon."""
+    if not view:
+        return []
+    if not view.get("running"):
+        return [f"container daemon: not running ({view.get('why')}); its log {view.get('log')}"]
+    mode = view.get("mode") or "?"
+    line = f"container daemon: pid {view.get('pid')}, {mode} mode"
+    ssh = view.get("ssh") if isinstance(view.get("ssh"), dict) else None
+    if mode == "relay" and ssh:
+        line += f"; SSH {ssh.get('host')!r}: {ssh.get('state')}"
+        if ssh.get("transport_detail"):
+            line += f" ({ssh['transport_detail']})"
+        if ssh.get("reconnects"):
+            line += f", {ssh['reconnects']} reconnects"
+        if ssh.get("last_error"):
+            line += f"; last error: {ssh['last_error']}"
+    sessions = view.get("sessions")
+    if isinstance(sessions, list):
+        line += f"; {len(sessions)} session" + ("" if len(sessions) == 1 else "s")
+    elif isinstance(view.get("status"), dict):
+        line += f"; {len(view['status'].get('clients') or [])} sessions"
+    return [line]

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from mp_ssh_bridge import state
+from mp_ssh_bridge import liveness, state
 from tests.helpers import kill_pid, stop_process, wait_for
 
 pytest_plugins = ("tests.sshd",)  # the throwaway OpenSSH server fixtures
@@ -114,6 +114,7 @@ def home(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}")
     yield h
     _kill_brokers(h / ".mempalace")
+    _kill_daemons(root)
     if not os.environ.get("MPB_TEST_KEEP_HOME"):  # set it to read a failed test's broker logs afterwards
         subprocess.run(["rm", "-rf", str(root)], check=False)
 
@@ -125,6 +126,23 @@ def _kill_brokers(state_dir: Path) -> None:
         record = state.read_broker_json(record_file)
         if record and isinstance(record.get("pid"), int) and record["pid"] != os.getpid():
             kill_pid(record["pid"], signal.SIGTERM, timeout=10)
+
+
+def _kill_daemons(root: Path) -> None:
+    """Leave no container daemon behind (mp_ssh_bridge/daemon.py): those whose record names a state directory
+    under this test's `root`, in this machine's runtime directory and in the container directories the test
+    bound over it (tests/platforms.container_argv, under `root`)."""
+    dirs = [*state.runtime_dir().glob("daemon-*"), *root.glob("**/daemon-*")]
+    for d in dirs:
+        record = state.read_broker_json(d / "broker.json")
+        where = str((record or {}).get("state_dir") or "")
+        pid = (record or {}).get("pid")
+        # only a process proven to be that daemon (pid and start time as recorded): a reused pid is someone else's
+        if record and where.startswith(str(root)) and isinstance(pid, int) and pid != os.getpid() \
+                and liveness.pid_gone(record) is None:
+            kill_pid(pid, signal.SIGTERM, timeout=10)
+        if where.startswith(str(root)):
+            subprocess.run(["rm", "-rf", str(d)], check=False)
 
 
 class BrokerHandle:

@@ -80,3 +80,15 @@ def other_kernel_argv(argv: list[str], private_dirs: list[str]) -> list[str]:
         pytest.skip("unshare -m needs root and util-linux here")
     mounts = " && ".join(f"mkdir -p '{d}' && mount -t tmpfs -o mode=0700 tmpfs '{d}'" for d in private_dirs)
     return ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$0" "$@"', *argv]
+
+
+def container_argv(argv: list[str], runtime_dir: str, container_dir: str) -> list[str]:
+    """`argv` as a process of ONE container beside this machine: like `other_kernel_argv`, but the runtime directory
+    is `container_dir` (bind-mounted over it), so every process started this way sees the same container-local
+    files — the container daemon's socket and lock — while none sees this machine's own runtime directory."""
+    require_linux("a private mount namespace (unshare -m) standing in for the container side")
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("unshare -m needs root and util-linux here")
+    os.makedirs(container_dir, mode=0o700, exist_ok=True)
+    mounts = f"mkdir -p '{runtime_dir}' && mount --bind '{container_dir}' '{runtime_dir}'"
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$0" "$@"', *argv]

@@ -6,10 +6,11 @@ The VM boundary on one kernel (docs/PROTOCOL.md "Ownership"; say which, the issu
 share the state directory — the bind mount — but
 - each side takes its flocks in its own directory: `MP_BRIDGE_LOCK_DIR`, a test-only setting (across a
   real boundary flock is not coherent, and that is what the owner record is for);
-- the container side runs in its own mount namespace with an empty `/tmp/mp-bridge-<uid>`
-  (tests/platforms.other_kernel_argv). The state directory's path is too long for a socket, so the host
-  broker binds its stand-in there: as through a Docker Desktop mount, the container side cannot connect
-  to the host's socket and takes the SSH path.
+- every container-side process runs in its own mount namespace whose `/tmp/mp-bridge-<uid>` is the
+  container's own directory (tests/platforms.container_argv): its daemon lives there. The state
+  directory's path is too long for a socket, so the host broker binds its stand-in in the host's
+  `/tmp/mp-bridge-<uid>`: as through a Docker Desktop mount, the container side cannot connect to the
+  host's socket and goes through its daemon (over SSH, or as the palace's local owner).
 Liveness judges by pid here (one kernel); the heartbeat rule across machines is tests/test_liveness.py's.
 
 Figures go to .reliability/ (tests/reliability.record): hand-over time, time to a grant, the sessions'
@@ -36,7 +37,7 @@ from mp_ssh_bridge import holders, owner, state
 from mp_ssh_bridge.settings import load
 from tests import platforms
 from tests.conftest import BIN
-from tests.helpers import pid_alive, wait_for
+from tests.helpers import children_of, pid_alive, wait_for
 from tests.reliability import record, scale
 from tests.sshd import SSHServer, write_broker_wrapper
 from tests.test_reliability_storm import (
@@ -65,6 +66,7 @@ class Sides:
     host_env: dict[str, str]
     ctr_env: dict[str, str]
     ctr_argv: list[str]
+    ctr_dir: Path  # the container's own runtime directory (its daemon's socket, lock and record)
     sshd: SSHServer
     palace: str
     kg: str
@@ -84,9 +86,10 @@ def sides(home: Path, sshd: SSHServer, monkeypatch: pytest.MonkeyPatch) -> Sides
     ctr_locks.mkdir(mode=0o700)
     host_env = dict(os.environ, MEMPALACE_MCP_TIMEOUT_MS="60000", MP_BRIDGE_LOG_LEVEL="INFO")
     ctr_env = dict(host_env, **sshd.container_env(long_state, wrapper), MP_BRIDGE_LOCK_DIR=str(ctr_locks))
-    ctr_argv = platforms.other_kernel_argv([str(BIN / "mp-shim")], [str(state.runtime_dir())])
+    ctr_dir = home.parent / "ctr-runtime"
+    ctr_argv = platforms.container_argv([str(BIN / "mp-shim")], str(state.runtime_dir()), str(ctr_dir))
     memory = load().memory
-    return Sides(home, long_state, paths, host_env, ctr_env, ctr_argv, sshd, memory.palace, memory.kg)
+    return Sides(home, long_state, paths, host_env, ctr_env, ctr_argv, ctr_dir, sshd, memory.palace, memory.kg)
 
 
 # --- sessions: the official SDK client, each call timed ---------------------------------------------
@@ -207,58 +210,89 @@ def stored_report(sessions: list[Session], sides: Sides, scratch: Path, markers:
 
 
 # --- 1. hand-over ------------------------------------------------------------------------------------
+def container_daemon(sides: Sides) -> dict[str, Any] | None:
+    """The container daemon's record, as the container sees it (its directory bound over /tmp/mp-bridge-<uid>)."""
+    found = [state.read_broker_json(p) for p in sides.ctr_dir.glob("daemon-*/broker.json")]
+    return next((r for r in found if r), None)
+
+
+def stop_container_daemon(sides: Sides) -> None:
+    record = container_daemon(sides)
+    if record and isinstance(record.get("pid"), int) and pid_alive(record["pid"]):
+        os.kill(record["pid"], signal.SIGTERM)
+        wait_for(lambda: not pid_alive(record["pid"]), 30, what="the container daemon to exit")
+
+
+CTR_SESSIONS = 3
+
+
 @pytest.mark.timeout(900)
 def test_a_host_session_takes_the_palace_from_a_container_owner(sides: Sides, tmp_path: Path) -> None:
+    """No bridge yet (sshd down): three container sessions write and read through ONE local owner, the container's
+    daemon; then sshd comes back and a host session starts: the host broker requests the palace, the daemon lets
+    its running call finish, releases and exits, and the container sessions go on through a new daemon that
+    relays to the host broker over SSH. Every acknowledged write is stored."""
     handovers: list[float] = []
     ctr_waits: list[float] = []
     sessions: list[Session] = []
     watch = Watch(sides)
     try:
         for cycle in range(CYCLES):
-            sides.sshd.stop()  # no way to the host yet: the container session owns the palace itself
-            ctr = Session(f"c{cycle}", sides.ctr_argv, sides.ctr_env, sides.home,
-                          make_writes(f"c{cycle}", scale(24, 40), DRAWERS), tmp_path / f"c{cycle}.err", pace=0.1)
+            sides.sshd.stop()  # no way to the host yet: the container's daemon owns the palace itself
+            ctrs = [Session(f"c{cycle}{i}", sides.ctr_argv, sides.ctr_env, sides.home,
+                            make_writes(f"c{cycle}{i}", scale(16, 30), DRAWERS), tmp_path / f"c{cycle}{i}.err", pace=0.1)
+                    for i in range(CTR_SESSIONS)]
             host = Session(f"h{cycle}", [str(BIN / "mp-shim")], sides.host_env, sides.home,
                            make_writes(f"h{cycle}", scale(8, 20), DRAWERS), tmp_path / f"h{cycle}.err")
-            sessions += [ctr, host]
+            sessions += [*ctrs, host]
 
-            async def cycle_run(ctr: Session = ctr, host: Session = host) -> float:
-                ctr_task = asyncio.create_task(ctr.run())
-                await asyncio.to_thread(wait_for, lambda: ctr.acked() >= 3 or ctr.failure or ctr_task.done(), 120,
-                                        0.05, "the container session's first writes")
-                assert ctr.acked() >= 3, (ctr.failure, [w.detail for w in ctr.writes if w.detail][:3],
-                                          ctr.errlog.read_text()[-2000:])
+            async def cycle_run(ctrs: list[Session] = ctrs, host: Session = host) -> tuple[float, dict[str, Any]]:
+                tasks = [asyncio.create_task(c.run()) for c in ctrs]
+                await asyncio.to_thread(wait_for, lambda: all(c.acked() >= 3 or c.failure for c in ctrs)
+                                        or any(t.done() for t in tasks), 180, 0.05, "the container sessions' first writes")
+                for c in ctrs:
+                    assert c.acked() >= 3, (c.failure, [w.detail for w in c.writes if w.detail][:3], c.errlog.read_text()[-2000:])
                 held = state.read_json_object(sides.paths.owner) or {}
-                assert held.get("kind") == "local", held
+                local = container_daemon(sides) or {}
+                assert held.get("kind") == "local" and held.get("pid") == local.get("pid"), (held, local)
+                assert local.get("mode") == "local-owner", local
+                engines = children_of(local["pid"])
+                assert len(engines) == 1, engines  # one engine for the whole container
                 sides.sshd.start()
                 t0 = time.monotonic()
                 await host.run()
-                await ctr_task
-                return t0
+                await asyncio.gather(*tasks)
+                return t0, local
 
-            t0 = asyncio.run(cycle_run())
+            t0, local = asyncio.run(cycle_run())
             took = first_ack_after(host, t0)
             assert took is not None and took < HANDOVER_LIMIT_S, (took, host.failure, host.errlog.read_text()[-2000:])
             handovers.append(took)
-            during = [end - start for start, end, _o in ctr.calls if end >= t0 and start <= t0 + took]
+            during = [end - start for c in ctrs for start, end, _o in c.calls if end >= t0 and start <= t0 + took]
             ctr_waits.append(max(during, default=0.0))
-            assert ctr.failure == "" and host.failure == "", (ctr.failure, host.failure)
-            later = [o for start, _end, o in ctr.calls if start > t0 + took]
-            assert later and all(o == "acked" for o in later), (later, ctr.errlog.read_text()[-3000:])
-            assert "ssh" in ctr.errlog.read_text().lower(), "the container session continued over SSH"
-            assert any("handed over" in n for n in ctr.notices), ctr.notices  # told once, in a result
+            for c in ctrs:
+                assert c.failure == "", c.failure
+                later = [o for start, _end, o in c.calls if start > t0 + took]
+                assert later and all(o == "acked" for o in later), (later, c.errlog.read_text()[-3000:])
+            assert host.failure == "", host.failure
+            assert not pid_alive(local["pid"]), "the local owner exits once it has handed the palace over"
+            relay = container_daemon(sides) or {}
+            assert relay.get("mode") == "relay" and relay.get("pid") != local["pid"], relay  # on over SSH
             assert (state.read_json_object(sides.paths.owner) or {}).get("kind") == "broker"
+            stop_container_daemon(sides)
             stop_broker(sides)
     finally:
         watch.stop()
         sides.sshd.start()
+        stop_container_daemon(sides)
     report = stored_report(sessions, sides, tmp_path)
     figures = {"cycles": CYCLES, "handover_s_p50": round(statistics.median(handovers), 2),
-               "handover_s_max": round(max(handovers), 2), "container_longest_call_during_handover_s": round(max(ctr_waits), 2),
+               "handover_s_max": round(max(handovers), 2), "container_sessions": CTR_SESSIONS,
+               "container_longest_call_during_handover_s": round(max(ctr_waits), 2),
                "samples": watch.samples, "max_writers_seen": watch.max_writers, **{k: v for k, v in report.items() if k != "lost"}}
-    record("handover", "a container-side session owns the palace (no SSH yet); sshd starts and a host session "
-           "starts: the host broker requests the palace, the container session finishes its call, releases, and "
-           "continues over SSH", f"hand-over p50 {figures['handover_s_p50']} s, max {figures['handover_s_max']} s; "
+    record("handover", f"{CTR_SESSIONS} container sessions share the container daemon, which owns the palace (no SSH "
+           "yet); sshd starts and a host session starts: the host broker requests the palace, the daemon finishes its "
+           "call, releases and exits, and the sessions continue through a new daemon relaying over SSH", f"hand-over p50 {figures['handover_s_p50']} s, max {figures['handover_s_max']} s; "
            f"{report['stored']}/{report['acked']} acknowledged drawers stored; at most {watch.max_writers} writer "
            f"in {watch.samples} samples", figures)
     assert watch.two_writers == [], watch.two_writers[:3]

@@ -2,8 +2,9 @@
 hands the palace over when a broker asks (finishing its running call, losing none sent meanwhile), waits for
 a grant instead of refusing, and says each fact of a refusal once.
 
-The container side is a container-role shim whose SSH path leads nowhere (a config naming a closed port) and
-no MP_BRIDGE_SSH_HOST: it runs the SCRIPTED FAKE ENGINE (tests/fake_engine.py) itself. The test process plays
+The session is a host-role shim for which no broker can start (its state directory is writable by its group),
+and no SSH path: it runs the SCRIPTED FAKE ENGINE (tests/fake_engine.py) itself. (A container session never
+runs an engine of its own: its container's daemon does, tests/test_daemon_local.py.) The test process plays
 the other owners with mp_ssh_bridge.owner directly (its own pid: alive, on this machine).
 """
 
@@ -29,17 +30,19 @@ from tests.test_shim_support import INIT_PARAMS, ShimProc
 FAKE = f"{sys.executable} {Path(__file__).parent / 'fake_engine.py'}"
 STALE = 30.0
 HANDED = "handed over"
+# The broker these tests play runs on the other side of a VM boundary: from there a host-role session cannot reach
+# it either, so it waits for it (a broker on its own machine that does not answer is refused at once instead).
+OTHER_MACHINE = {"host": "the-other-machine", "boot_id": "b" * 32, "pid_ns": None}
 
 
 @pytest.fixture
 def ctr(home: Path, tmp_path: Path) -> dict[str, Any]:
-    """A container-role shim's environment (no reachable broker, no SSH path) and its state directory."""
+    """A host-role shim's environment in which no broker can start (a state directory writable by its group:
+    the election refuses it), so the session runs its engine itself as the `local` owner, and that directory."""
     sd = home / ".mempalace"
     state.ensure_private_dir(sd)
-    ssh_config = home / "ssh_config"
-    ssh_config.write_text("Host host\n  HostName 127.0.0.1\n  Port 1\n")  # refused at once
-    env = {"MP_BRIDGE_ROLE": "container", "MP_BRIDGE_ENGINE": FAKE, "MP_BRIDGE_SSH_CONFIG": str(ssh_config),
-           "MP_BRIDGE_CONNECT_TIMEOUT": "2"}
+    os.chmod(sd, 0o770)
+    env = {"MP_BRIDGE_ROLE": "host", "MP_BRIDGE_ENGINE": FAKE, "MP_BRIDGE_CONNECT_TIMEOUT": "2"}
     return {"env": env, "paths": state.StatePaths(sd), "err": tmp_path / "shim.err"}
 
 
@@ -89,7 +92,7 @@ def test_hand_over_to_a_broker_request_loses_no_call(ctr: dict[str, Any]) -> Non
         first_engine = _record(paths.owner)["engine_pid"]  # type: ignore[index]
         slow = shim.request("tools/call", {"name": "fake_sleep", "arguments": {"seconds": 1.5}})
         time.sleep(0.3)  # the engine is running it
-        request = owner.Request(paths, "broker")
+        request = owner.Request(paths, "broker", **OTHER_MACHINE)
         wait_for(lambda: "wants the palace" in shim.stderr(), 5, what="the session to see the request")
         during = shim.request("tools/call", {"name": "fake_sleep", "arguments": {"seconds": 0}})
         answered = shim.wait_reply(slow, 10)
@@ -98,7 +101,7 @@ def test_hand_over_to_a_broker_request_loses_no_call(ctr: dict[str, Any]) -> Non
         assert not paths.degraded.exists()
         assert not pid_alive(first_engine)
         # The requester takes the palace (its request no longer counts against it) and holds it a moment.
-        held = owner.claim(paths, "broker", STALE, request_token=request.token)
+        held = owner.claim(paths, "broker", STALE, request_token=request.token, fields=OTHER_MACHINE)
         request.withdraw()
         request = None
         time.sleep(0.6)
@@ -265,7 +268,7 @@ def test_a_lost_claim_stops_the_engine_at_once(ctr: dict[str, Any]) -> None:
         engine = _record(paths.owner)["engine_pid"]  # type: ignore[index]
         # Another side judged this session gone, moved its record aside and claimed (written directly: a claim
         # from this machine would see the session's live degraded.json and refuse).
-        taker = owner.Claim(paths, owner.new_record("broker"))
+        taker = owner.Claim(paths, owner.new_record("broker", **OTHER_MACHINE))
         state.write_json_atomic(paths.owner, taker.record)
         wait_for(lambda: not pid_alive(engine), 5, what="the engine to be stopped")
         wait_for(lambda: not paths.degraded.exists(), 5, what="degraded.json to go")
@@ -340,7 +343,7 @@ def test_a_hung_call_without_a_session_deadline_is_bounded_in_a_hand_over(ctr: d
         engine = _record(paths.owner)["engine_pid"]  # type: ignore[index]
         hung = shim.request("tools/call", {"name": "fake_sleep", "arguments": {"seconds": 120}})
         time.sleep(0.3)
-        request = owner.Request(paths, "broker")
+        request = owner.Request(paths, "broker", **OTHER_MACHINE)
         start = time.monotonic()
         wait_for(lambda: not paths.owner.exists(), 12, what="the hand-over")
         assert time.monotonic() - start < 10
@@ -349,7 +352,7 @@ def test_a_hung_call_without_a_session_deadline_is_bounded_in_a_hand_over(ctr: d
         err = reply["error"]
         assert err["code"] == protocol.OUTCOME_UNKNOWN and err["data"]["outcome"] == "unknown", reply
         assert "did not finish within 2 s" in shim.stderr()
-        held = owner.claim(paths, "broker", STALE, request_token=request.token)
+        held = owner.claim(paths, "broker", STALE, request_token=request.token, fields=OTHER_MACHINE)
         held.release()
     finally:
         if request is not None:

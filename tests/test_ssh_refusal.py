@@ -19,6 +19,7 @@ import psutil
 from mp_ssh_bridge import protocol
 from tests import test_ssh
 from tests.conftest import BrokerHandle
+from tests.helpers import wait_for
 from tests.sshd import SSHServer, free_port, keygen
 from tests.test_shim_support import ShimProc
 
@@ -102,18 +103,46 @@ def test_sshd_down_with_the_broker_alive_is_refused(
     err = refused(sshd.container_env(ctr_state, wrapper, config=cfg), ctr_state, tmp_path, "refused",
                   f"broker pid {broker.proc.pid}", "will NOT start its own")
     assert "second writer" in str(err["message"])
+    # Once no broker may be alive, the relay that only refused steps down: the next session's daemon decides
+    # again, and (still no way to the host) owns the palace itself.
+    from mp_ssh_bridge import daemon
 
-
-def test_sshd_down_and_no_broker_anywhere_may_run_degraded(
-    sshd: SSHServer, ctr_state: Path, wrapper: Path, tmp_path: Path
-) -> None:
-    """The one case with proof that no broker exists (no record, broker.lock free): degraded mode, said so."""
-    cfg = sshd.write_client_config(sshd.dir / "ssh_config.down", port=free_port())
-    s = ShimProc(env=sshd.container_env(ctr_state, wrapper, config=cfg), stderr_path=tmp_path / "shim.err")
+    relay = daemon.read_record(str(ctr_state)) or {}
+    assert relay.get("mode") == "relay", relay
+    broker.stop()  # gone for real (two state directories here name one palace: never two engines on it)
+    (ctr_state / "broker.json").unlink()
+    wait_for(lambda: daemon.read_record(str(ctr_state)) is None, 20, what="the refusing relay to step down")
+    s = ShimProc(env=sshd.container_env(ctr_state, wrapper, config=cfg), stderr_path=tmp_path / "after.err")
     try:
         r = s.call("tools/call", {"name": "mempalace_status", "arguments": {}}, timeout=90)
-        assert "result" in r, r
-        assert engines_below(s.proc.pid), "degraded mode runs the engine as the shim's child"
-        assert (ctr_state / "degraded.json").exists()
+        assert "result" in r, (r, s.stderr())
+        assert (daemon.read_record(str(ctr_state)) or {}).get("mode") == "local-owner"
     finally:
         s.close()
+
+
+def test_sshd_down_and_no_broker_anywhere_the_daemon_owns_the_palace(
+    sshd: SSHServer, ctr_state: Path, wrapper: Path, tmp_path: Path
+) -> None:
+    """The one case with proof that no broker exists (no record): the container's daemon runs the one engine as
+    the palace's local owner, and a second session of the container shares it (no session runs its own)."""
+    from mp_ssh_bridge import daemon
+
+    cfg = sshd.write_client_config(sshd.dir / "ssh_config.down", port=free_port())
+    env = sshd.container_env(ctr_state, wrapper, config=cfg)
+    first = ShimProc(env=env, stderr_path=tmp_path / "shim-1.err")
+    second = ShimProc(env=env, stderr_path=tmp_path / "shim-2.err")
+    try:
+        for s in (first, second):
+            r = s.call("tools/call", {"name": "mempalace_status", "arguments": {}}, timeout=90)
+            assert "result" in r, (r, s.stderr())
+            assert engines_below(s.proc.pid) == [], "a container session never runs an engine itself"
+        record = daemon.read_record(str(ctr_state)) or {}
+        assert record.get("mode") == "local-owner", record
+        assert len(engines_below(record["pid"])) == 1, "one engine, the daemon's, for both sessions"
+        held = json.loads((ctr_state / "owner.json").read_text())
+        assert held["kind"] == "local" and held["pid"] == record["pid"], held
+        assert not (ctr_state / "degraded.json").exists()
+    finally:
+        first.close()
+        second.close()
