@@ -3,7 +3,8 @@
   every command takes --palace, resolved as mp-shim resolves it (one broker per memory)
   mp-bridge status [--json] [--all]   the broker, its engine, clients and queues (--all: every broker)
   mp-bridge doctor            check every link from settings to engine; exit 1 on a failure
-  mp-bridge logs [-f] [-n N]  the broker's log (host; over SSH in a container)
+  mp-bridge logs [-f] [-n N] [--daemon]
+                              the broker's log (host; over SSH in a container); --daemon: the container daemon's
   mp-bridge --version         the bridge's version and the engine's
   mp-bridge restart           replace the broker (after an upgrade); queued calls go to the new one
   mp-bridge doctor --fix      also repair what is safe to repair (modes, stale state, no broker)
@@ -237,12 +238,15 @@ def cmd_logs(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     if settings is None:
         return 2
-    if settings.resolved_role() == "container":
+    daemon = getattr(args, "daemon", False)
+    if settings.resolved_role() == "container" and not daemon:
         if args.follow:
             return _follow_on_host(settings, args.lines)
         return _relay_on_host(settings, ["--logs", "--lines", str(args.lines)], settings.connect_timeout + 30,
                               "read the host's broker log")
-    log = settings.paths.log
+    # --daemon: this container's daemon (its mode decision, its SSH connection, its sessions; in local-owner mode
+    # its engine's lines too), read here: it lives in the container.
+    log = settings.paths.daemon_paths().log if daemon else settings.paths.log
     text, where = brokerlog.tail_and_position(log, args.lines)
     print(text or f"(no log at {log})", flush=True)
     if args.follow:
@@ -406,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     lg = sub.add_parser("logs", parents=[common], help="the broker's log (the host's, over SSH, in a container)")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until Ctrl-C (in a container: the host's, over SSH)")
     lg.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
+    lg.add_argument("--daemon", action="store_true", help="this container's daemon's log instead (relay or local owner)")
     lg.set_defaults(func=cmd_logs)
     st = sub.add_parser("stop", parents=[common], help="stop the broker (only a process proven to be it)")
     st.add_argument("--force", action="store_true", help="hung broker: SIGTERM, then SIGKILL it and its engine; clean up")

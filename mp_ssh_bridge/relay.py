@@ -374,6 +374,10 @@ class Relay:
             raise ssh.SSHBridgeError(f"opening a channel to the host broker did not finish within {bound:g}s") from exc
 
     async def _open_channel(self) -> Connection:
+        if self.tcp_url is not None and ssh.tcp_from_broker_json(self.settings) != self.tcp_url:
+            # The broker moved (a restart on another port): its token must not go to whatever listens there now.
+            log.info("broker.json no longer advertises TCP %s; trying SSH again", self.tcp_url)
+            self.tcp_url = None
         if self.tcp_url is not None:
             try:
                 return await self._dial_tcp(self.tcp_url, "TCP + token, as the first session found")

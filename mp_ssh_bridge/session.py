@@ -123,6 +123,19 @@ DEGRADED_NOTICE = (
 TRANSPORT_WORDS = {"ssh": "SSH", "unix": "its socket", "tcp": "TCP"}
 
 
+def _handed_over(msg: dict) -> str | None:
+    """The container daemon's "shutting down (handed the palace over to X)" in words for a notice, or None."""
+    err = msg.get("error")
+    text = err.get("message") if isinstance(err, dict) else None
+    if not isinstance(text, str):
+        return None
+    start = text.find("handed the palace over to ")
+    if start < 0:
+        return None
+    end = text.find("); request", start)
+    return "this container's daemon " + text[start:end if end > start else None]
+
+
 def handover_notice(handed: str, link: Link) -> str:
     """One line for the result after a hand-over: what happened to this session's engine, and how memory runs now."""
     if link.degraded:
@@ -360,6 +373,8 @@ class Shim:
                     return
             elif _not_run_by_a_stopping_broker(msg) and pend.resent < MAX_RESENDS:
                 pend.link = None  # proven not executed: the next broker (a restart) gets it, time permitting
+                if self.handed_over is None:
+                    self.handed_over = _handed_over(msg)  # a container daemon giving the palace to the host broker
                 if not self._too_late_to_resend(pend, time.monotonic()):
                     pend.resent += 1
                     self.backlog.append((key, pend.frame, pend))  # its backstop still holds while it waits

@@ -468,7 +468,7 @@ def _streamlocal_connection(
     )
 
 
-def _tcp_from_broker_json(settings: Settings) -> str | None:
+def tcp_from_broker_json(settings: Settings) -> str | None:
     record = state.read_broker_json(settings.paths.json) or {}
     endpoints = record.get("endpoints")
     tcp = endpoints.get("tcp") if isinstance(endpoints, dict) else None
@@ -511,7 +511,7 @@ async def _open_to_socket(
             process.stdout, process.stdin, transport="ssh", endpoint=endpoint, max_line_bytes=settings.max_line_bytes,
             on_close=_Channel(conn, process, owns_conn=owns_conn).close, info=info,
         )
-    tcp = _tcp_from_broker_json(settings) if allow_tcp else None
+    tcp = tcp_from_broker_json(settings) if allow_tcp else None
     message = (
         f"cannot reach the broker socket {path} through SSH host {alias}: " + "; ".join(refusals)
         + ("; no TCP listener advertised in broker.json (start the broker with --tcp HOST:PORT)"

@@ -89,6 +89,9 @@ def test_eight_container_sessions_elect_one_daemon_and_share_one_ssh_connection(
         mine = checks["container daemon"]
         assert mine["status"] == "ok" and f"pid {record['pid']}, relay mode" in mine["detail"], mine
         assert f"{SESSIONS} sessions" in mine["detail"], mine
+        logs = subprocess.run([str(BIN / "mp-bridge"), "logs", "--daemon", "-n", "200"], env=dict(os.environ, **env),
+                              capture_output=True, text=True, timeout=60)
+        assert f"container daemon pid {record['pid']}: relay mode: connected to the host over SSH" in logs.stdout, logs
     finally:
         for s in shims:
             s.close()

@@ -299,3 +299,17 @@ def test_follow_goes_on_where_the_tail_stopped(tmp_path: Path) -> None:
     with open(log, "a") as fh:
         fh.write("four\n")
     assert next(lines) == "four"
+
+
+def test_a_daemons_hand_over_becomes_a_notice() -> None:
+    """A queued call the container daemon answered "shutting down (handed the palace over to …)" is resent, and
+    the session's next result says what happened (session.handover_notice)."""
+    from mp_ssh_bridge import protocol, session
+
+    msg = protocol.error(3, protocol.SHUTTING_DOWN, "broker is shutting down (handed the palace over to the broker "
+                         "(pid 5 on mac, waiting 1 s)); request NOT executed", {"outcome": "not_executed"})
+    assert session._handed_over(msg) == ("this container's daemon handed the palace over to the broker "
+                                         "(pid 5 on mac, waiting 1 s)")
+    plain = protocol.error(3, protocol.SHUTTING_DOWN, "broker is shutting down (signal SIGTERM); request NOT executed",
+                           {"outcome": "not_executed"})
+    assert session._handed_over(plain) is None
