@@ -95,7 +95,7 @@ def daemon_dir_for(state_dir: str, uid: int | None = None) -> str:
     """The container daemon's own directory for the memory whose state directory is `state_dir`:
     `/tmp/mp-bridge-<uid>/daemon-<key>`, inside the container (never the bind-mounted state directory, whose
     broker.sock and broker.lock belong to the host's broker). Shared by the shim's fast path and
-    `state.StatePaths.daemon`; stdlib only (zlib, as `palace.Memory.key`)."""
+    `state.StatePaths.daemon_dir`; stdlib only (zlib, as `palace.Memory.key`)."""
     import zlib
 
     data = os.fsencode(os.path.realpath(state_dir))  # one key for every spelling of the directory (a symlink)
