@@ -115,6 +115,7 @@ def home(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     yield h
     _kill_brokers(h / ".mempalace")
     _kill_daemons(root)
+    _kill_strays(root)
     if not os.environ.get("MPB_TEST_KEEP_HOME"):  # set it to read a failed test's broker logs afterwards
         subprocess.run(["rm", "-rf", str(root)], check=False)
 
@@ -143,6 +144,21 @@ def _kill_daemons(root: Path) -> None:
             kill_pid(pid, signal.SIGTERM, timeout=10)
         if where.startswith(str(root)):
             subprocess.run(["rm", "-rf", str(d)], check=False)
+
+
+STRAY_MARKS = ("mp_ssh_bridge_broker", "mp_ssh_bridge.containerd", "mp_ssh_bridge.relay")
+
+
+def _kill_strays(root: Path) -> None:
+    """Brokers and daemons that no record names any more but whose command line names this test's `root` (a
+    broker a remote `--ensure` started just before the end, whose broker.json was not written yet): ours by
+    construction, so they are stopped too, instead of running on until their idle exit."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        if proc.info["pid"] != os.getpid() and str(root) in cmd and any(m in cmd for m in STRAY_MARKS):
+            kill_pid(proc.info["pid"], signal.SIGTERM, timeout=10)
 
 
 class BrokerHandle:
