@@ -314,13 +314,21 @@ class Relay:
             session.abort("SSH connection lost")
 
     async def connection(self) -> ssh.SSHConnection:
-        """The shared SSH connection: the live one, the attempt under way, or a new attempt (unless the last one
-        failed less than the backoff ago: then its error). Raises SSHBridgeError."""
+        """The shared SSH connection: the live one, the attempt under way, or a new attempt. Within the backoff
+        after a failed attempt: a refusal (host key, login, set-up) is answered at once; otherwise the session
+        waits for the backoff's end (at most BACKOFF_MAX_S) and shares the next attempt, so a host that came back
+        a moment ago is found, and many sessions still make one attempt. Raises SSHBridgeError."""
         if self.conn is not None and not self.conn.is_closed():
             return self.conn
+        if self._connecting is None and self._failure is not None:
+            wait = self._retry_at - time.monotonic()
+            if wait > 0:
+                if self._failure.refuse:
+                    raise self._failure
+                await asyncio.sleep(min(wait, BACKOFF_MAX_S))
+                if self.conn is not None and not self.conn.is_closed():
+                    return self.conn
         if self._connecting is None:
-            if self._failure is not None and time.monotonic() < self._retry_at:
-                raise self._failure
             self._connecting = self.spawn(self._connect(), name="ssh-connect")
         bound = self.settings.connect_timeout + 5  # ssh.connect bounds itself at connect_timeout + 2
         try:
