@@ -94,6 +94,7 @@ class Ownership:
         self._waiting_since: float | None = None  # monotonic
         self._owner_seen: dict[str, Any] | None = None  # owner.json as last read (status)
         self._requests: list[dict[str, Any]] = []  # the live requests as last listed (status)
+        self._own_request: str | None = None  # the token of this broker's latest request (not listed once holding)
         self._acquire_lock = asyncio.Lock()  # one claiming loop at a time
         self._io_lock = threading.Lock()  # a heartbeat never lands after the release (it would re-create owner.json)
         self._watcher: asyncio.Task[None] | None = None
@@ -150,7 +151,9 @@ class Ownership:
             "waiting_for": self.waiting_for,
             "waiting_s": round(waited, 1) if waited is not None else None,
             "handovers": self.handovers,
-            "requests": [{k: r.get(k) for k in REQUEST_FIELDS} for r in self._requests],
+            # Once holding, its own request is gone: a listing made while it waited may still be the last one read.
+            "requests": [{k: r.get(k) for k in REQUEST_FIELDS} for r in self._requests
+                         if not (self.holding() and r.get("token") == self._own_request)],
         }
 
     # --- claiming --------------------------------------------------------------------------
@@ -171,6 +174,7 @@ class Ownership:
             self._waiting_since = self._waiting_since if self.phase == "yielded" and self._waiting_since else start
             request: owner.Request = await self._in_thread(
                 lambda: owner.Request(self.paths, self.kind, what=self.what), undo=lambda r: r.withdraw())
+            self._own_request = request.token
             try:
                 while True:
                     self._check_open()
