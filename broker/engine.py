@@ -29,7 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from mp_ssh_bridge import enginecmd, protocol, walrecover
+from mp_ssh_bridge import config, enginecmd, protocol, walrecover
 from mp_ssh_bridge.settings import BrokerSettings
 from mp_ssh_bridge_broker import enginerecord, guard
 from mp_ssh_bridge_broker.tasks import Tasks
@@ -263,6 +263,7 @@ class Engine:
         self._check_may_run("before the spawn")
         env = dict(os.environ)
         env["MEMPALACE_HUB_FORWARD"] = "0"  # 3.8+ would otherwise proxy to a registered hub
+        env[config.ENGINE_CHILD_ENV] = "1"  # an mp-shim started as this engine (a PATH shadow) refuses, never recurses
         # The broker's engine is the palace's one writer; read-only is per session (broker/readonly.py).
         # A read-only shim that elected this broker must not make the engine read-only for everyone.
         env.pop("MEMPALACE_MCP_READ_ONLY", None)

@@ -43,7 +43,7 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 MIN_MAX_LINE_BYTES = 1024
 ROLES = ("auto", "host", "container")
-ENGINE_CHILD_ENV = "MP_SHIM_ENGINE_CHILD"  # set in a degraded-mode engine: a shim seeing it refuses to run
+ENGINE_CHILD_ENV = "MP_SHIM_ENGINE_CHILD"  # set in the broker's engine: a shim seeing it refuses to run
 
 # Fields whose environment variable is not MP_BRIDGE_<FIELD> (the names pi and mempalace use).
 ENV_NAMES: dict[str, str] = {

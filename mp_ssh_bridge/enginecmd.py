@@ -2,7 +2,7 @@
 
 A user may install the shim under the name `mempalace-mcp` so every agent
 config keeps working unchanged. Then the first `mempalace-mcp` on PATH is the
-shim, and a broker (or a degraded shim) that ran it would be talking to
+shim, and a broker (or a container's local-owner daemon) that ran it would be talking to
 itself. So a bare command name is looked up along the whole PATH, skipping
 any candidate that is the shim; `MP_BRIDGE_ENGINE` can always name the real
 one by absolute path. Stdlib only, and cheap: the shim's fast path finds the engine

@@ -3,7 +3,7 @@
 Why: `mempalace mine`, mempalace's session hooks and cron jobs open the palace themselves. Beside
 a broker's engine that is two writers (what loses vectors), and across a bind mount no file lock
 keeps them apart. `run` makes such a command wait its turn instead: it requests a `grant`
-(docs/PROTOCOL.md "Ownership"), the holder — a host broker, a container's degraded session —
+(docs/PROTOCOL.md "Ownership"), the holder — a host broker, a container's daemon —
 finishes its running call, stops its engine and releases; CMD then runs as the only writer, and
 the palace is released when CMD has exited. It works through the state directory alone, so the
 host and the container side of a bind mount use it alike.

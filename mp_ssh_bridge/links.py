@@ -22,12 +22,10 @@ if TYPE_CHECKING:  # typing costs every agent start ~3 ms; annotations only
 
 
 class Link:
-    """One blocking byte stream to a broker (or, degraded, to an engine)."""
+    """One blocking byte stream to a broker (or a local-owner daemon, which is one)."""
 
     endpoint = "?"
     transport = "?"
-    degraded = False
-    reason = ""
 
     def recv(self, timeout: float | None = None) -> bytes | None:
         """The next frame without its newline; None at EOF. Raises OSError, ShimError, TimeoutError."""
@@ -41,7 +39,7 @@ class Link:
 
     def unsent(self, msg_id: object) -> bool:
         """Once the link has ended: does it prove that request `msg_id`, sent on it, never reached the engine (so
-        it may go to the next link)? Only the degraded-mode engine pipe can tell; a broker connection cannot."""
+        it may go to the next link)? A broker connection cannot tell (a stopping broker says so in its reply)."""
         return False
 
 

@@ -67,7 +67,7 @@ def describe(record: dict[str, Any]) -> str:
     if kind == "broker":
         return f"the broker (pid {pid} on {host}{held})"
     if kind == "local":
-        what = record.get("what")  # the container daemon names itself; a host session in degraded mode does not
+        what = record.get("what")  # the container daemon names itself; an older bridge's session does not
         return f"the {what} (pid {pid} on {host}{held})" if what and "daemon" in str(what) else \
             f"a session running its own engine (pid {pid} on {host}{held})"
     if kind == "grant":

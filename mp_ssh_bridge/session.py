@@ -5,8 +5,7 @@ broker, and back through `link_loop` -> `from_broker` -> stdout. One pending
 table keyed by the agent's ids, one backlog for frames that wait for a
 connection, cleanup of every pending request when a link is lost (answered as
 "outcome unknown" — never retried — unless the link proves it never ran: a
-stopping broker's "not_executed", a degraded-mode engine handing the palace
-over) and a transparent re-initialize on the next link.
+stopping broker's "not_executed") and a transparent re-initialize on the next link.
 
 The broker owns each request's deadline (docs/PROTOCOL.md "Deadlines"): this
 session's MEMPALACE_MCP_TIMEOUT_MS travels to it in the handshake and it
@@ -115,11 +114,6 @@ class Pending:
         self.resent = 0  # times sent again after a broker said it did not run it (shutting down)
 
 
-DEGRADED_NOTICE = (
-    "NOTE from mp-shim: MemPalace memory is running WITHOUT its broker (degraded mode): this session "
-    "runs its own memory engine directly. Memory works, but writes from other agent sessions are not "
-    "serialized with this one. Reason: {reason}"
-)
 TRANSPORT_WORDS = {"ssh": "SSH", "unix": "its socket", "tcp": "TCP"}
 
 
@@ -138,16 +132,8 @@ def _handed_over(msg: dict) -> str | None:
 
 def handover_notice(handed: str, link: Link) -> str:
     """One line for the result after a hand-over: what happened to this session's engine, and how memory runs now."""
-    if link.degraded:
-        waited = getattr(link, "waited", None)  # (seconds, for whom): discovery waited for the palace
-        if waited:
-            whom = "it" if waited[1] in handed else waited[1]
-            now = f"this session waited {waited[0]:.0f} s for {whom} and now runs its own memory engine again"
-        else:
-            now = "this session now runs its own memory engine again"
-    else:
-        over = TRANSPORT_WORDS.get(link.transport, link.transport)
-        now = f"this session now reaches the broker over {over} ({link.endpoint})"
+    over = TRANSPORT_WORDS.get(link.transport, link.transport)
+    now = f"this session now reaches the broker over {over} ({link.endpoint})"
     return f"NOTE from mp-shim: {handed}; {now}."
 
 
@@ -170,10 +156,8 @@ class Shim:
         self.init_msg: dict | None = None
         self.client_initialized = False
         self.swallow: set = set()
-        self.notice_sent = False
-        self.handed_over: str | None = None  # how the last link gave the palace up (localowner), until a new link
+        self.handed_over: str | None = None  # how the last link gave the palace up (a daemon's hand-over), until a new link
         self.next_notice: str | None = None  # appended once to the next tools/call result
-        self.waiting_for: str | None = None  # discovery is waiting for the palace's owner to release it (who, in words)
         self.stdin_done = False
         self.done = threading.Event()
         self._heap: list[tuple[float, int, tuple[str, object], Pending]] = []
@@ -387,9 +371,6 @@ class Shim:
             notices: list[str] = []
             if (pend is not None and pend.method == "tools/call" and isinstance(msg.get("result"), dict)
                     and isinstance(msg["result"].get("content"), list)):
-                if link.degraded and not self.notice_sent:
-                    self.notice_sent = True
-                    notices.append(DEGRADED_NOTICE.format(reason=link.reason))
                 if self.next_notice is not None:
                     notices.append(self.next_notice)
                     self.next_notice = None
@@ -403,9 +384,6 @@ class Shim:
 
     def link_lost(self, link: Link, reason: str) -> None:
         errors: list[Pending] = []
-        handed = getattr(link, "handover", None)  # a degraded-mode engine that gave the palace up (localowner)
-        if handed:
-            reason = handed
         with self.lock:
             if self.link is link:
                 self.link = None
@@ -414,8 +392,6 @@ class Shim:
             else:
                 link.close()
                 return
-            if handed:
-                self.handed_over = handed
             for key, pend in list(self.pending.items()):
                 if pend.link is not link:
                     continue
@@ -433,8 +409,7 @@ class Shim:
             if start:
                 self.connecting = True
         link.close()
-        what = "the memory engine (degraded mode)" if link.degraded else f"the broker ({link.endpoint})"
-        log(30, f"lost the connection to {what}: {reason}")
+        log(30, f"lost the connection to the broker ({link.endpoint}): {reason}")
         for pend in errors:
             self.reply_error(
                 pend.msg_id,
@@ -469,11 +444,8 @@ class Shim:
             with self.lock:
                 reason = f" ({self.last_error})" if self.last_error else ""
                 dialing = time.monotonic() - self.connect_started if self.connecting else None
-                waiting = self.waiting_for
             if dialing is None:
                 still = ""
-            elif waiting:
-                still = f"; mp-shim is still waiting ({dialing:.1f} s so far) because {waiting}"
             else:
                 still = (f"; mp-shim was still connecting to the broker, or starting it ({dialing:.1f} s so far): "
                          "check `mp-bridge logs` and `mp-bridge doctor`")
@@ -566,15 +538,10 @@ class Shim:
                 log(20, f"container daemon not reachable ({self._fast_failed}); running discovery")
         elif cfg.broker_url is not None and cfg.broker_url.startswith(("unix://", "tcp://")):
             return endpoints.connect(cfg, cfg.broker_url, role=cfg.resolved_role())
-        from mp_ssh_bridge import discovery  # the slow path: settings, election, SSH, degraded mode
+        from mp_ssh_bridge import discovery  # the slow path: settings, election, SSH, daemon
 
         fast_reason, self._fast_failed = self._fast_failed, ""
-        return discovery.discover(cfg, fast_failure=fast_reason, on_wait=self._on_wait)
-
-    def _on_wait(self, what: str | None) -> None:
-        """Discovery waits for the palace's owner to release it (`what`, in words), or no longer (None)."""
-        with self.lock:
-            self.waiting_for = what
+        return discovery.discover(cfg, fast_failure=fast_reason)
 
     def connect_worker(self) -> None:
         try:
@@ -623,10 +590,7 @@ class Shim:
                 self.next_notice = handover_notice(self.handed_over, link)
                 self.handed_over = None
         threading.Thread(target=self.link_loop, args=(link,), name=f"link-{self.generation}", daemon=True).start()
-        if link.degraded:
-            log(30, f"memory runs WITHOUT the broker (degraded mode): {link.reason}")
-        else:
-            log(20, f"connected to {link.endpoint} ({link.transport})")
+        log(20, f"connected to {link.endpoint} ({link.transport})")
         failure = ""
         try:
             for frame in replay:

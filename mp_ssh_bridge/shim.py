@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     diag.set_level(os.environ.get("MP_BRIDGE_LOG_LEVEL"))  # before the settings: their own errors
     if os.environ.get(ENGINE_CHILD_ENV):
-        log(50, "refusing to run: this mp-shim was started as the memory engine of another mp-shim (degraded "
-                "mode); set MP_BRIDGE_ENGINE to the real mempalace-mcp, not to the shim")
+        log(50, "refusing to run: this mp-shim was started as a broker's memory engine; set MP_BRIDGE_ENGINE to "
+                "the real mempalace-mcp, not to the shim")
         return 3
     for item in args["ignored"]:
         if item.startswith("--transport=") and item != "--transport=stdio":

@@ -77,7 +77,7 @@ class SSHBridgeError(ShimError):
     def __init__(self, message: str, code: int = protocol.BROKER_UNREACHABLE, *, refuse: bool = False,
                  unreachable: bool = False) -> None:
         super().__init__(code, message)
-        self.refuse = refuse  # host key or login refused: proof of nothing, so never degraded mode
+        self.refuse = refuse  # host key or login refused: proof of nothing, so never local-owner mode
         # Nothing answered at all (connection refused, no route, no such name, timed out): the one failure after
         # which the container daemon may own the palace itself — and only when no broker can be alive.
         self.unreachable = unreachable

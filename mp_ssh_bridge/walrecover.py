@@ -13,8 +13,7 @@ of the runs failed while only the WAL was recovered). The files are fine (`PRAGM
 So before each engine start, with the old engine proven gone (broker/enginerecord.py), the broker
 opens each database that has a non-empty `-journal` or `-wal` read-write once: SQLite rolls back a hot
 journal, or recovers the WAL, on the first read, and checkpoints the WAL when the last connection
-closes. A few milliseconds, and only when a log is there. A session that runs the engine itself
-(degraded mode, mp_ssh_bridge/discovery.py) does the same. Stdlib only (sqlite3 is imported only when
+closes. A few milliseconds, and only when a log is there. Stdlib only (sqlite3 is imported only when
 a log is pending).
 """
 

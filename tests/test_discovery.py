@@ -1,19 +1,18 @@
-"""Discovery pieces: endpoint URLs, tcp+token, engine resolution (no recursion), the degraded-mode decision."""
+"""Discovery pieces: endpoint URLs, tcp+token, engine resolution (no recursion), no broker -> a refusal."""
 
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from mp_ssh_bridge import config, discovery, endpoints, protocol, state
-from mp_ssh_bridge.errors import EndpointError, ShimError
+from mp_ssh_bridge import config, endpoints, protocol
+from mp_ssh_bridge.errors import EndpointError
 from mp_ssh_bridge.settings import load
+from tests.helpers import children_of
 from tests.test_shim_support import SHIM, ShimProc
 
 
@@ -51,21 +50,21 @@ def test_tcp_endpoint_with_token(home: Path, monkeypatch: pytest.MonkeyPatch, br
 def test_engine_that_is_the_shim_is_refused_or_skipped(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mp_ssh_bridge import enginecmd
 
-    with pytest.raises(ShimError, match="mp-shim itself"):
-        discovery.resolve_engine(load(engine=SHIM))
+    with pytest.raises(enginecmd.EngineNotFound, match="mp-shim itself"):
+        enginecmd.resolve(load(engine=SHIM).engine_argv)
     # the shim installed under the name mempalace-mcp (a copy of the console script)
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     impostor = fake_bin / "mempalace-mcp"
     impostor.write_bytes(Path(SHIM).read_bytes())
     impostor.chmod(0o755)
-    with pytest.raises(ShimError, match="mp-shim itself"):
-        discovery.resolve_engine(load(engine=str(impostor)))
-    with pytest.raises(ShimError, match="mp-shim itself"):
-        discovery.resolve_engine(load(engine=f"{sys.executable} -m mp_ssh_bridge.shim"))
+    with pytest.raises(enginecmd.EngineNotFound, match="mp-shim itself"):
+        enginecmd.resolve(load(engine=str(impostor)).engine_argv)
+    with pytest.raises(enginecmd.EngineNotFound, match="mp-shim itself"):
+        enginecmd.resolve(load(engine=f"{sys.executable} -m mp_ssh_bridge.shim").engine_argv)
     # A bare name skips the impostor that comes first on PATH and finds the real engine.
     monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
-    real = discovery.resolve_engine(load())
+    real = enginecmd.resolve(load().engine_argv)
     assert real[0] != str(impostor) and real[0].endswith("mempalace-mcp") and not enginecmd.is_shim(real[0])
     # Only impostors on PATH: a clear refusal that names them.
     with pytest.raises(enginecmd.EngineNotFound, match="is mp-shim itself"):
@@ -75,8 +74,11 @@ def test_engine_that_is_the_shim_is_refused_or_skipped(home: Path, tmp_path: Pat
         enginecmd.resolve(["mempalace-mcp"], path_env=str(tmp_path), beside=[])
 
 
-def test_degraded_mode_never_recurses_into_the_shim(home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """MP_BRIDGE_ENGINE names the shim and no broker can start: a clear error, no child shim."""
+def test_no_broker_is_a_clear_refusal_and_no_engine_of_its_own(
+    home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """No broker can start (an unsafe state directory): a refusal that says why, and no engine of the session's
+    own (MP_BRIDGE_ENGINE names the shim: a child shim would recurse)."""
     monkeypatch.setenv("MP_BRIDGE_ROLE", "host")
     sd = home / ".mempalace"
     sd.mkdir(mode=0o700)
@@ -85,7 +87,9 @@ def test_degraded_mode_never_recurses_into_the_shim(home: Path, monkeypatch: pyt
     try:
         r = s.call("ping", timeout=60)
         assert r["error"]["code"] == protocol.BROKER_UNREACHABLE
-        assert "mp-shim itself" in r["error"]["message"] and "writable by group" in r["error"]["message"]
+        msg = r["error"]["message"]
+        assert "writable by group" in msg and "will NOT start its own memory engine" in msg, msg
+        assert children_of(s.proc.pid) == []
     finally:
         s.close()
 
@@ -96,62 +100,3 @@ def test_engine_child_marker_refuses(home: Path) -> None:
     out = subprocess.run([SHIM], input=b"", capture_output=True, timeout=30,
                          env=dict(os.environ, **{config.ENGINE_CHILD_ENV: "1"}))
     assert out.returncode == 3 and b"MP_BRIDGE_ENGINE" in out.stderr and out.stdout == b""
-
-
-def _settings(home: Path):
-    sd = home / ".mempalace"
-    sd.mkdir(mode=0o700, exist_ok=True)
-    return load(heartbeat_stale_after=30)
-
-
-def test_degraded_decision_refuses_when_the_record_may_be_alive(home: Path) -> None:
-    s = _settings(home)
-    cfg = s.session_config()
-    record = {"pid": os.getpid(), "host": "elsewhere", "boot_id": "other-boot", "heartbeat": time.time(),
-              "endpoint": "unix:///nonexistent"}
-    state.write_json_atomic(s.paths.json, record)
-    try:  # (the record names this very process: remove it before the home fixture "stops" that broker)
-        with pytest.raises(ShimError, match="second writer") as info:
-            discovery.degraded_or_refuse(cfg, s, "test", "container")
-        assert info.value.code == protocol.BROKER_UNREACHABLE
-        # An hour-old heartbeat from another machine is not "dead" by itself (clocks drift across a VM
-        # boundary): only one seen standing still for the stale limit is (tests/test_liveness.py).
-        record["heartbeat"] = time.time() - 3600
-        state.write_json_atomic(s.paths.json, record)
-        with pytest.raises(ShimError, match="second writer"):
-            discovery.degraded_or_refuse(cfg, s, "test", "container")
-    finally:
-        s.paths.json.unlink()
-
-
-def test_degraded_decision_refuses_while_someone_holds_the_lock(home: Path) -> None:
-    s = _settings(home)
-    cfg = s.session_config()
-    fd, held = discovery.hold_lock(s.paths)
-    assert fd is not None and not held
-    try:
-        fd2, held2 = discovery.hold_lock(s.paths)  # flock is per open file description: a second open conflicts
-        assert fd2 is None and held2
-        with pytest.raises(ShimError, match="holds"):
-            discovery.degraded_or_refuse(cfg, s, "test", "host")
-    finally:
-        os.close(fd)
-    assert stat.S_IMODE(s.paths.lock.stat().st_mode) == 0o600
-
-
-def test_degraded_mode_waits_for_a_killed_brokers_engine(home: Path) -> None:
-    """engine.json naming a live engine of this machine (its broker killed with -9): no second engine."""
-    from mp_ssh_bridge import hostinfo, liveness
-
-    s = _settings(home)
-    cfg = s.session_config()
-    state.ensure_private_dir(s.paths.root)
-    alive = {"pid": os.getpid(), "proc_start": hostinfo.proc_start(os.getpid()), **liveness.writer_identity()}
-    state.write_json_atomic(s.paths.engine, alive)
-    assert discovery.orphan_engine(s.paths) is not None
-    with pytest.raises(ShimError, match="engine.json names engine pid"):
-        discovery.degraded_or_refuse(cfg, s, "test", "host")
-    state.write_json_atomic(s.paths.engine, dict(alive, proc_start="another start"))  # the pid was reused
-    assert discovery.orphan_engine(s.paths) is None
-    state.write_json_atomic(s.paths.engine, dict(alive, host="the-mac", boot_id="mac-boot"))  # not checkable here
-    assert discovery.orphan_engine(s.paths) is None
