@@ -165,7 +165,7 @@ async def bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     host_env = dict(base, MEMPALACE_PATH=str(host_state), MP_BRIDGE_ROLE="host")
     server = SSHServer(root / "sshd")
     server.start()
-    ctr_env = dict(base, **server.container_env(ctr_state, wrapper))
+    ctr_env = dict(base, **server.container_env(ctr_state, wrapper), MP_BRIDGE_UVLOOP=str(args.relay_loop == "uvloop"))
     ctr_dir = root / "ctr-runtime"
     ctr_dir.mkdir(mode=0o700)
     runtime = str(state.runtime_dir())
@@ -199,24 +199,24 @@ async def bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             runs["ctr_cold"].append(await time_start(ctr_shim, ctr_env))
             runs["engine"].append(await time_start(engine, engine_env))
         record = daemon_record(ctr_dir) or {}
-        # per call: two long-lived sessions, interleaved blocks of calls
+        # per call: two long-lived sessions, their calls alternating one by one (both see the same conditions)
         host_s, ctr_s = await Session.spawn(host_shim, host_env), await Session.spawn(ctr_shim, ctr_env)
         await host_s.start()
         await ctr_s.start()
         await time_calls(host_s, args.warmup)
         await time_calls(ctr_s, args.warmup)
         calls: dict[str, list[float]] = {"host": [], "ctr": []}
-        block = 50
-        for _ in range(max(1, args.calls // block)):
-            calls["host"] += await time_calls(host_s, block)
-            calls["ctr"] += await time_calls(ctr_s, block)
+        for _ in range(args.calls):
+            calls["host"] += await time_calls(host_s, 1)
+            calls["ctr"] += await time_calls(ctr_s, 1)
         for s in (host_s, ctr_s, first):
             await s.close()
         stop_daemon(ctr_dir)
         broker = state.read_broker_json(host_state / "broker.json") or {}
         if isinstance(broker.get("pid"), int):
             os.kill(broker["pid"], signal.SIGTERM)
-        return {"runs": runs, "calls": calls, "load": load, "transport": (record.get("ssh") or {}).get("transport_detail")}
+        return {"runs": runs, "calls": calls, "load": load, "transport": (record.get("ssh") or {}).get("transport_detail"),
+                "loop": record.get("loop", "?")}
     finally:
         server.stop()
 
@@ -238,7 +238,8 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
         f"{platform.release()}, {os.cpu_count()} cores ({cpu_model() or platform.machine()}), Python "
         f"{platform.python_version()}; load average at the start {r['load']} (1/5/15 min).",
         f"`.venv/bin/python benchmarks/bench_container.py --spawns {args.spawns} --calls {args.calls}` (sshd and broker "
-        f"on this machine, 127.0.0.1; the pinned mempalace engine; the relay's channel: {r['transport']}).",
+        f"on this machine, 127.0.0.1; the pinned mempalace engine; the relay's channel: {r['transport']}, its event loop: "
+        f"{r['loop']}).",
         "",
         "## Spawn → first `mempalace_status` result (initialize, initialized, tools/call)",
         "",
@@ -278,6 +279,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spawns", type=int, default=10)
     p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--relay-loop", choices=("uvloop", "asyncio"), default="uvloop", help="the container daemon's loop")
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--drawers", type=int, default=5)
     p.add_argument("--out", default=str(REPO / "docs" / "bench-container.md"))

@@ -62,7 +62,7 @@ SCOPES: dict[str, tuple[str, ...]] = {
     # Read by client processes (mp-shim, mp-bridge) only; never passed to a broker.
     "client": (
         "broker", "broker_token", "role", "ensure_timeout", "owner_wait", "grant_max_duration", "ssh_host", "ssh_config", "remote_broker",
-        "remote_palace", "keepalive_interval", "keepalive_count_max",
+        "remote_palace", "keepalive_interval", "keepalive_count_max", "uvloop",
     ),
     # The broker's, from its own start (config file, service unit, the command line that started it).
     "broker": (

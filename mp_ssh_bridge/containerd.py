@@ -25,7 +25,7 @@ import asyncio
 import fnmatch
 import os
 import shlex
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,13 +175,28 @@ def _local_owner_argv(settings: Settings, lock_fd: int) -> list[str]:
     return argv
 
 
+def _run_loop(main: Coroutine[Any, Any, Any], use_uvloop: bool) -> Any:
+    """Run the daemon's loop: uvloop where it is installed (Linux) and not turned off (MP_BRIDGE_UVLOOP=false):
+    every relayed call passes through this loop twice, and uvloop's transports take a measurable share off each
+    pass (docs/bench-container.md); asyncio's own loop otherwise."""
+    import asyncio
+
+    if use_uvloop:
+        try:
+            import uvloop  # type: ignore[import-not-found, unused-ignore]
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m mp_ssh_bridge.containerd [--detach] [--lock-fd N] [--mempalace-path P] [--palace P]`: this
     container's daemon. Relay mode runs here (mp_ssh_bridge.relay); local-owner mode is the broker itself, in the
     container with its records in the daemon's directory (`mempalace-broker --container-daemon`, exec'd with the
     election's lock)."""
     import argparse
-    import asyncio
     import logging
     import sys
 
@@ -216,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         recheck = (lambda: live_broker(settings) is None) if decision.note else None
         return await relay.serve(settings, paths, args.lock_fd, decision.conn, note=decision.note, recheck=recheck)
 
-    outcome = asyncio.run(run())
+    outcome = _run_loop(run(), settings.uvloop)
     if isinstance(outcome, int):
         return outcome
     if outcome == ["--no-lock"]:

@@ -244,6 +244,7 @@ class Relay:
                 "host_endpoint": self.host_endpoint,
             },
             "sessions": [s.as_record() for s in self.sessions.values()],
+            "loop": "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio",
         }
 
     def _write_record(self) -> None:

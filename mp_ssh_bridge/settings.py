@@ -312,6 +312,8 @@ class SessionSettings(_Base):
     )
     keepalive_interval: float = Field(default=1.0, gt=0, description="SSH keepalive period, seconds.")
     keepalive_count_max: int = Field(default=3, ge=1, description="Missed keepalives before the SSH link is dropped.")
+    uvloop: bool = Field(default=True, description="The container daemon's relay runs on uvloop where it is installed "
+                         "(every relayed call passes its loop twice); false: asyncio's own loop.")
 
     @field_validator("ssh_config", mode="after")
     @classmethod

@@ -71,6 +71,7 @@ def test_eight_container_sessions_elect_one_daemon_and_share_one_ssh_connection(
         assert sorted(done) == list(range(SESSIONS))
         record: dict[str, Any] = daemon.read_record(str(ctr_state)) or {}
         assert record.get("mode") == "relay" and record.get("ssh", {}).get("state") == "connected", record
+        assert record.get("loop") == "uvloop", record  # a dependency on Linux (pyproject): the relay runs on it
         assert daemons_of(ctr_state) == [record["pid"]]  # one daemon, elected once
         wait_for(lambda: len((daemon.read_record(str(ctr_state)) or {}).get("sessions", [])) == SESSIONS, 5,
                  what=f"{SESSIONS} sessions in the daemon's record")

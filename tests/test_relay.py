@@ -320,6 +320,7 @@ def test_record_lock_and_idle_exit(
     assert rec["mode"] == "relay" and rec["pid"] == relay.proc.pid and rec["endpoint"] == relay.url
     assert rec["ssh"]["host"] == "host" and rec["ssh"]["state"] == "down"  # lazy: no session yet
     assert rec["sessions"] == [] and rec["palace_id"] == (sides.ctr_state / "palace.id").read_text().strip()
+    assert rec["loop"] == "asyncio"  # `python -m mp_ssh_bridge.relay` alone; the daemon's runs on uvloop (test_container_daemon)
     for key in ("version", "started", "heartbeat", "host", "boot_id", "pid_ns", "palace"):
         assert key in rec, key
     assert stat.S_IMODE(relay.paths.json.stat().st_mode) == 0o600
