@@ -164,15 +164,9 @@ def _broker_holds_owner_json(settings: Settings) -> bool:
 
 
 def _local_owner_argv(settings: Settings, lock_fd: int) -> list[str]:
-    import sys
+    from mp_ssh_bridge.election import BROKER_MODULE, elected_argv
 
-    from mp_ssh_bridge.election import BROKER_MODULE
-
-    argv = [sys.executable, "-m", BROKER_MODULE, "--container-daemon", "--lock-fd", str(lock_fd),
-            "--mempalace-path", str(settings.state_dir)]
-    if settings.palace is not None:
-        argv += ["--palace", str(settings.palace)]
-    return argv
+    return elected_argv(BROKER_MODULE, "--container-daemon", settings, lock_fd)
 
 
 def _run_loop(main: Coroutine[Any, Any, Any], use_uvloop: bool) -> Any:

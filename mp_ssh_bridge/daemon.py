@@ -109,13 +109,10 @@ def daemon_environment() -> dict[str, str]:
 
 
 def daemon_argv(settings: Settings, lock_fd: int) -> list[str]:
-    import sys
 
-    argv = [sys.executable, "-m", "mp_ssh_bridge.containerd", "--detach", "--lock-fd", str(lock_fd),
-            "--mempalace-path", str(settings.state_dir)]
-    if settings.palace is not None:
-        argv += ["--palace", str(settings.palace)]
-    return argv
+    from mp_ssh_bridge.election import elected_argv
+
+    return elected_argv("mp_ssh_bridge.containerd", "--detach", settings, lock_fd)
 
 
 def spawn(settings: Settings, paths: state.StatePaths, lock_fd: int) -> None:

@@ -134,13 +134,19 @@ def broker_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def broker_argv(settings: Settings, lock_fd: int) -> list[str]:
-    """`python -m <broker> --detach`, with the palace's identity as flags (nothing else travels)."""
-    argv = [sys.executable, "-m", BROKER_MODULE, "--detach", "--lock-fd", str(lock_fd),
-            "--mempalace-path", str(settings.state_dir)]
+def elected_argv(module: str, mode_flag: str, settings: Settings, lock_fd: int) -> list[str]:
+    """`python -m <module> <mode_flag> --lock-fd N` with the palace's identity as flags (nothing else travels):
+    the one command line of every process an election starts holding its lock (the host broker, the container
+    daemon, the daemon's local-owner broker)."""
+    argv = [sys.executable, "-m", module, mode_flag, "--lock-fd", str(lock_fd), "--mempalace-path", str(settings.state_dir)]
     if settings.palace is not None:
         argv += ["--palace", str(settings.palace)]
     return argv
+
+
+def broker_argv(settings: Settings, lock_fd: int) -> list[str]:
+    """`python -m <broker> --detach`: the host broker the election starts."""
+    return elected_argv(BROKER_MODULE, "--detach", settings, lock_fd)
 
 
 def spawn_detached(settings: Settings, lock_fd: int) -> None:
