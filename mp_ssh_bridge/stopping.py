@@ -365,22 +365,25 @@ def _stale(paths: state.StatePaths, record: dict[str, Any], pid: int, why: str, 
 
 
 def stop_broker(
-    settings: Settings, *, force: bool = False, timeout: float | None = None, probe_timeout: float = PROBE_TIMEOUT
+    settings: Settings, *, force: bool = False, timeout: float | None = None, probe_timeout: float = PROBE_TIMEOUT,
+    paths: state.StatePaths | None = None,
 ) -> StopResult:
     """Stop the broker of `settings`' state directory, if it is proven to be ours (see the module docstring).
+
+    `paths`: another broker's records (a container's local-owner daemon: `settings.paths.daemon_paths()`).
 
     `timeout`: how long to wait after SIGTERM (default shutdown_grace + 5 s; with
     `force`, FORCE_TERM_WAIT before SIGKILL). Never raises: an unexpected error
     becomes a result with exit code 1 (the command must not end in a traceback).
     """
     try:
-        return _stop(settings, force, timeout, probe_timeout)
+        return _stop(settings, force, timeout, probe_timeout, paths or settings.paths)
     except Exception as exc:  # noqa: BLE001 - reported as one line, with what it was
         return StopResult(REFUSED, f"stop failed unexpectedly ({type(exc).__name__}: {exc}); please report this")
 
 
-def _stop(settings: Settings, force: bool, timeout: float | None, probe_timeout: float) -> StopResult:
-    paths = settings.paths
+def _stop(settings: Settings, force: bool, timeout: float | None, probe_timeout: float,
+          paths: state.StatePaths) -> StopResult:
     record, problem = read_record(paths.json)
     if problem is not None:
         return StopResult(INVALID, problem)

@@ -291,6 +291,20 @@ def test_the_engine_dies_with_a_killed_daemon(home: Path, ctr_env: dict[str, str
     wait_for(lambda: not pid_alive(engine_pid), 10, 0.05, "the engine of a killed daemon to exit")
 
 
+def test_mp_bridge_stop_in_the_container_stops_its_local_owner_daemon(home: Path, ctr_env: dict[str, str]) -> None:
+    """`mp-bridge stop` in a container whose daemon owns the palace stops that daemon (proven ours, as a host broker
+    is), not a broker over SSH (there is no SSH path): the daemon and its engine are gone, the palace is free."""
+    settings = load()
+    d = spawn_daemon(ctr_env)
+    dpid = d.pid
+    engine_pid = wait_for(lambda: d.status()["engine"]["pid"], 60, 0.1, "the daemon's engine")
+    out = subprocess.run([str(BIN / "mp-bridge"), "stop"], env=ctr_env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    assert str(dpid) in out.stdout and "SSH" not in out.stdout + out.stderr, (out.stdout, out.stderr)
+    wait_for(lambda: not pid_alive(dpid) and not pid_alive(engine_pid), 20, 0.1, "the daemon and its engine to exit")
+    assert not d.paths.json.exists() and owner.live_holder(settings.paths, 30.0) is None
+
+
 # --- 3. the mode decision ---------------------------------------------------------------------------------
 def _settings(tmp_path: Path, **overrides: Any) -> daemon.DaemonSettings:
     return daemon.load_settings(ssh_config=tmp_path / "ssh_config", **overrides)
