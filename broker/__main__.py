@@ -2,6 +2,9 @@
 
 Usage:
   mempalace-broker                 serve in the foreground (launchd / systemd)
+  mempalace-broker --service       the same, run by a service manager that restarts every non-zero exit
+                                   (launchd's KeepAlive): "another broker already serves this palace"
+                                   exits 0 instead of 3 (mp_ssh_bridge/service.py writes the job)
   mempalace-broker --ensure        start one if needed; print ONE JSON line; exit 0
   mempalace-broker --dial-stdio    bridge stdin/stdout to the broker socket (SSH fallback)
   mempalace-broker --stop [--force] [--timeout S]
@@ -12,6 +15,9 @@ Usage:
                                    engine for every session of the container, as the palace's `local`
                                    owner; its records in /tmp/mp-bridge-<uid>/daemon-* (exec'd by
                                    `python -m mp_ssh_bridge.containerd`, which decides the mode)
+
+Exit codes when serving: 0 a clean stop (SIGTERM, idle exit), 1 the broker failed, 2 unusable settings or
+flags, 3 another broker already serves this palace (0 with --service).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import logging
 import os
 import sys
 from typing import Any
+
+ALREADY_SERVED = 3  # exit status: another broker already serves this palace (a systemd unit's SuccessExitStatus)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="--stop: SIGKILL a hung broker and its engine, clean up")
     p.add_argument("--container-daemon", dest="container_daemon", action="store_true",
                    help="run as the container's daemon in local-owner mode (mp_ssh_bridge.containerd decides the mode)")
+    p.add_argument("--service", action="store_true",
+                   help="serving under a service manager that cannot treat exit 3 as success (launchd KeepAlive "
+                   "SuccessfulExit=false): exit 0 when another broker already serves this palace")
     p.add_argument("--detach", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dial-stdio", dest="dial_stdio", action="store_true", help="bridge stdin/stdout to the broker socket (SSH fallback)")
@@ -184,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return asyncio.run(serve(settings, args.lock_fd))
         return asyncio.run(BrokerProcess(settings, args.lock_fd).run())
-    except AlreadyRunning as exc:
-        logging.getLogger("broker").warning("%s; exiting", exc)
-        return 3
+    except AlreadyRunning as exc:  # not a failure: the palace is served (a service manager must not restart us)
+        code = 0 if args.service else ALREADY_SERVED
+        logging.getLogger("broker").warning("%s; exiting (status %d)", exc, code)
+        return code
     except Exception as exc:  # noqa: BLE001 - the last word of a broker that cannot go on; logged, exit 1
         logging.getLogger("broker").error("broker failed: %s", exc)
         return 1

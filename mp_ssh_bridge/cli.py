@@ -278,11 +278,14 @@ def cmd_stop(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     if settings is None:
         return 2
-    if settings.resolved_role() == "container":
-        return _stop_over_ssh(settings, args.force, args.timeout)
     from mp_ssh_bridge.stopping import stop_broker
 
-    result = stop_broker(settings, force=args.force, timeout=args.timeout)
+    paths = None
+    if settings.resolved_role() == "container":
+        if not _local_owner_daemon(settings):
+            return _stop_over_ssh(settings, args.force, args.timeout)
+        paths = settings.paths.daemon_paths()  # this container owns the palace: its daemon is the broker to stop
+    result = stop_broker(settings, force=args.force, timeout=args.timeout, paths=paths)
     print(result.message, file=sys.stdout if result.code == 0 else sys.stderr)
     return result.code
 
@@ -322,6 +325,15 @@ def cmd_restart(args: argparse.Namespace) -> int:
         return 1
     print(f"broker pid {info.get('pid')} (mp-ssh-bridge {info.get('version')}) serves {info.get('palace')}")
     return 0
+
+
+def _local_owner_daemon(settings: Any) -> bool:
+    """Container role: this container's daemon runs in local-owner mode (it, not the host's broker, holds the
+    palace for this container; `stop` stops it, with the same proof as a host broker's)."""
+    from mp_ssh_bridge import daemon
+
+    record = daemon.read_record(str(settings.state_dir))
+    return bool(record) and record.get("mode") == "local-owner" and daemon.alive(record)  # type: ignore[union-attr]
 
 
 def _stop_over_ssh(settings: Any, force: bool, timeout: float | None) -> int:
@@ -432,6 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     from mp_ssh_bridge import migrate
 
     migrate.add_parser(sub, common)
+    from mp_ssh_bridge import wiring
+
+    wiring.add_parser(sub, common)
+    from mp_ssh_bridge import service
+
+    service.add_parser(sub, common)
     args = p.parse_args(argv)
     try:
         return int(args.func(args))

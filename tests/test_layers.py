@@ -21,7 +21,8 @@ CORE = {"__init__", "protocol", "errors", "config", "diag", "urls", "links", "ha
         "settings", "election", "enginecmd", "enginerules", "stopping", "palace", "samepath", "brokerlog", "palacecheck",
         "holders", "status", "walrecover", "owner"}
 CLIENT = {"shim", "session", "endpoints", "discovery", "ssh", "relay", "connection", "cli", "doctor",
-          "doctorkit", "doctor_container", "doctorfix", "migrate", "grant", "guardian", "daemon", "containerd"}
+          "doctorkit", "doctor_container", "doctorfix", "migrate", "grant", "guardian", "daemon", "containerd", "service",
+          "wiring", "jsonc"}
 
 
 def _modules() -> dict[str, Path]:
