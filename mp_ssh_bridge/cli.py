@@ -296,6 +296,8 @@ def cmd_restart(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     if settings is None:
         return 2
+    if settings.resolved_role() == "container" and _local_owner_daemon(settings):
+        return _restart_local_owner_daemon(settings, args.timeout)
     if settings.resolved_role() == "container":
         code = _stop_over_ssh(settings, False, args.timeout)
         if code != 0:
@@ -324,6 +326,28 @@ def cmd_restart(args: argparse.Namespace) -> int:
         print(f"mp-bridge restart: the new broker did not start: {exc}", file=sys.stderr)
         return 1
     print(f"broker pid {info.get('pid')} (mp-ssh-bridge {info.get('version')}) serves {info.get('palace')}")
+    return 0
+
+
+def _restart_local_owner_daemon(settings: Any, timeout: float | None) -> int:
+    """Container role, local-owner mode: stop this container's daemon gracefully, then elect and start a new one
+    (it decides its mode again: with a way to the host now, it relays)."""
+    from mp_ssh_bridge import daemon
+    from mp_ssh_bridge.errors import ShimError
+    from mp_ssh_bridge.stopping import stop_broker
+
+    result = stop_broker(settings, timeout=timeout, paths=settings.paths.daemon_paths())
+    if result.code != 0:
+        print(f"{result.message}; not restarted", file=sys.stderr)
+        return result.code
+    print(result.message)
+    try:
+        daemon.connect(settings.session_config(), settings).close()
+    except ShimError as exc:
+        print(f"mp-bridge restart: the new container daemon did not start: {exc}", file=sys.stderr)
+        return 1
+    record = daemon.read_record(str(settings.state_dir)) or {}
+    print(f"container daemon pid {record.get('pid')} ({record.get('mode')} mode) serves this container")
     return 0
 
 

@@ -96,7 +96,7 @@ def ssh_path(settings: Settings) -> str | None:
 def live_broker(settings: Settings) -> str | None:
     """What proves that a broker may be alive (the shared broker.json, by liveness' rule), or None.
 
-    The same proof discovery's `_try_claim` asks for before a session runs its own engine. Blocking (a record
+    The proof a broker's election asks for (liveness' rule) before any owner of this side's. Blocking (a record
     from another machine about to be judged gone is read again a moment later)."""
     paths = settings.paths  # broker.json of the SHARED state directory: liveness reads `paths.root`
     record, verdict = liveness.record_alive(paths, settings.heartbeat_stale_after)

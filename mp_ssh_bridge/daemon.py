@@ -48,11 +48,16 @@ def record_path(state_dir: str) -> str:
 
 
 def read_record(state_dir: str) -> dict[str, Any] | None:
-    """The daemon's broker.json (its pid, mode, socket, SSH connection and sessions), or None."""
+    """The daemon's broker.json (its pid, mode, socket, SSH connection and sessions), or None: none there, or its
+    directory (or that directory's parent) is not this user's private one (`_ours`: never act on a planted record)."""
+    path = record_path(state_dir)
+    here = os.path.dirname(path)
     try:
-        with open(record_path(state_dir), encoding="utf-8") as fh:
+        _ours(os.path.dirname(here))
+        _ours(here)
+        with open(path, encoding="utf-8") as fh:
             record = json.load(fh)
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # ConnectionError (not ours) is an OSError
         return None
     return record if isinstance(record, dict) else None
 

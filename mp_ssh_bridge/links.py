@@ -3,8 +3,7 @@
 The shim pumps with threads and blocking I/O (`import asyncio` alone costs the
 fast path 45–70 ms), so every transport is seen through `Link`: `SocketLink`
 for unix and tcp sockets, `AsyncLink` for an asyncio connection (an SSH
-channel) run on a background loop, and the degraded-mode engine pipe in
-`localowner`. All of them frame with `protocol.FrameBuffer`: one framing rule
+channel) run on a background loop. Both frame with `protocol.FrameBuffer`: one framing rule
 and one max-line rule. Stdlib only at import.
 """
 
@@ -36,11 +35,6 @@ class Link:
 
     def close(self) -> None:
         raise NotImplementedError
-
-    def unsent(self, msg_id: object) -> bool:
-        """Once the link has ended: does it prove that request `msg_id`, sent on it, never reached the engine (so
-        it may go to the next link)? A broker connection cannot tell (a stopping broker says so in its reply)."""
-        return False
 
 
 def _too_long(exc: LineTooLong) -> ShimError:

@@ -4,8 +4,8 @@ Data flows one way: agent stdin -> `Shim.from_client` -> the link -> the
 broker, and back through `link_loop` -> `from_broker` -> stdout. One pending
 table keyed by the agent's ids, one backlog for frames that wait for a
 connection, cleanup of every pending request when a link is lost (answered as
-"outcome unknown" — never retried — unless the link proves it never ran: a
-stopping broker's "not_executed") and a transparent re-initialize on the next link.
+"outcome unknown" — never retried; a call a stopping broker answered
+"not_executed" waits for the next one) and a transparent re-initialize on the next link.
 
 The broker owns each request's deadline (docs/PROTOCOL.md "Deadlines"): this
 session's MEMPALACE_MCP_TIMEOUT_MS travels to it in the handshake and it
@@ -398,9 +398,6 @@ class Shim:
                 if pend.method == "initialize":  # no effect on the palace: send it again on the next link
                     pend.link = None
                     self.backlog.insert(0, (key, pend.frame, pend))
-                elif link.unsent(pend.msg_id):  # proven never to have reached the engine: the next link gets it
-                    pend.link = None
-                    self.backlog.append((key, pend.frame, pend))
                 else:
                     del self.pending[key]
                     errors.append(pend)

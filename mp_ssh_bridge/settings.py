@@ -292,8 +292,8 @@ class SessionSettings(_Base):
     )
     owner_wait: float = Field(
         default=120.0, gt=0,
-        description="How long a session (or `mp-bridge run`) waits for the palace's owner to hand it over — a "
-        "grant to finish, the host's broker to exit — before it gives up and says who holds it, seconds.",
+        description="How long `mp-bridge run` waits for the palace's owner to hand it over (the running call to "
+        "finish, another grant to end) before it gives up and says who holds it, seconds.",
     )
     grant_max_duration: float = Field(
         default=7200.0, gt=0,

@@ -291,18 +291,45 @@ def test_the_engine_dies_with_a_killed_daemon(home: Path, ctr_env: dict[str, str
     wait_for(lambda: not pid_alive(engine_pid), 10, 0.05, "the engine of a killed daemon to exit")
 
 
-def test_mp_bridge_stop_in_the_container_stops_its_local_owner_daemon(home: Path, ctr_env: dict[str, str]) -> None:
-    """`mp-bridge stop` in a container whose daemon owns the palace stops that daemon (proven ours, as a host broker
-    is), not a broker over SSH (there is no SSH path): the daemon and its engine are gone, the palace is free."""
+def test_mp_bridge_restart_and_stop_in_the_container_act_on_its_local_owner_daemon(
+    home: Path, ctr_env: dict[str, str],
+) -> None:
+    """`mp-bridge restart` / `stop` in a container whose daemon owns the palace replace / stop that daemon (proven
+    ours, as a host broker is), not a broker over SSH (there is no SSH path): after stop the daemon and its engine
+    are gone and the palace is free."""
     settings = load()
-    d = spawn_daemon(ctr_env)
+    first = spawn_daemon(ctr_env)
+    old = first.pid
+    again = subprocess.run([str(BIN / "mp-bridge"), "restart"], env=ctr_env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, (again.stdout, again.stderr)  # restart: the daemon replaced, no SSH involved
+    assert "local-owner mode" in again.stdout and not pid_alive(old), (again.stdout, again.stderr)
+    d = Daemon(first.paths, first.env)
     dpid = d.pid
+    assert dpid != old
     engine_pid = wait_for(lambda: d.status()["engine"]["pid"], 60, 0.1, "the daemon's engine")
     out = subprocess.run([str(BIN / "mp-bridge"), "stop"], env=ctr_env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, (out.stdout, out.stderr)
     assert str(dpid) in out.stdout and "SSH" not in out.stdout + out.stderr, (out.stdout, out.stderr)
     wait_for(lambda: not pid_alive(dpid) and not pid_alive(engine_pid), 20, 0.1, "the daemon and its engine to exit")
     assert not d.paths.json.exists() and owner.live_holder(settings.paths, 30.0) is None
+
+
+def test_a_daemon_record_in_a_directory_others_can_write_is_not_trusted(home: Path, tmp_path: Path) -> None:
+    """`mp-bridge stop` (and status) read the daemon's record only from this user's private directory: a record
+    planted where others can write could name any of our pids, and stop would signal it."""
+    from mp_ssh_bridge import daemon as client_daemon
+
+    state_dir = str(tmp_path / "planted-state")
+    here = Path(client_daemon.record_path(state_dir)).parent
+    state.ensure_private_dir(here.parent)
+    here.mkdir(mode=0o700)
+    try:
+        state.write_json_atomic(here / "broker.json", {"pid": os.getpid(), "mode": "local-owner"})
+        assert (client_daemon.read_record(state_dir) or {}).get("mode") == "local-owner"  # ours: trusted
+        os.chmod(here, 0o777)
+        assert client_daemon.read_record(state_dir) is None  # writable by others: not trusted
+    finally:
+        subprocess.run(["rm", "-rf", str(here)], check=False)
 
 
 # --- 3. the mode decision ---------------------------------------------------------------------------------

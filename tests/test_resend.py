@@ -94,7 +94,7 @@ def test_a_call_waiting_for_a_slow_engine_start_is_resent_when_the_broker_stops(
     says it did not run it (it used to say nothing, and the shim reported "outcome unknown")."""
     from tests.test_shim_support import ShimProc
 
-    env = {"MP_BRIDGE_ENGINE": FAKE, "FAKE_START_DELAY": "3"}
+    env = {"MP_BRIDGE_ENGINE": FAKE, "FAKE_START_DELAY": "8"}  # the restart must land within it, even on a loaded machine
     shim = ShimProc(env=env, stderr_path=tmp_path / "shim.err")
     result: dict[str, Any] = {}
     t: threading.Thread | None = None
