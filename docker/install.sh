@@ -6,10 +6,11 @@
 # In a container that bind-mounts the host's ~/.mempalace, the real engine there would be a second
 # writer beside the host's, and flock does not cross the VM boundary: vectors get lost. With the shim
 # first on PATH the same spawn reaches the host's one broker over SSH instead (docker/README.md).
-# The real engines stay reachable behind it: pi-devbox's own mempalace uv tool (INSTALL_MEMPALACE=true,
-# /usr/local/bin/mempalace-mcp) later on PATH, and the one in the bridge's own environment (a
-# dependency), which the shim's engine lookup (mp_ssh_bridge/enginecmd.py) tries last; both skip
-# anything that is the shim.
+# The real engine stays reachable behind it: pi-devbox's own mempalace uv tool (INSTALL_MEMPALACE=true,
+# /usr/local/bin/mempalace-mcp) later on PATH, or the one in the bridge's own environment when SPEC asks
+# for the `host` extra (`mp-ssh-bridge[host] @ git+…`), which the shim's engine lookup
+# (mp_ssh_bridge/enginecmd.py) tries last; both skip anything that is the shim. Without the extra the
+# bridge is its client footprint (a few MB, no chromadb): pi-devbox already pins its own engine.
 #
 # usage: install.sh [SPEC]
 #   SPEC, else $MP_SSH_BRIDGE_SPEC, else $MP_SSH_BRIDGE_REPO@$MP_SSH_BRIDGE_REF: what to install,
@@ -31,8 +32,8 @@
 #   MP_SSH_BRIDGE_CLI_SHIM      optional: a copy of configs/mempalace-cli-shim, installed as `mempalace`
 #                               in the shadow (writing CLI commands then go through `mp-bridge run`)
 #   UV_TOOL_DIR, UV_TOOL_BIN_DIR  uv's own (pi-devbox: /opt/uv-tools, /usr/local/bin)
-#   INSTALL_MEMPALACE           pi-devbox's build arg: false installs nothing (the bridge depends on
-#                               mempalace and chromadb, the ~300 MB that opt-out leaves out)
+#   INSTALL_MEMPALACE           pi-devbox's build arg: false installs nothing (an image without memory
+#                               has nothing to bridge, and no engine for a local owner)
 #
 # Idempotent: run again with the same SPEC, it changes nothing. It writes no secret: the SSH config,
 # key and known_hosts are mounted at run time (docker/compose.example.yml).
@@ -43,7 +44,7 @@ die() { say "$*"; exit 1; }
 
 case ${INSTALL_MEMPALACE:-true} in
   false | False | FALSE | 0 | no | off)
-    say "INSTALL_MEMPALACE=${INSTALL_MEMPALACE}: nothing installed (mp-ssh-bridge brings mempalace with it)"
+    say "INSTALL_MEMPALACE=${INSTALL_MEMPALACE}: nothing installed (no memory in this image, nothing to bridge)"
     exit 0 ;;
 esac
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything `make test` needs on a fresh clone:
-#   .venv + pip install -e '.[test]'          (scripts/setup.sh)
+#   .venv + pip install -e '.[host,test]'     (scripts/setup.sh)
 #   the embedding model in <repo>/.test-home  (tests symlink each test HOME's .cache to it)
 #   /usr/sbin/sshd and ssh-keygen             (scripts/install-sshd.sh; apt-get as root)
 #   mempalace 3.4.0 in .venv-engine-3.4.0     (scripts/setup-engine.sh; the second engine the

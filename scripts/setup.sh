@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up a checkout: create .venv, install the project (editable, with the
+# Set up a checkout: create .venv, install the project (editable, with the `host` extra (the engine) and the
 # `test` extra, which also brings the `mcp` SDK the demo uses) and provision
 # the offline embedding model into a HOME for the demo.
 #
@@ -39,8 +39,8 @@ if [ "${FORCE_INSTALL:-0}" != 1 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$
    && [ -x "$VENV/bin/mempalace-broker" ] && [ -x "$VENV/bin/mp-shim" ] && [ -x "$VENV/bin/mempalace-mcp" ]; then
   echo "setup: .venv is up to date (pyproject.toml unchanged)"
 else
-  echo "setup: pip install -e '.[test]' into .venv"
-  "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet -e '.[test]' \
+  echo "setup: pip install -e '.[host,test]' into .venv"
+  "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet -e '.[host,test]' \
     --config-settings editable_mode=strict
   printf '%s\n' "$want_stamp" > "$STAMP"
 fi

@@ -78,16 +78,36 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
+def test_the_wheel_is_the_client_footprint_and_the_host_extra_brings_the_engine(wheel: Path) -> None:
+    """Install footprint by role: no engine in the plain install, the engine with `[host]`; the three commands."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as whl:
+        meta_name = next(n for n in whl.namelist() if n.endswith(".dist-info/METADATA"))
+        meta = whl.read(meta_name).decode()
+        points = whl.read(meta_name.replace("METADATA", "entry_points.txt")).decode()
+    requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    engine = [r for r in requires if r.lower().startswith(("mempalace", "chromadb"))]
+    assert engine and all('extra == "host"' in r or 'extra == "test"' in r for r in engine), requires
+    assert any(r.startswith("mempalace") and 'extra == "host"' in r for r in engine), requires
+    assert "Provides-Extra: host" in meta
+    for command in ("mp-shim = mp_ssh_bridge.shim:main", "mp-bridge = mp_ssh_bridge.cli:main",
+                    "mempalace-broker = mp_ssh_bridge_broker.__main__:main"):
+        assert command in points, points
+
+
 @pytest.fixture(scope="session")
 def deps_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """.venv's installed packages but mp-ssh-bridge itself (its editable install would shadow the wheel)."""
+    """.venv's installed packages but mp-ssh-bridge itself (its editable install would shadow the wheel) and the
+    engine's storage stack (mempalace, chromadb, onnxruntime): the client footprint must work without them."""
     import sysconfig
 
     site = Path(sysconfig.get_paths()["purelib"])
     deps = tmp_path_factory.mktemp("deps")
     for entry in site.iterdir():
         name = entry.name
-        if name.startswith(("__editable__", "mp_ssh_bridge")) or name.endswith(".pth") or name == "__pycache__":
+        if name.startswith(("__editable__", "mp_ssh_bridge", "mempalace", "chromadb", "onnxruntime")) \
+                or name.endswith(".pth") or name == "__pycache__":
             continue
         (deps / name).symlink_to(entry)
     return deps
