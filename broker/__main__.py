@@ -30,7 +30,7 @@ import os
 import sys
 from typing import Any
 
-ALREADY_SERVED = 3  # exit status: another broker already serves this palace (a systemd unit's SuccessExitStatus)
+from mp_ssh_bridge.protocol import ALREADY_SERVED, SETTINGS_ERROR  # exit statuses (a systemd unit names both)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.container_daemon and (args.ensure or args.dial_stdio or args.stop):
         print("mempalace-broker: --container-daemon serves (or, with --status, --logs, --check, looks); it does not "
               "combine with --ensure, --dial-stdio or --stop", file=sys.stderr)
-        return 2
+        return SETTINGS_ERROR
     if args.dial_stdio:  # before settings: with --socket it needs none (fast start over SSH)
         from mp_ssh_bridge_broker.dial import main as dial_main
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         from mp_ssh_bridge.stopping import describe_settings_error
 
         print(f"mempalace-broker: {describe_settings_error(exc)}", file=sys.stderr)
-        return 2
+        return SETTINGS_ERROR
     if args.status:
         from mp_ssh_bridge.status import snapshot
 

@@ -49,6 +49,11 @@ BROKER_UNREACHABLE = -32066  # the shim has no broker to send the request to
 PALACE_MISMATCH = -32067  # the reachable broker serves another palace
 LIMIT_REACHED = -32068  # a bound was hit (queue, bytes, connections); data names the setting; not executed
 
+# `mempalace-broker` exit statuses a service manager must tell apart (broker/__main__.py exits with them,
+# mp_ssh_bridge/service.py writes them into the systemd unit): restarting cannot help either.
+SETTINGS_ERROR = 2  # unusable settings or flags
+ALREADY_SERVED = 3  # another broker already serves this palace: success for a service (0 with --service)
+
 # MCP protocol versions the engine is known to speak (newest last).
 KNOWN_PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 LATEST_PROTOCOL_VERSION = KNOWN_PROTOCOL_VERSIONS[-1]

@@ -36,6 +36,12 @@ Interactive priority: every request is an agent waiting for its answer, so launc
 (Background, and no ProcessType at all, lets launchd throttle CPU and I/O, and the engine inherits it) and
 systemd `Nice=0`, `IOSchedulingClass=best-effort` (never idle).
 
+The file: owner-only (0600, which both managers read), and without secrets: a variable named *_KEY, *_TOKEN,
+*_SECRET or *_PASSWORD (the engine's API keys) is never carried; install names the ones it left out. Every file
+install writes says MARKER; install keeps a file at that path without it (a hand-edited copy of configs/, as
+older releases said to make) as `<file>.mp-bridge.bak`, never over an earlier backup, and uninstall refuses to
+stop or remove it.
+
 The generators (`systemd_unit`, `launchd_plist`) are pure: a `Spec` in, the file's text out; `spec_for`
 gathers the inputs from the settings. configs/ holds examples written by `write_examples`, and
 tests/test_service.py checks that they are the generator's output.
@@ -55,16 +61,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mp_ssh_bridge.protocol import ALREADY_SERVED, SETTINGS_ERROR  # the broker's exit codes (broker/__main__.py)
+
 if TYPE_CHECKING:
     from mp_ssh_bridge.settings import Settings
 
 PLATFORMS = ("linux", "macos")
 UNIT_STEM = "mempalace-broker"  # systemd: mempalace-broker.service
 LABEL = "com.mempalace.broker"  # launchd
-ALREADY_SERVED = 3  # broker/__main__.py: another broker already serves this palace (success for a service)
-SETTINGS_ERROR = 2  # broker/__main__.py: unusable settings or flags (restarting cannot help)
 BROKER_SCRIPT = "mempalace-broker"
-BROKER_MODULE = "mp_ssh_bridge_broker"
+MARKER = "Written by `mp-bridge service install`"  # in every file install writes: what uninstall may remove
+BACKUP_SUFFIX = ".mp-bridge.bak"  # a file install found there without MARKER (a hand-edited copy of configs/)
+# never written into the service file (it may be read by more than its owner's services): the engine's secrets
+SECRET_SUFFIXES = ("_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
 PALACE_PIN = "MEMPALACE_PALACE_PATH"  # read first by every supported engine version (palace.PALACE_ENV)
 CONFIG_PIN = "MEMPALACE_CONFIG_DIR"
 SYSTEM_PATH = {"linux": ("/usr/local/bin", "/usr/bin", "/bin"),
@@ -158,7 +167,7 @@ def systemd_unit(spec: Spec, banner: tuple[str, ...] = ()) -> str:
     env_lines = [f"Environment={systemd_quote(f'{k}={v}')}" for k, v in spec.environment]
     lines = [
         *(f"# {line}".rstrip() for line in banner),
-        f"# Written by `mp-bridge service install` for the palace {spec.palace}.",
+        f"# {MARKER} for the palace {spec.palace}.",
         "# Re-run it (or `mp-bridge service uninstall`) instead of editing: see mp_ssh_bridge/service.py.",
         "[Unit]",
         f"Description=MemPalace broker for {_systemd_path(spec.palace)} (mp-ssh-bridge)",
@@ -223,16 +232,18 @@ def launchd_plist(spec: Spec, banner: tuple[str, ...] = ()) -> str:
     for value in (*job["ProgramArguments"], *job["EnvironmentVariables"].values(), spec.log):
         _check_text(value)
     text = plistlib.dumps(job, sort_keys=False).decode("utf-8")
+    # an XML comment cannot hold "--": such a palace is named only where plistlib escapes it, in the job itself
+    palace = spec.palace if "--" not in spec.palace else "its arguments or environment name (not repeated here)"
     note = [
         *banner,
-        f"Written by `mp-bridge service install` for the palace {spec.palace}.",
+        f"{MARKER} for the palace {palace}.",
         "Re-run it (or `mp-bridge service uninstall`) instead of editing: see mp_ssh_bridge/service.py.",
         "KeepAlive restarts only a non-zero exit; the broker's service flag makes",
         f"\"another broker already serves this palace\" exit 0 (not {ALREADY_SERVED}), so it never restart-loops.",
         "ProcessType Interactive: Background would throttle the broker's CPU and I/O, and its engine's.",
     ]
     comment = "<!--\n" + "".join(f"  {line}\n".replace("  \n", "\n") for line in note) + "-->\n"
-    if "--" in comment[4:-4]:
+    if "--" in comment[4:-4]:  # only a banner could (the palace is left out above)
         raise ValueError("an XML comment cannot hold '--'")
     head, sep, rest = text.partition("<plist ")
     return head + comment + sep + rest
@@ -367,10 +378,13 @@ def describe_status(report: dict[str, Any]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- inputs from this install
-def carried_environment(environ: dict[str, str]) -> dict[str, str]:
-    """The installing environment's variables a broker and its engine read (MP_BRIDGE_*, MEMPALACE_*,
-    MEMPAL_*, XDG_CONFIG_HOME), minus every session and client variable (as an election passes them), minus
-    what the job sets itself."""
+def is_secret(name: str) -> bool:
+    """A variable never written into a service file: an API key, token, secret or password
+    (MEMPALACE_EMBEDDING_API_KEY, MEMPALACE_QDRANT_API_KEY, MEMPALACE_MILVUS_TOKEN, ...)."""
+    return name.upper().endswith(SECRET_SUFFIXES)
+
+
+def _broker_reads(environ: dict[str, str]) -> dict[str, str]:
     from mp_ssh_bridge import palace
     from mp_ssh_bridge.election import broker_environment
 
@@ -379,9 +393,30 @@ def carried_environment(environ: dict[str, str]) -> dict[str, str]:
             if (k.startswith(("MP_BRIDGE_", "MEMPALACE_", "MEMPAL_")) or k == "XDG_CONFIG_HOME") and k not in own}
 
 
+def carried_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The installing environment's variables a broker and its engine read (MP_BRIDGE_*, MEMPALACE_*,
+    MEMPAL_*, XDG_CONFIG_HOME), minus every session and client variable (as an election passes them), minus
+    what the job sets itself, minus secrets (`is_secret`: `withheld_secrets` names them for the user)."""
+    return {k: v for k, v in _broker_reads(environ).items() if not is_secret(k)}
+
+
+def withheld_secrets(environ: dict[str, str]) -> list[str]:
+    """The variables `carried_environment` leaves out as secrets: the user sets them by hand, owner-only."""
+    return [k for k in _broker_reads(environ) if is_secret(k)]
+
+
+def secrets_note(names: list[str], spec: Spec, platform: str, path: Path) -> str:
+    where = (f"an owner-only (chmod 600) file named by `EnvironmentFile=` in a drop-in such as "
+             f"{path.parent / (spec.unit + '.d') / 'secrets.conf'} (it survives a re-install)" if platform == "linux"
+             else f"the EnvironmentVariables of {path} by hand (it is owner-only; a re-install drops them again)")
+    return f"not written into the service file (secrets): {', '.join(names)}; if the broker needs them, set them in {where}"
+
+
 def broker_command(executable: str) -> list[str]:
     """This install's `mempalace-broker` beside its interpreter (never resolved: a venv's python is a link),
     else `python -m mp_ssh_bridge_broker`."""
+    from mp_ssh_bridge.election import BROKER_MODULE
+
     script = os.path.join(os.path.dirname(os.path.abspath(executable)), BROKER_SCRIPT)
     if os.path.isfile(script) and os.access(script, os.X_OK):
         return [script]
@@ -504,7 +539,9 @@ def _private_dirs(path: Path) -> None:
         os.chmod(d, 0o700)  # whatever the umask says
 
 
-def _write(path: Path, text: str, mode: int = 0o644) -> None:
+def _write(path: Path, text: str, mode: int = 0o600) -> None:
+    """Owner-only: the job's environment may say more than a config file should (systemd --user and launchd
+    read their user's 0600 files)."""
     _private_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -518,6 +555,24 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
         except OSError:
             pass
         raise
+
+
+def _ours(path: Path) -> bool | None:
+    """Whether the file at `path` was written by `mp-bridge service install` (MARKER); None: there is none.
+    Bytes, not text: a file in another encoding is simply not ours (OSError for one that cannot be read)."""
+    if not path.exists():
+        return None
+    return MARKER.encode() in path.read_bytes()
+
+
+def _backup(path: Path) -> Path:
+    """Copy `path` to `<path>.mp-bridge.bak`, owner-only, never over an existing backup (FileExistsError)."""
+    backup = path.with_name(path.name + BACKUP_SUFFIX)
+    data = path.read_bytes()
+    fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return backup
 
 
 def _prepare_state(settings: Settings) -> None:
@@ -566,20 +621,36 @@ def cmd_install(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a control character in a path
         print(f"mp-bridge service: {exc}", file=sys.stderr)
         return 2
+    withheld = withheld_secrets(dict(os.environ))
+    note = secrets_note(withheld, spec, platform, path) if withheld else None
     if args.dry_run:
-        print(f"# would write {path}", file=sys.stderr)
+        print(f"# would write {path}" + (f"\n# {note}" if note else ""), file=sys.stderr)
         sys.stdout.write(text)
         return 0
     from mp_ssh_bridge.state import UnsafeDirectory
 
+    backup = None
     try:
+        ours = _ours(path)
+        if ours is False:  # someone else's (a hand-edited copy of configs/, as older releases said): keep it
+            try:
+                backup = _backup(path)
+            except FileExistsError:
+                print(f"mp-bridge service: cannot install: {path} was not written by `mp-bridge service install` "
+                      f"and {path.name}{BACKUP_SUFFIX} beside it already holds an earlier one: move one of them "
+                      "away, then run it again", file=sys.stderr)
+                return 1
+        old = path.read_bytes() if ours else None
         _prepare_state(settings)
-        old = path.read_text(encoding="utf-8") if path.exists() else None
         _write(path, text)
     except (OSError, UnsafeDirectory) as exc:
         print(f"mp-bridge service: cannot install: {exc}", file=sys.stderr)
         return 1
-    print(f"{'unchanged' if old == text else 'wrote'} {path} (mode 644)")
+    if backup is not None:
+        print(f"{path} was not written by `mp-bridge service install`: kept as {backup}")
+    print(f"{'unchanged' if old == text.encode() else 'wrote'} {path} (mode 600: owner-only)")
+    if note:
+        print(note)
     print(f"  runs:  {shell_line([list(spec.argv) + (['--service'] if platform == 'macos' else [])])}")
     print(f"  palace {spec.palace}; state directory {spec.state_dir}; log {spec.log} (`mp-bridge logs`)")
     commands = enable_commands(spec, platform, path, os.getuid())
@@ -596,7 +667,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     print("enabling:")
     if not _run_all(commands):
         return 1
-    if platform == "linux" and before.get("running") and old != text:
+    if platform == "linux" and before.get("running") and old != text.encode():
         print(f"the running broker keeps its old settings until: systemctl --user restart {spec.unit}")
     return 0
 
@@ -607,6 +678,16 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
         return 2
     _, platform, spec, path, _ = ctx
     commands = disable_commands(spec, platform, os.getuid())
+    try:
+        ours = _ours(path)
+    except OSError as exc:
+        print(f"mp-bridge service: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if ours is False:  # someone else's job under our name: neither stopped nor removed
+        print(f"mp-bridge service: {path} was not written by `mp-bridge service install` (no \"{MARKER}\" line): "
+              f"not removing it, nor stopping its job; if you no longer want it: {shell_line(commands)}, then "
+              "remove the file yourself", file=sys.stderr)
+        return 1
     if args.dry_run:
         print(f"would run: {shell_line(commands)}\nwould remove {path}")
         return 0
@@ -614,20 +695,20 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     if why is None:
         print("stopping and disabling:")
         _run_all(commands, tolerate=True)  # not loaded, not enabled: nothing to undo
-    elif path.exists():
+    elif ours:
         print(f"not stopped: {why}; if it runs, stop it where the manager runs: {shell_line(commands)}")
-    if platform == "linux":  # what `systemctl enable` made, when systemctl could not undo it
-        wants = path.parent / "default.target.wants" / spec.unit
-        if wants.is_symlink():
-            wants.unlink()
-            print(f"removed {wants}")
-    if not path.exists():
-        print(f"nothing to remove: no {path}")
-        return 0
     try:
+        if platform == "linux":  # what `systemctl enable` made, when systemctl could not undo it
+            wants = path.parent / "default.target.wants" / spec.unit
+            if wants.is_symlink():
+                wants.unlink()
+                print(f"removed {wants}")
+        if not path.exists():
+            print(f"nothing to remove: no {path}")
+            return 0
         path.unlink()
     except OSError as exc:
-        print(f"mp-bridge service: cannot remove {path}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"mp-bridge service: cannot remove {exc.filename or path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     print(f"removed {path}")
     if platform == "linux" and why is None:

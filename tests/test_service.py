@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mp_ssh_bridge import service
+from mp_ssh_bridge import election, protocol, service
 from mp_ssh_bridge.settings import load
 from tests.conftest import BIN, REPO, BrokerHandle
 
@@ -167,11 +167,11 @@ def test_install_status_uninstall_round_trip_with_systemd(home: Path, tmp_path: 
     assert dry.returncode == 0 and f"would write {unit}" in dry.stderr and not unit.exists()
     res = bridge("service", "install", "--platform", "linux", "--now", env=env)
     assert res.returncode == 0, res.stderr
-    assert f"wrote {unit} (mode 644)" in res.stdout
+    assert f"wrote {unit} (mode 600: owner-only)" in res.stdout
     assert "not enabled: systemctl --user:" in res.stdout, "no user manager here: skipped, saying why"
     assert "systemctl --user daemon-reload && systemctl --user enable --now mempalace-broker.service" in res.stdout
     assert unit.read_text() == dry.stdout
-    assert stat.S_IMODE(unit.stat().st_mode) == 0o644
+    assert stat.S_IMODE(unit.stat().st_mode) == 0o600, "owner-only: the job's environment is the user's"
     for d in (xdg, xdg / "systemd", xdg / "systemd" / "user"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
     log = home / ".mempalace" / "broker.log"
@@ -232,3 +232,137 @@ def test_already_served_is_success_for_both_managers(home: Path, broker_factory,
     report = json.loads(status.stdout)
     assert report["broker"] == {"running": True, "pid": elected.proc.pid, "service": False,
                                 "how": "started on demand by a session, not by the service"}
+
+
+# --------------------------------------------------------------------------- secrets, other people's files, errors
+SECRETS = {"MEMPALACE_EMBEDDING_API_KEY": "sk-embed", "MEMPALACE_QDRANT_API_KEY": "qd-key",
+           "MEMPALACE_MILVUS_TOKEN": "mv-token", "MEMPALACE_MCP_HTTP_TOKEN": "http-token",
+           "MEMPAL_DB_PASSWORD": "pw", "MP_BRIDGE_SOME_SECRET": "s3"}
+
+
+def test_secrets_are_never_carried_and_the_file_is_owner_only(home: Path, tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "MEMPALACE_EMBEDDING_MODEL": "all-MiniLM", **SECRETS}
+    carried = service.carried_environment(env)
+    assert carried == {"MEMPALACE_EMBEDDING_MODEL": "all-MiniLM", "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    assert service.withheld_secrets(env) == sorted(SECRETS)
+    unit = tmp_path / "xdg" / "systemd" / "user" / "mempalace-broker.service"
+    res = bridge("service", "install", "--platform", "linux", env=env)
+    assert res.returncode == 0, res.stderr
+    text = unit.read_text()
+    assert "MEMPALACE_EMBEDDING_MODEL=all-MiniLM" in text
+    for name, value in SECRETS.items():
+        assert name not in text and value not in text, name
+    assert f"not written into the service file (secrets): {', '.join(sorted(SECRETS))}" in res.stdout
+    assert f"EnvironmentFile=` in a drop-in such as {unit}.d/secrets.conf" in res.stdout
+    assert stat.S_IMODE(unit.stat().st_mode) == 0o600
+    dry = bridge("service", "install", "--platform", "linux", "--dry-run", env=env)
+    assert "MEMPALACE_MILVUS_TOKEN" in dry.stderr and "mv-token" not in dry.stdout + dry.stderr
+    plist_env = {**env, "HOME": str(home)}
+    mac = bridge("service", "install", "--platform", "macos", "--palace", str(tmp_path / "p"), env=plist_env)
+    assert mac.returncode == 0, mac.stderr
+    plist = next((home / "Library" / "LaunchAgents").glob("*.plist"))
+    assert stat.S_IMODE(plist.stat().st_mode) == 0o600
+    assert not set(SECRETS) & set(plistlib.loads(plist.read_bytes())["EnvironmentVariables"])
+    assert f"the EnvironmentVariables of {plist} by hand" in mac.stdout
+
+
+def test_a_hand_written_file_is_kept_and_never_removed(home: Path, tmp_path: Path) -> None:
+    """Older releases said to copy configs/mempalace-broker.service there and edit it: install keeps such a file
+    as <file>.mp-bridge.bak (never over an earlier backup), uninstall refuses to remove it."""
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    unit = tmp_path / "xdg" / "systemd" / "user" / "mempalace-broker.service"
+    backup = unit.with_name(unit.name + ".mp-bridge.bak")
+    unit.parent.mkdir(parents=True)
+    mine = "[Service]\nExecStart=/Users/me/bin/mempalace-broker\n"
+    unit.write_text(mine)
+    refused = bridge("service", "uninstall", "--platform", "linux", env=env)
+    assert refused.returncode == 1 and "was not written by `mp-bridge service install`" in refused.stderr
+    assert "Traceback" not in refused.stderr and unit.read_text() == mine, "neither removed nor changed"
+    res = bridge("service", "install", "--platform", "linux", env=env)
+    assert res.returncode == 0, res.stderr
+    assert f"{unit} was not written by `mp-bridge service install`: kept as {backup}" in res.stdout
+    assert backup.read_text() == mine and stat.S_IMODE(backup.stat().st_mode) == 0o600
+    assert service.MARKER in unit.read_text()
+    again = bridge("service", "install", "--platform", "linux", env=env)  # its own file now: no second backup
+    assert again.returncode == 0 and f"unchanged {unit}" in again.stdout and "kept as" not in again.stdout
+    unit.write_text("# edited again by hand\n")
+    clash = bridge("service", "install", "--platform", "linux", env=env)
+    assert clash.returncode == 1 and "already holds an earlier one" in clash.stderr, clash.stderr
+    assert backup.read_text() == mine and unit.read_text() == "# edited again by hand\n", "nothing overwritten"
+    backup.unlink()
+    unit.write_bytes(b"# \xff\xfe not UTF-8\n")  # no traceback: someone else's file, kept like any other
+    latin = bridge("service", "install", "--platform", "linux", env=env)
+    assert latin.returncode == 0 and "Traceback" not in latin.stderr, latin.stderr
+    assert backup.read_bytes() == b"# \xff\xfe not UTF-8\n" and service.MARKER in unit.read_text()
+    unit.write_bytes(b"\xff\xfe")
+    odd = bridge("service", "uninstall", "--platform", "linux", env=env)
+    assert odd.returncode == 1 and "not removing it" in odd.stderr and "Traceback" not in odd.stderr
+    assert unit.exists()
+
+
+def test_uninstall_reports_a_file_it_cannot_remove(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(service, "manager_unreachable", lambda platform: "no manager in this test")
+    args = argparse.Namespace(platform="linux", palace=None, dry_run=False, now=False)
+    assert service.cmd_install(args) == 0
+    unit = tmp_path / "xdg" / "systemd" / "user" / "mempalace-broker.service"
+    wants = unit.parent / "default.target.wants" / unit.name
+    wants.parent.mkdir()
+    wants.symlink_to(unit)
+    real_unlink = Path.unlink
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        if self == wants:
+            raise PermissionError(13, "Permission denied", str(self))
+        real_unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    capsys.readouterr()
+    assert service.cmd_uninstall(args) == 1
+    err = capsys.readouterr().err
+    assert f"cannot remove {wants}: Permission denied" in err
+    assert unit.exists() and wants.is_symlink()
+
+
+def test_a_palace_with_two_dashes_is_installed_for_launchd(home: Path, tmp_path: Path) -> None:
+    """`--` cannot be in an XML comment: the palace is then named only in the job itself, escaped by plistlib."""
+    for flag in (False, True):
+        spec = service.build_spec(broker=["/b/mempalace-broker"], state_dir="/tmp/x/state", palace="/tmp/x/mem--old",
+                                  palace_flag=flag, path_dirs=["/b"], carried={}, config_dir=None, shutdown_grace=10.0,
+                                  key="k" if flag else None, platform="macos")
+        text = service.launchd_plist(spec)
+        job = plistlib.loads(text.encode())
+        where = job["ProgramArguments"] if flag else list(job["EnvironmentVariables"].values())
+        assert "/tmp/x/mem--old" in where
+        comment = text[text.index("<!--") + 4:text.index("-->")]
+        assert "--" not in comment and service.MARKER in comment
+    palace = tmp_path / "mem--old"
+    res = bridge("service", "install", "--platform", "macos", "--palace", str(palace))
+    assert res.returncode == 0, res.stderr
+    plist = next((home / "Library" / "LaunchAgents").glob("*.plist"))
+    assert str(palace) in plistlib.loads(plist.read_bytes())["ProgramArguments"]
+    gone = bridge("service", "uninstall", "--platform", "macos", "--palace", str(palace))
+    assert gone.returncode == 0 and not plist.exists(), gone.stderr
+
+
+def test_the_exit_codes_and_the_broker_module_have_one_definition() -> None:
+    """service.py names the broker's exit statuses and module; they are defined once, in core."""
+    import ast
+
+    from mp_ssh_bridge_broker import __main__ as broker_main
+
+    assert (service.ALREADY_SERVED, service.SETTINGS_ERROR) == (protocol.ALREADY_SERVED, protocol.SETTINGS_ERROR)
+    assert (broker_main.ALREADY_SERVED, broker_main.SETTINGS_ERROR) == (3, 2)
+    for module in (service, broker_main):
+        tree = ast.parse(Path(module.__file__ or "").read_text())
+        assigned = {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign) for t in node.targets
+                    if isinstance(t, ast.Name)}
+        assert not assigned & {"ALREADY_SERVED", "SETTINGS_ERROR", "BROKER_MODULE"}, module.__name__
+    lonely = Path("/nonexistent/python3")
+    assert service.broker_command(str(lonely)) == [str(lonely), "-m", election.BROKER_MODULE]
+    bad = subprocess.run([str(BIN / "mempalace-broker"), "--container-daemon", "--ensure"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == protocol.SETTINGS_ERROR, bad.stderr
