@@ -56,7 +56,6 @@ import os
 import plistlib
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -542,19 +541,10 @@ def _private_dirs(path: Path) -> None:
 def _write(path: Path, text: str, mode: int = 0o600) -> None:
     """Owner-only: the job's environment may say more than a config file should (systemd --user and launchd
     read their user's 0600 files)."""
+    from mp_ssh_bridge.state import write_text_atomic
+
     _private_dirs(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_text_atomic(path, text, mode)
 
 
 def _ours(path: Path) -> bool | None:

@@ -164,14 +164,19 @@ def ensure_private_dir(path: Path) -> None:
 
 def write_json_atomic(path: Path, data: dict[str, Any], mode: int = 0o600) -> None:
     """temp file in the same directory, fsync, chmod, rename: readers see old or new, never half."""
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n", mode)
+
+
+def write_text_atomic(path: Path, text: str, mode: int = 0o600) -> None:
+    """`text` to `path` through a temp file in the same directory (created exclusively), fsync, chmod, rename:
+    readers see the old file or the new one, never half of it."""
     import tempfile
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
