@@ -466,3 +466,48 @@ def test_the_mounts_meet_the_shims_defaults(monkeypatch: pytest.MonkeyPatch) -> 
         assert value.startswith(f"{ssh_local}/"), (key, value)
     for path in (*DOCKER.iterdir(), REPO / "configs" / "ssh_config"):
         assert "/home/agent" not in path.read_text(), path
+
+
+# --------------------------------------------------------------------------- the documented installs, for real
+@pytest.fixture(scope="module")
+def git_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A `git+file://` URL of a clone of HEAD (CI reaches no git host): what `@REF` installs name."""
+    src = tmp_path_factory.mktemp("git-src") / "mp-ssh-bridge"
+    done = run(["git", "clone", "-q", REPO, src], env=dict(os.environ), timeout=120)
+    assert done.returncode == 0, done.stderr
+    return f"git+file://{src}"
+
+
+@pytest.mark.parametrize("tool", ["pip", "uv", "pipx"])
+def test_the_documented_installs_from_a_git_url_give_the_client_footprint(
+    tool: str, git_url: str, tmp_path: Path,
+) -> None:
+    """README's `pip install`, `uv tool install` and `pipx install` of `mp-ssh-bridge @ git+…`, each into a fresh
+    environment with its dependencies from the index (the client footprint: a few MB, no engine): the three
+    commands run, and the engine's storage stack is not there."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH", "MP_BRIDGE_"))}
+    env.update(HOME=str(tmp_path / "home"), PATH=f"{tmp_path / 'bin'}{os.pathsep}{BIN}{os.pathsep}/usr/bin:/bin",
+               UV_TOOL_DIR=str(tmp_path / "tools"), UV_TOOL_BIN_DIR=str(tmp_path / "bin"),
+               PIPX_HOME=str(tmp_path / "pipx"), PIPX_BIN_DIR=str(tmp_path / "bin"))
+    (tmp_path / "home").mkdir()
+    spec = f"mp-ssh-bridge @ {git_url}"
+    if tool == "pip":
+        assert run([BASE_PYTHON, "-m", "venv", tmp_path / "venv"], env=env).returncode == 0
+        done = run([tmp_path / "venv" / "bin" / "python", "-m", "pip", "install", "-q", git_url], env=env, timeout=600)
+        bindir = tmp_path / "venv" / "bin"
+        python = bindir / "python"
+    elif tool == "uv":
+        done = run([BIN / "uv", "tool", "install", "--python", BASE_PYTHON, spec], env=env, timeout=600)
+        bindir, python = tmp_path / "bin", tmp_path / "tools" / "mp-ssh-bridge" / "bin" / "python"
+    else:
+        done = run([BIN / "pipx", "install", "--python", BASE_PYTHON, git_url], env=env, timeout=600)
+        bindir, python = tmp_path / "bin", tmp_path / "pipx" / "venvs" / "mp-ssh-bridge" / "bin" / "python"
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    version = run([bindir / "mp-shim", "--version"], env=env)
+    assert version.returncode == 0 and version.stdout.strip() == f"mp-shim {__version__}", version
+    for command in ("mp-bridge", "mempalace-broker"):
+        helped = run([bindir / command, "--help"], env=env)
+        assert helped.returncode == 0 and "usage" in helped.stdout.lower(), (command, helped)
+    probe = run([python, "-c", "import importlib.util as u; print(u.find_spec('mempalace'), u.find_spec('chromadb'))"],
+                env=env)
+    assert probe.returncode == 0 and probe.stdout.split() == ["None", "None"], probe  # no engine, no storage stack
