@@ -125,8 +125,7 @@ class _Parser:
             elif c == "/" and text.startswith("//", self.pos):
                 if not self.jsonc:
                     raise self.fail("comments are not allowed in JSON")
-                end = text.find("\n", self.pos)
-                self.pos = n if end < 0 else end
+                self.pos = comment_end(text, self.pos)
             elif c == "/" and text.startswith("/*", self.pos):
                 if not self.jsonc:
                     raise self.fail("comments are not allowed in JSON")
@@ -167,8 +166,12 @@ class _Parser:
                 return Node(word, start, self.pos, scalar=val)
         m = _NUMBER.match(text, start)
         if m and m.end() > start:
+            try:
+                number = json.loads(m.group())
+            except ValueError:  # an integer past Python's int_max_str_digits (4300 digits)
+                raise self.fail(f"a number too long to read ({m.end() - start} characters)") from None
             self.pos = m.end()
-            return Node("number", start, m.end(), scalar=json.loads(m.group()))
+            return Node("number", start, m.end(), scalar=number)
         raise self.fail("end of text where a value should be" if not c else f"unexpected {c!r} where a value should be")
 
     def string(self) -> tuple[str, int]:
@@ -271,6 +274,16 @@ def canonical(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- layout
+def comment_end(text: str, pos: int, stop: int | None = None) -> int:
+    """Where the `//` comment at `pos` ends: at its line break, before the "\r" of a "\r\n" (so nothing is
+    ever put between the two), or at `stop` / the end of the text."""
+    limit = len(text) if stop is None else stop
+    end = text.find("\n", pos, limit)
+    if end < 0:
+        return limit
+    return end - 1 if end > pos and text[end - 1] == "\r" else end
+
+
 def line_start(text: str, pos: int) -> int:
     return text.rfind("\n", 0, pos) + 1
 
@@ -299,8 +312,7 @@ def after_same_line_trivia(text: str, pos: int) -> int:
         if c in " \t":
             pos += 1
         elif text.startswith("//", pos):
-            end = text.find("\n", pos)
-            return n if end < 0 else end
+            return comment_end(text, pos)
         elif text.startswith("/*", pos):
             end = text.find("*/", pos + 2)
             if end < 0:
@@ -399,8 +411,7 @@ def insert_member(text: str, obj: Node, key: str, value: Any, style: Style) -> E
             if text[pos] in _WS:
                 pos += 1
             elif text.startswith("//", pos):
-                end = text.find("\n", pos, inside_end)
-                pos = last = inside_end if end < 0 else end
+                pos = last = comment_end(text, pos, inside_end)
             else:  # "/*": the document parsed, so it is closed inside the object
                 pos = last = text.index("*/", pos + 2, inside_end) + 2
         closing = "" if "\n" in text[last:inside_end] else nl + open_indent

@@ -20,8 +20,12 @@ Claude Code's per-project servers in `~/.claude.json` `projects` and the other s
 What changes: every server entry whose command runs the engine (`mempalace-mcp`, by name or path, or
 `python -m mempalace.mcp_server` / `mempalace.mcp_proxy`, directly or through uvx / uv / pipx) gets `mp-shim`
 as its command, with the arguments that followed the engine and everything else kept (env, enabled, ...);
-an engine behind another wrapper (`env X=1 mempalace-mcp`, `docker run ...`) is refused, since replacing it
-would drop the wrapper: a person decides. With no such entry one named `mempalace` is added (refused if
+when the engine was anything but the bare `mempalace-mcp` (a venv's path, `uvx --from mempalace==3.11
+mempalace-mcp`, `python -m mempalace.mcp_server`), that command goes into the entry's environment as
+MP_BRIDGE_ENGINE (shell-quoted; opencode `environment`, else `env`) unless it already sets one, so the
+broker runs that very engine; the output says which engine will run. An engine behind another wrapper
+(`env X=1 mempalace-mcp`, `docker run ...`, a shell string `sh -c "exec mempalace-mcp"`) is refused, since
+replacing it would drop the wrapper: a person decides. With no such entry one named `mempalace` is added (refused if
 that name runs something else). An entry that already runs mp-shim means nothing to do: a second install
 changes nothing. The shim is written as the absolute path of the
 `mp-shim` next to this Python (the console script of this installation; agents often start servers
@@ -58,7 +62,9 @@ the value written, the splice) and a hash of the file right after. Nothing is le
 project but the backup; the record file goes once nothing is left to undo. Uninstall: a file unchanged since install gets its splices undone, byte for
 byte. A file edited since gets each entry back (its old text) or removed (and the `mcpServers` / `mcp`
 object with it when install created it and it holds nothing else), keeping the other edits; a file
-install created is removed when nothing else was put in it. An entry already back as it was (or already
+install created is removed when what is left is, but for whitespace, the skeleton install wrote (a comment
+added to it keeps it). The record is written before the file; if the file cannot be written the record
+is taken back. An entry already back as it was (or already
 removed) is nothing to undo; an entry changed otherwise since install is refused with a message, and
 nothing is written. Installing an entry again (the user had put the engine back) replaces its record:
 uninstall then returns to the state just before the latest install.
@@ -78,12 +84,15 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from mp_ssh_bridge import jsonc
+from mp_ssh_bridge.config import DEFAULT_TIMEOUT_MS as SESSION_DEADLINE_MS  # MEMPALACE_MCP_TIMEOUT_MS's default
+from mp_ssh_bridge.protocol import EVENT_WAIT_DEFAULT_MS as EVENT_WAIT_MS  # mempalace_event_wait's default wait
 
 CLIENTS = ("pi", "claude-code", "opencode")
 ENTRY_NAME = "mempalace"
@@ -92,8 +101,6 @@ ENGINE_MODULES = {"mempalace.mcp_server", "mempalace.mcp_proxy"}
 SHIM_NAME = "mp-shim"
 LAUNCHERS = {"uvx", "uv", "pipx"}  # `uvx --from mempalace mempalace-mcp ARGS` becomes `mp-shim ARGS`
 OPENCODE_TIMEOUT_MS = 30_000
-SESSION_DEADLINE_MS = 60_000  # MEMPALACE_MCP_TIMEOUT_MS's default (config.DEFAULT_TIMEOUT_MS)
-EVENT_WAIT_MS = 60_000  # mempalace_event_wait's default wait (protocol.EVENT_WAIT_DEFAULT_MS)
 PI_MARGIN_MS = 10_000
 OPENCODE_SCHEMA = "https://opencode.ai/config.json"
 MANIFEST_VERSION = 1
@@ -125,8 +132,9 @@ def _home(environ: Mapping[str, str]) -> Path:
 
 
 def _xdg(environ: Mapping[str, str], name: str, default: str) -> Path:
-    value = (environ.get(name) or "").strip()
-    return Path(os.path.expanduser(value)) if value else _home(environ) / default
+    """An XDG base directory; a relative value is ignored, as the XDG spec says."""
+    value = os.path.expanduser((environ.get(name) or "").strip())
+    return Path(value) if value and os.path.isabs(value) else _home(environ) / default
 
 
 def pi_agent_dir(environ: Mapping[str, str]) -> Path:
@@ -207,28 +215,67 @@ def _base(word: str) -> str:
     return name
 
 
-def engine_args(words: list[str] | None) -> list[str] | None:
-    """The arguments after the engine when `words` runs mempalace-mcp: directly, as `python -m
-    mempalace.mcp_server` (or `.mcp_proxy`), or through uvx / uv / pipx; else None."""
+def engine_split(words: list[str] | None) -> tuple[list[str], list[str]] | None:
+    """(the engine's own command, the arguments after it) when `words` runs mempalace-mcp: directly, as
+    `python -m mempalace.mcp_server` (or `.mcp_proxy`), or through uvx / uv / pipx; else None."""
     if not words or runs_shim(words):
         return None
     first = _base(words[0])
     launched = first in LAUNCHERS
     for i, word in enumerate(words):
         if _base(word) in ENGINE_NAMES and (i == 0 or launched):
-            return list(words[i + 1:])
+            return list(words[:i + 1]), list(words[i + 1:])
         if (first.startswith("python") or launched) and word == "-m" and words[i + 1:i + 2] and (
                 words[i + 1] in ENGINE_MODULES):
-            return list(words[i + 2:])
+            return list(words[:i + 2]), list(words[i + 2:])
     return None
+
+
+def engine_args(words: list[str] | None) -> list[str] | None:
+    """The arguments after the engine when `words` runs mempalace-mcp (see `engine_split`), else None."""
+    split = engine_split(words)
+    return None if split is None else split[1]
+
+
+def engine_command(words: list[str] | None) -> str | None:
+    """The engine `words` runs, as a command line for MP_BRIDGE_ENGINE (shell-quoted: settings split it with
+    shlex), when it is anything but the bare `mempalace-mcp` the broker would find by itself; else None."""
+    split = engine_split(words)
+    if split is None or split[0] == ["mempalace-mcp"]:
+        return None
+    return shlex.join(split[0])
+
+
+def _names_engine(word: str) -> bool:
+    return not word.startswith("-") and (_base(word) in ENGINE_NAMES or word in ENGINE_MODULES)
+
+
+def _inner_words(word: str) -> list[str] | None:
+    """The words of a shell string (`sh -c "exec mempalace-mcp --palace /p"`), None when it does not split."""
+    lexer = shlex.shlex(word, posix=True, punctuation_chars=True)  # `mempalace-mcp;` and `a&&b` split too
+    lexer.whitespace_split = True
+    try:
+        return list(lexer)
+    except ValueError:
+        return None
 
 
 def engine_wrapped(words: list[str] | None) -> bool:
     """`words` names the engine in a way `engine_args` does not take apart (`env X=1 mempalace-mcp`,
-    `docker run ... mempalace-mcp`): replacing it would drop what wraps it, so a person has to."""
+    `docker run ... mempalace-mcp`, a shell string `sh -c "exec mempalace-mcp"`): replacing it would drop
+    what wraps it, so a person has to."""
     if not words or runs_shim(words) or engine_args(words) is not None:
         return False
-    return any(not w.startswith("-") and (_base(w) in ENGINE_NAMES or w in ENGINE_MODULES) for w in words)
+    for word in words:
+        if _names_engine(word):
+            return True
+        inner = _inner_words(word)
+        if inner is None:  # unbalanced quoting: any mention of the engine counts
+            if any(name in word for name in (*ENGINE_NAMES, *ENGINE_MODULES)):
+                return True
+        elif any(_names_engine(w) for w in inner):
+            return True
+    return False
 
 
 def runs_shim(words: list[str] | None) -> bool:
@@ -250,21 +297,53 @@ def _at_least(entry: dict[str, Any], key: str, value: int) -> None:
         entry[key] = value
 
 
-def shim_entry(client: str, old: dict[str, Any] | None, args: list[str], shim: str) -> dict[str, Any]:
-    """The entry that runs `shim args`: `old` with its command replaced (the rest kept), or a new one."""
+def env_key(client: str) -> str:
+    """Where an entry keeps its server's environment: opencode `environment`, Claude Code and pi `env`."""
+    return "environment" if client == "opencode" else "env"
+
+
+def entry_engine(client: str, entry: Any) -> str | None:
+    """The MP_BRIDGE_ENGINE an entry's own environment already sets, if any."""
+    env = entry.get(env_key(client)) if isinstance(entry, dict) else None
+    value = env.get("MP_BRIDGE_ENGINE") if isinstance(env, dict) else None
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def shim_entry(client: str, old: dict[str, Any] | None, args: list[str], shim: str,
+               engine: str | None = None) -> dict[str, Any]:
+    """The entry that runs `shim args`: `old` with its command replaced (the rest kept), or a new one.
+    `engine` (the command the old entry ran, when not the bare `mempalace-mcp`) goes into the entry's
+    environment as MP_BRIDGE_ENGINE unless that already names one: the broker then runs that very engine."""
     if client == "opencode":
         entry = dict(old) if old else {"type": "local", "command": [], "enabled": True}
         entry["command"] = [shim, *args]
         _at_least(entry, "timeout", OPENCODE_TIMEOUT_MS)
-        return entry
-    entry = dict(old) if old else ({"type": "stdio"} if client == "claude-code" else {})
-    entry["command"] = shim
-    entry["args"] = list(args)
-    if client == "claude-code" and not old:
-        entry["env"] = {}
+    else:
+        entry = dict(old) if old else ({"type": "stdio"} if client == "claude-code" else {})
+        entry["command"] = shim
+        entry["args"] = list(args)
+        if client == "claude-code" and not old:
+            entry["env"] = {}
+    if engine is not None and entry_engine(client, entry) is None:
+        key = env_key(client)
+        env = entry.get(key)
+        if env is not None and not isinstance(env, dict):
+            raise WiringError(f"the entry's {key!r} is not an object, so MP_BRIDGE_ENGINE={engine} cannot be kept "
+                              "in it; fix it by hand; nothing changed")
+        entry[key] = {**(env or {}), "MP_BRIDGE_ENGINE": engine}
     if client == "pi":
         _at_least(entry, "requestTimeoutMs", pi_request_timeout(entry))
     return entry
+
+
+def engine_note(client: str, entry: dict[str, Any], engine: str | None) -> str:
+    """Which engine the broker will run for `entry`, for the output."""
+    named = entry_engine(client, entry)
+    if named is None:
+        return "engine: mempalace-mcp as the broker finds it (PATH, or MP_BRIDGE_ENGINE where the broker starts)"
+    if engine is not None and named == engine:
+        return f"engine kept: {engine} (MP_BRIDGE_ENGINE in the entry's {env_key(client)})"
+    return f"engine: {named} (the entry's own MP_BRIDGE_ENGINE)"
 
 
 def _with_palace(args: list[str], palace: str | None) -> list[str]:
@@ -379,14 +458,17 @@ def plan_install(text: str, t: Target, shim: str, palace: str | None) -> tuple[s
             raise WiringError(f"could not add {_show(container)} to {t.path} cleanly; nothing changed")
         change = Change("add", container, None, written, [*container, ENTRY_NAME], entry,
                         edit.offset, edit.old, edit.new, edit.anchor, _sha(new))
-        return new, [change], [f"added server {ENTRY_NAME!r} ({_show(container)} was not there)"]
+        return new, [change], [f"added server {ENTRY_NAME!r} ({_show(container)} was not there); "
+                                    f"{engine_note(t.client, entry, None)}"]
     if found[1].value.kind != "object":
         raise WiringError(f"{_show(container)} in {t.path} is not an object; nothing changed")
     servers = found[1].value.to_python()
     for name, e in servers.items():
         if engine_wrapped(command_words(t.client, e)):
             raise WiringError(f"{t.path}: server {name!r} runs mempalace-mcp through "
-                              f"{(command_words(t.client, e) or ['?'])[0]!r}; make it run mp-shim by hand; nothing changed")
+                              f"{(command_words(t.client, e) or ['?'])[0]!r} (a wrapper or shell command that "
+                              "replacing it would drop; adding another server beside it would make two writers); "
+                              "make it run mp-shim by hand; nothing changed")
     engines = [name for name, e in servers.items() if engine_args(command_words(t.client, e)) is not None]
     if not engines:
         shims = [name for name, e in servers.items() if runs_shim(command_words(t.client, e))]
@@ -402,7 +484,7 @@ def plan_install(text: str, t: Target, shim: str, palace: str | None) -> tuple[s
         if new is None:
             raise WiringError(f"could not add server {ENTRY_NAME!r} to {t.path} cleanly; nothing changed")
         change = Change("add", path, None, entry, path, entry, edit.offset, edit.old, edit.new, edit.anchor, _sha(new))
-        return new, [change], [f"added server {ENTRY_NAME!r}"]
+        return new, [change], [f"added server {ENTRY_NAME!r}; {engine_note(t.client, entry, None)}"]
     changes: list[Change] = []
     done: list[str] = []
     for name in engines:  # one splice at a time, each on the text the previous one left
@@ -411,21 +493,29 @@ def plan_install(text: str, t: Target, shim: str, palace: str | None) -> tuple[s
         located = _member(root, path)
         assert located is not None
         old_entry = located[1].value.to_python()
-        args = engine_args(command_words(t.client, old_entry)) or []
-        entry = shim_entry(t.client, old_entry, _with_palace(args, palace), shim)
+        words = command_words(t.client, old_entry)
+        args = engine_args(words) or []
+        engine = engine_command(words)
+        entry = shim_entry(t.client, old_entry, _with_palace(args, palace), shim, engine)
         edit = jsonc.replace_value(text, located[1], entry, style)
         new = _checked(text, edit, _set(root.to_python(), path, entry), t)
         if new is None:
             raise WiringError(f"could not replace server {name!r} in {t.path} cleanly; nothing changed")
         changes.append(Change("replace", path, old_entry, entry, path, entry, edit.offset, edit.old, edit.new, 0,
                               _sha(new)))
-        done.append(f"server {name!r} ran mempalace-mcp; now runs {shim}")
+        done.append(f"server {name!r} ran mempalace-mcp{f' as {engine}' if engine else ''}; now runs {shim}; "
+                    f"{engine_note(t.client, entry, engine)}")
         text = new
     return text, changes, done
 
 
 def _render_file(value: dict[str, Any]) -> str:
     return jsonc.render(value, jsonc.Style()) + "\n"
+
+
+def _bare(text: str) -> str:
+    """`text` without its whitespace (and BOM), to compare layouts that differ only in spacing."""
+    return "".join(text.lstrip("\ufeff").split())
 
 
 def _undo(text: str, change: Change, t: Target) -> str:
@@ -492,18 +582,20 @@ def _sha(text: str) -> str:
 
 
 def _write_atomic(path: Path, text: str, mode: int | None) -> None:
-    """`text` in place of `path` (a temporary file renamed over it), keeping the old file's mode."""
-    tmp = path.with_name(f".{path.name}.mp-bridge-{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if mode is None else mode & 0o777)
+    """`text` in place of `path` (a temporary file, made with O_EXCL under a random name beside it, renamed
+    over it), keeping the old file's mode; through a symlink, the file it points to is replaced."""
+    data = text.encode("utf-8")  # before anything is made: a text that cannot be written changes nothing
+    path = Path(os.path.realpath(path))
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".mp-bridge.tmp", dir=path.parent)
+    tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8"))
+            f.write(data)
             f.flush()
+            if mode is None and path.exists():
+                mode = path.stat().st_mode
+            os.fchmod(f.fileno(), (0o666 & ~_umask()) if mode is None else mode & 0o777)
             os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode & 0o777)
-        elif not path.exists():
-            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -552,7 +644,7 @@ def _save_manifest(path: Path, data: dict[str, Any]) -> None:
             path.unlink()
         return
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n", 0o600)
+    _write_atomic(path, json.dumps(data, indent=1, ensure_ascii=True) + "\n", 0o600)
 
 
 def _diff(old: str | None, new: str | None, path: Path) -> str:
@@ -639,7 +731,7 @@ def install(t: Target, shim: str, palace: str | None = None, dry_run: bool = Fal
         new = _render_file({**t.skeleton, t.container[0]: written})
         changes = [Change("create", list(t.container), None, written, [*t.container, ENTRY_NAME], entry, 0, "", new, 0,
                           _sha(new))]
-        done = [f"created it with server {ENTRY_NAME!r}"]
+        done = [f"created it with server {ENTRY_NAME!r}; {engine_note(t.client, entry, None)}"]
     else:
         new, changes, done = plan_install(text, t, shim, palace)
     notes = engines_elsewhere(t, cwd or Path.cwd(), environ)
@@ -654,21 +746,24 @@ def install(t: Target, shim: str, palace: str | None = None, dry_run: bool = Fal
         for note in notes:
             print(note, file=out)
         return 0
+    try:
+        new.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WiringError(f"{t.path}: the new text would hold a lone surrogate (a \\ud800-style escape in a value "
+                          "install rewrites), which cannot be written as UTF-8; fix it by hand; nothing changed") from None
     record_path = manifest_path(environ)
     manifest = _load_manifest(record_path)  # before writing anything: a bad record stops us here
+    previous = copy.deepcopy(manifest)
     created_dirs = _missing_dirs(real.parent)
     backup: Path | None = None
+    mode: int | None = None
     if text is not None:
         if _read(real) != text:
             raise WiringError(f"{t.path} changed while this ran; nothing changed, run it again")
         mode = real.stat().st_mode
         backup = _backup(real, text, mode)
-        _write_atomic(real, new, mode)
-    else:
-        real.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(real, new, None)
     record = manifest["files"].get(str(real))
-    if record is None:
+    if record is None or text is None:  # new, or the file was deleted since: what the old record undid is gone
         record = {"client": t.client, "scope": t.scope, "path": str(t.path), "created": text is None,
                   "created_dirs": [str(d) for d in created_dirs], "backup": str(backup) if backup else None,
                   "changes": []}
@@ -676,8 +771,26 @@ def install(t: Target, shim: str, palace: str | None = None, dry_run: bool = Fal
     superseded = [c.entry for c in changes]  # an entry installed again: undo goes back to just before this install
     record["changes"] = [c for c in record["changes"] if c.get("entry") not in superseded]
     record["changes"].extend(asdict(c) for c in changes)
+    if record.get("created") and not any(c.get("action") == "create" for c in record["changes"]):
+        # The file install made is no longer what the record undoes (its entry was put back by hand and
+        # installed again): uninstall goes back to that file, it does not delete it.
+        record["created"] = False
+        record["created_dirs"] = []
+    if backup and not record.get("backup"):
+        record["backup"] = str(backup)
     record["installed_at"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    _save_manifest(record_path, manifest)
+    _save_manifest(record_path, manifest)  # the record first: a change that cannot be recorded is not made
+    try:
+        if text is None:
+            real.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(real, new, mode)
+    except BaseException:
+        for folder in created_dirs:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only when empty
+        with contextlib.suppress(OSError, ValueError):
+            _save_manifest(record_path, previous)
+        raise
     print(f"{t.label}: {t.path}: {'; '.join(done)}", file=out)
     if backup:
         print(f"backup: {backup}", file=out)
@@ -719,10 +832,9 @@ def uninstall(t: Target, dry_run: bool = False, out: IO[str] = sys.stdout,
         new = _undo(new, change, t)
     if pending and record.get("created"):
         assert new is not None
-        left = jsonc.loads(new, jsonc=t.jsonc)
-        if jsonc.canonical(left) in (jsonc.canonical({**t.skeleton, t.container[0]: {}}),
-                                     jsonc.canonical(t.skeleton)):
-            new = None  # install made the file and nothing else was put in it
+        skeletons = {_bare(_render_file({**t.skeleton, t.container[0]: {}})), _bare(_render_file(t.skeleton))}
+        if _bare(new) in skeletons:  # install made the file and nothing else (not even a comment) was put in it
+            new = None
     if new == text:
         print(f"{t.label}: {t.path}: nothing to undo (already as before install); the record of it is dropped",
               file=out)
@@ -756,11 +868,11 @@ def cmd_install(args: argparse.Namespace) -> int:
     try:
         t = target(args.client, args.project, Path.cwd())
         return install(t, args.shim or default_shim(), getattr(args, "palace", None), args.dry_run)
-    except WiringError as exc:
+    except (WiringError, OSError) as exc:
         print(f"mp-bridge install: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"mp-bridge install: {exc}", file=sys.stderr)
+    except ValueError as exc:  # UnicodeError among them: text that cannot be written; nothing was left half done
+        print(f"mp-bridge install: cannot write the change ({exc}); nothing changed", file=sys.stderr)
         return 1
 
 
@@ -769,6 +881,9 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
         return uninstall(target(args.client, args.project, Path.cwd()), args.dry_run)
     except (WiringError, OSError) as exc:
         print(f"mp-bridge uninstall: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # UnicodeError among them
+        print(f"mp-bridge uninstall: cannot write the change ({exc}); nothing changed", file=sys.stderr)
         return 1
 
 

@@ -293,7 +293,8 @@ def test_what_install_writes_for_each_client(world: World) -> None:
     path, _ = world.put(claude_project)
     out = _ok(world.install(claude_project, "--palace", "/home/dev/work/palace")).stdout
     assert json.loads(path.read_text())["mcpServers"]["mempalace"] == {
-        "command": SHIM, "args": ["--palace", "/home/dev/work/palace"], "env": {"MEMPALACE_MCP_READ_ONLY": "1"}}
+        "command": SHIM, "args": ["--palace", "/home/dev/work/palace"], "env": {
+            "MEMPALACE_MCP_READ_ONLY": "1", "MP_BRIDGE_ENGINE": "/home/dev/.venvs/mempalace/bin/python -m mempalace.mcp_server"}}
     assert "'mempalace' ran mempalace-mcp" in out
     pi = CASES[5]
     path, _ = world.put(pi)
@@ -486,3 +487,219 @@ def test_replace_value_keeps_the_rest_byte_for_byte() -> None:
 def test_an_edit_refuses_text_it_does_not_expect() -> None:
     with pytest.raises(ValueError):
         jsonc.Edit(1, "abc", "x").apply("0xyz")
+
+
+# --------------------------------------------------------------------------- review findings
+@pytest.mark.parametrize("client, place, entry, engine, args", [
+    ("pi", ".pi/mcp.json", {"command": "/home/me/venvs/mp/bin/mempalace-mcp", "args": ["--palace", "/p"]},
+     "/home/me/venvs/mp/bin/mempalace-mcp", ["--palace", "/p"]),
+    ("opencode", "opencode.json", {"type": "local", "command": ["uvx", "--from", "mempalace==3.11", "mempalace-mcp"]},
+     "uvx --from mempalace==3.11 mempalace-mcp", []),
+    ("claude-code", ".mcp.json", {"command": "/home/me/venvs/mp/bin/python", "args": ["-m", "mempalace.mcp_server"]},
+     "/home/me/venvs/mp/bin/python -m mempalace.mcp_server", []),
+    ("opencode", "opencode.json", {"command": ["/home/me/My venvs/bin/mempalace-mcp", "--read-only"],
+                                   "environment": {"A": "1"}},
+     "'/home/me/My venvs/bin/mempalace-mcp'", ["--read-only"]),
+])
+def test_install_keeps_which_engine_an_entry_ran(world: World, client: str, place: str, entry: dict[str, object],
+                                                 engine: str, args: list[str]) -> None:
+    import shlex
+
+    path = world.project / place
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = "mcp" if client == "opencode" else "mcpServers"
+    original = json.dumps({key: {"mem": entry}}, indent=2) + "\n"
+    path.write_text(original)
+    out = _ok(world.run("install", client, "--project", "--shim", SHIM)).stdout
+    installed = jsonc.loads(path.read_text())[key]["mem"]
+    env = installed["environment" if client == "opencode" else "env"]
+    assert env["MP_BRIDGE_ENGINE"] == engine
+    assert shlex.split(engine) == wiring.engine_split(wiring.command_words(client, entry))[0]  # type: ignore[index]
+    command = installed["command"]
+    assert (command[1:] if client == "opencode" else installed["args"]) == args
+    assert engine in out  # which engine will run is said
+    _ok(world.run("uninstall", client, "--project"))
+    assert path.read_text() == original
+
+
+def test_install_keeps_an_engine_the_entry_already_names_and_adds_none_for_the_bare_name(world: World) -> None:
+    path = world.project / ".mcp.json"
+    path.write_text(json.dumps({"mcpServers": {
+        "mem": {"command": "python3", "args": ["-m", "mempalace.mcp_server"], "env": {"MP_BRIDGE_ENGINE": "/x/engine"}}}}))
+    out = _ok(world.run("install", "claude-code", "--project", "--shim", SHIM)).stdout
+    assert json.loads(path.read_text())["mcpServers"]["mem"]["env"] == {"MP_BRIDGE_ENGINE": "/x/engine"}
+    assert "/x/engine" in out
+    assert wiring.engine_command(["mempalace-mcp", "--palace", "/p"]) is None
+
+
+@pytest.mark.parametrize("words", [
+    ["sh", "-c", "exec mempalace-mcp --palace /p"],
+    ["bash", "-lc", "cd /x && python -m mempalace.mcp_server;"],
+    ["sh", "-c", "exec 'mempalace-mcp"],  # does not split: a mention is enough
+])
+def test_an_engine_inside_a_shell_string_is_wrapped(words: list[str]) -> None:
+    assert wiring.engine_args(words) is None and wiring.engine_wrapped(words)
+
+
+def test_an_engine_inside_a_shell_string_is_refused_not_doubled(world: World) -> None:
+    path = world.project / ".mcp.json"
+    text = json.dumps({"mcpServers": {"m": {"command": "sh", "args": ["-c", "exec mempalace-mcp --palace /p"]}}})
+    path.write_text(text)
+    proc = world.run("install", "claude-code", "--project", "--shim", SHIM)
+    assert proc.returncode == 1 and "through 'sh'" in proc.stderr and "by hand" in proc.stderr
+    assert path.read_text() == text
+    # ... and named when it sits in another file the client reads.
+    shared = world.home / ".config" / "mcp" / "mcp.json"
+    shared.parent.mkdir(parents=True)
+    shared.write_text(text)
+    out = _ok(world.run("install", "pi", "--shim", SHIM)).stdout
+    assert f"note: {shared} mcpServers.m still runs mempalace-mcp" in out
+
+
+def test_a_key_with_a_lone_surrogate_escape_is_recorded_and_undone(world: World) -> None:
+    path = world.project / ".pi" / "mcp.json"
+    path.parent.mkdir()
+    original = '{\n  "mcpServers": {\n    "x\\ud800": {"command": "mempalace-mcp", "args": []}\n  }\n}\n'
+    path.write_text(original)
+    _ok(world.run("install", "pi", "--project", "--shim", SHIM))
+    assert world.manifest.read_bytes().isascii()
+    _ok(world.run("uninstall", "pi", "--project"))
+    assert path.read_text() == original and not world.manifest.exists()
+
+
+def test_a_change_that_cannot_be_written_is_refused_without_a_traceback(world: World) -> None:
+    path = world.project / ".pi" / "mcp.json"
+    path.parent.mkdir()
+    original = '{"mcpServers": {"m": {"command": "mempalace-mcp", "env": {"A": "\\ud800"}}}}'
+    path.write_text(original)
+    proc = world.run("install", "pi", "--project", "--shim", SHIM)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "nothing changed" in proc.stderr
+    assert path.read_text() == original and not world.manifest.exists() and world.backups(path) == []
+
+
+def test_the_record_is_written_before_the_file_and_rolled_back(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    env = {"HOME": str(world.home)}
+    case = CASES[5]
+    path, original = world.put(case)
+    t = wiring.target("pi", False, world.project, env)
+    real_write = wiring._write_atomic
+
+    def failing(what: str) -> object:
+        def write(p: Path, text: str, mode: int | None) -> None:
+            if what in str(p):
+                raise OSError(28, "No space left on device")
+            real_write(p, text, mode)
+        return write
+
+    # The record cannot be written: the file is left as it was.
+    monkeypatch.setattr(wiring, "_write_atomic", failing("wiring.json"))
+    with pytest.raises(OSError):
+        wiring.install(t, SHIM, out=io.StringIO(), cwd=world.project, environ=env)
+    assert path.read_bytes() == original and not world.manifest.exists()
+    # The file cannot be written: the record made for it is taken back.
+    monkeypatch.setattr(wiring, "_write_atomic", failing("mcp.json"))
+    with pytest.raises(OSError):
+        wiring.install(t, SHIM, out=io.StringIO(), cwd=world.project, environ=env)
+    assert path.read_bytes() == original and not world.manifest.exists()
+
+
+def test_crlf_jsonc_with_a_trailing_comment_keeps_its_line_endings(world: World) -> None:
+    path = world.project / "opencode.jsonc"
+    original = (b'{\r\n  "mcp": {\r\n    "git": {"type": "local", "command": ["git-mcp"]} // mine\r\n  }, // end\r\n'
+                b'  "theme": "x" // last\r\n}\r\n')
+    path.write_bytes(original)
+    _ok(world.run("install", "opencode", "--project", "--shim", SHIM))
+    installed = path.read_bytes()
+    assert installed.replace(b"\r\n", b"").count(b"\n") == 0 and b"\r\r" not in installed
+    assert jsonc.loads(installed.decode())["mcp"]["mempalace"]["command"] == [SHIM]
+    _ok(world.run("uninstall", "opencode", "--project"))
+    assert path.read_bytes() == original
+    # The sample, in CRLF: the replaced entry carries a trailing // comment.
+    sample = (DATA / "opencode.jsonc").read_bytes().replace(b"\n", b"\r\n")
+    path.write_bytes(sample)
+    _ok(world.run("install", "opencode", "--project", "--shim", SHIM))
+    installed = path.read_bytes()
+    assert installed.replace(b"\r\n", b"").count(b"\n") == 0 and b"\r\r" not in installed
+    _ok(world.run("uninstall", "opencode", "--project"))
+    assert path.read_bytes() == sample
+
+
+def test_a_comment_ends_before_the_cr_of_crlf() -> None:
+    text = '{\r\n  "a": 1 // note\r\n}'
+    root = jsonc.parse(text)
+    new = jsonc.insert_member(text, root, "k", 1, jsonc.style_of(text, root)).apply(text)
+    assert new == '{\r\n  "a": 1, // note\r\n  "k": 1\r\n}'
+
+
+def test_a_created_file_the_user_commented_is_kept(world: World) -> None:
+    _ok(world.run("install", "opencode", "--shim", SHIM))
+    created = world.home / ".config" / "opencode" / "opencode.json"
+    created.write_text(created.read_text().replace("{\n", "{\n  // my settings go here, keep this file\n", 1))
+    _ok(world.run("uninstall", "opencode"))
+    assert created.exists() and "// my settings go here" in created.read_text()
+    assert jsonc.loads(created.read_text()) == {"$schema": "https://opencode.ai/config.json"}
+
+
+def test_a_created_file_only_reformatted_is_removed(world: World) -> None:
+    _ok(world.run("install", "pi", "--project", "--shim", SHIM))
+    created = world.project / ".pi" / "mcp.json"
+    created.write_text(json.dumps(json.loads(created.read_text()), indent=4))
+    _ok(world.run("uninstall", "pi", "--project"))
+    assert not created.exists()
+
+
+def test_a_file_deleted_and_made_again_by_install_gets_a_fresh_record(world: World) -> None:
+    case = CASES[5]
+    path, _ = world.put(case)
+    _ok(world.install(case))
+    path.unlink()  # the user deletes it; install makes a new one
+    _ok(world.install(case))
+    record = json.loads(world.manifest.read_text())["files"][str(path.resolve())]
+    assert record["created"] is True and [c["action"] for c in record["changes"]] == ["create"]
+    path.write_text(json.dumps(json.loads(path.read_text()), indent=4))
+    _ok(world.uninstall(case))
+    assert not path.exists() and not world.manifest.exists()
+
+
+def test_a_number_past_the_digit_limit_is_a_parse_error(world: World) -> None:
+    with pytest.raises(jsonc.JsoncError, match="too long"):
+        jsonc.parse('{"a": ' + "1" * 5000 + "}")
+    path = world.project / ".mcp.json"
+    text = '{"n": ' + "1" * 5000 + ', "mcpServers": {}}'
+    path.write_text(text)
+    proc = world.run("install", "claude-code", "--project", "--shim", SHIM)
+    assert proc.returncode == 1 and "not valid" in proc.stderr and "Traceback" not in proc.stderr
+    assert path.read_text() == text
+
+
+def test_defaults_come_from_their_modules() -> None:
+    from mp_ssh_bridge import config, protocol
+
+    assert wiring.SESSION_DEADLINE_MS is config.DEFAULT_TIMEOUT_MS
+    assert wiring.EVENT_WAIT_MS is protocol.EVENT_WAIT_DEFAULT_MS
+
+
+def test_a_relative_xdg_value_is_ignored(world: World) -> None:
+    env = {"HOME": str(world.home), "XDG_CONFIG_HOME": "rel/config", "XDG_STATE_HOME": "rel/state"}
+    assert wiring.target("opencode", False, world.project, env).path == (
+        world.home / ".config" / "opencode" / "opencode.json")
+    assert wiring.manifest_path(env) == world.home / ".local" / "state" / "mp-ssh-bridge" / "wiring.json"
+
+
+def test_write_atomic_uses_a_fresh_temp_file_and_keeps_mode_and_links(tmp_path: Path) -> None:
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    real.chmod(0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    for name in (link.name, real.name):  # the old, predictable temporary names, planted as links
+        (tmp_path / f".{name}.mp-bridge-{os.getpid()}.tmp").symlink_to(victim)
+    wiring._write_atomic(link, "new", real.stat().st_mode)
+    assert victim.read_text() == "precious"
+    assert link.is_symlink() and real.read_text() == "new" and real.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir() if "mp-bridge" in p.name and p.suffix == ".tmp"
+                  and not p.is_symlink()) == []
