@@ -116,8 +116,8 @@ def _refuse(reason: str) -> ShimError:
     """No broker for this host session: the reason, and that this session runs no engine of its own (a second
     writer). The broker's own checks (a state directory it may not trust, an engine it cannot run) would stop a
     local-owner daemon just the same, so there is no other owner to try."""
-    return ShimError(BROKER_UNREACHABLE, f"{reason}. This session will NOT start its own memory engine (that would "
-                                         "make a second writer on the palace)")
+    why = "" if "second writer" in reason else " (that would make a second writer on the palace)"  # each fact once
+    return ShimError(BROKER_UNREACHABLE, f"{reason}. This session will NOT start its own memory engine{why}")
 
 
 def ssh_configured(settings: Settings) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mp_ssh_bridge import config, endpoints, protocol
+from mp_ssh_bridge import config, discovery, endpoints, protocol
 from mp_ssh_bridge.errors import EndpointError
 from mp_ssh_bridge.settings import load
 from tests.helpers import children_of
@@ -92,6 +92,13 @@ def test_no_broker_is_a_clear_refusal_and_no_engine_of_its_own(
         assert children_of(s.proc.pid) == []
     finally:
         s.close()
+
+
+def test_a_refusal_says_each_fact_once() -> None:
+    plain = str(discovery._refuse("no broker could be started: the broker exited"))
+    assert plain.count("second writer") == 1 and "will NOT start its own memory engine" in plain
+    said = str(discovery._refuse("no broker could be started: starting one here would make a second writer on the palace"))
+    assert said.count("second writer") == 1 and "will NOT start its own memory engine" in said
 
 
 def test_engine_child_marker_refuses(home: Path) -> None:
