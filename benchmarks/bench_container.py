@@ -311,6 +311,9 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> str:
         "A cold daemon pays a Python start-up, its imports (asyncssh, the settings model), the SSH connection and",
         "the host's `--ensure` or a fresh broker.json seen through the mount; a warm one only a UNIX connect. Per call,",
         "the container path adds the daemon's byte copy and the SSH channel (encryption, one sshd hop each way).",
+        "How low that can go with asyncssh, the SSH the bridge uses in-process, against one relay process with no",
+        "SSH and against OpenSSH's C client in the same place: docs/bench-relay-floor.md",
+        "(`benchmarks/bench_relay_floor.py`).",
         "",
     ]
     return "\n".join(out)
