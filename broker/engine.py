@@ -11,6 +11,10 @@ owner.json: broker/ownership.py); waiting for it is no failed start. When anothe
 owner takes the palace over, `stop_for_handover` stops the engine without counting
 it as a crash, and a later start is possible again (unlike `stop`, at shutdown).
 
+When upstream's hub (`mempalace serve`) owns the palace, no engine is spawned at all: every start first looks
+for a live hub (mp_ssh_bridge/hub.py) and, when there is one, the calls go to it over HTTP (broker/hubroute.py,
+"hub mode") until it is gone; then the next call starts the broker's own engine.
+
 Because it answers in order, a reply to request N also proves that every older
 request still unanswered never will be (an engine that drops a request whose
 handling raised, as mempalace 3.4.0 does): those fail at once with EngineNoReply,
@@ -29,9 +33,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from mp_ssh_bridge import config, enginecmd, protocol, walrecover
+from mp_ssh_bridge import config, enginecmd, hub, protocol, walrecover
 from mp_ssh_bridge.settings import BrokerSettings
-from mp_ssh_bridge_broker import enginerecord, guard
+from mp_ssh_bridge_broker import enginerecord, guard, hubroute
 from mp_ssh_bridge_broker.tasks import Tasks
 
 log = logging.getLogger("broker.engine")
@@ -41,6 +45,7 @@ IDLE_HOURS_DEFAULT = 8.0
 IDLE_SLACK_S = 1.0  # our clock starts when a request is written, the engine's when it handles it
 STOP_GRACE_S = 3.0  # after EOF on its stdin the engine gets this long to exit before SIGTERM/SIGKILL
 START_GIVE_UP_WAIT_S = 15.0  # a forced hand-over waits this long (beyond the start timeout) for a start under way
+HUB_CONNECT_TIMEOUT_S = 5.0  # a hub on loopback that takes no connection in this long is not reached
 
 
 class EngineUnavailable(Exception):
@@ -80,7 +85,9 @@ class Engine:
     """One `mempalace-mcp` child process at a time, and its request futures."""
 
     def __init__(
-        self, settings: BrokerSettings, on_notification: Callable[[dict[str, Any]], None],
+        self,
+        settings: BrokerSettings,
+        on_notification: Callable[[dict[str, Any]], None],
         before_start: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
@@ -120,6 +127,8 @@ class Engine:
         self._aborting = False  # a start kills what it spawned (StartAborted): that exit is no crash
         self._ready_proc: asyncio.subprocess.Process | None = None  # the child that answered initialize
         self._last_request = time.monotonic()  # the engine's idle clock restarts with every request
+        self.hub: hubroute.HubRoute | None = None  # hub mode: the calls go to upstream's hub, no child runs
+        self._hub_tasks: set[asyncio.Task[None]] = set()
 
     # --- facts for status / broker.json ------------------------------------------
     @property
@@ -139,6 +148,8 @@ class Engine:
         return "\n".join(self._stderr_tail)
 
     def running(self) -> bool:
+        if self.hub is not None:
+            return self.state == "ready" and self.hub.alive()
         return self._proc is not None and self._proc.returncode is None and self.state == "ready"
 
     # --- start -------------------------------------------------------------------
@@ -149,6 +160,8 @@ class Engine:
         async with self._start_lock:
             if self.running():
                 return
+            if self.hub is not None:
+                self._leave_hub(f"the hub (pid {self.hub.hub.pid}) is gone")
             if self._stopping:
                 raise EngineUnavailable("the broker is shutting down")
             now = time.monotonic()
@@ -167,6 +180,19 @@ class Engine:
                     await self.before_start()  # the palace is ours first: waiting for its owner is no failed start
                     if self._stopping:
                         raise EngineUnavailable("the broker is shutting down")
+                found = hub.live(self._palace())
+                if found is not None:  # the hub is the palace's writer: route to it, never start an engine beside it
+                    try:
+                        await self._enter_hub(found)
+                    except EngineUnavailable as exc:
+                        self._failures += 1
+                        self._last_error = str(exc)
+                        log.error("%s", exc)
+                        if self._failures >= 3:
+                            self._cooldown_until = time.monotonic() + self.settings.engine_backoff_max
+                        raise
+                    self._failures = 0
+                    return
                 self._not_starting.clear()  # no await since before_start returned: a hand-over waits for this start
                 try:
                     await self._start()
@@ -226,6 +252,8 @@ class Engine:
             out["last_error"] = self._last_error[-800:]
         if left > 0:
             out["cooldown_s"] = round(left, 1)
+        if self.hub is not None:
+            out["hub"] = self.hub.as_dict()
         return out
 
     def _restart_delay(self) -> float:
@@ -319,13 +347,17 @@ class Engine:
             ) from None
         except EngineExited as exc:
             if not self._may_run():  # a hand-over killed it: no failed start
-                raise StartAborted(f"the palace is no longer the broker's; the starting engine was stopped ({exc})") from None
+                raise StartAborted(
+                    f"the palace is no longer the broker's; the starting engine was stopped ({exc})"
+                ) from None
             self.state = "failed"
             said = exc.stderr_tail.strip()[-800:] or "(the engine wrote nothing on stderr)"
             raise EngineUnavailable(f"engine exited during start-up ({exc}): {said}") from None
         if "result" not in reply:
             await self.kill("initialize failed")
-            raise EngineUnavailable(f"engine refused initialize: {reply.get('error') or 'a reply without result or error'}")
+            raise EngineUnavailable(
+                f"engine refused initialize: {reply.get('error') or 'a reply without result or error'}"
+            )
         self.initialize_result = reply["result"]
         await self.send(protocol.notification("notifications/initialized"))
         if not self._may_run():  # checked with no await before `ready`: a ready engine always started on a held palace
@@ -349,7 +381,9 @@ class Engine:
             raise EngineUnavailable(str(exc)) from None
         except OSError as exc:  # the record cannot be read or removed: no proof either way
             self.state = "failed"
-            raise EngineUnavailable(f"cannot check {self.settings.paths.engine} for an engine still running: {exc}") from None
+            raise EngineUnavailable(
+                f"cannot check {self.settings.paths.engine} for an engine still running: {exc}"
+            ) from None
         if done:
             log.warning("before starting the engine: %s", done)
         self._check_may_run("before the WAL recovery")  # it writes the palace's files
@@ -377,7 +411,9 @@ class Engine:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[engine_id] = fut
         fut.engine_id = engine_id  # type: ignore[attr-defined]
-        self._tasks.spawn(self._send_quietly(protocol.request(engine_id, method, params)), name=f"engine-send-{engine_id}")
+        self._tasks.spawn(
+            self._send_quietly(protocol.request(engine_id, method, params)), name=f"engine-send-{engine_id}"
+        )
         return fut
 
     async def _send_quietly(self, message: dict[str, Any]) -> None:
@@ -395,6 +431,14 @@ class Engine:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[engine_id] = fut
         self._sent_at[engine_id] = self._last_request = time.monotonic()
+        if self.hub is not None:
+            task = asyncio.get_running_loop().create_task(
+                self._hub_call(self.hub, engine_id, protocol.request(engine_id, method, params), fut),
+                name=f"hub-call-{engine_id}",
+            )
+            self._hub_tasks.add(task)
+            task.add_done_callback(self._hub_tasks.discard)
+            return engine_id, fut
         await self.send(protocol.request(engine_id, method, params))  # written before any await: ids go in order
         return engine_id, fut
 
@@ -443,6 +487,8 @@ class Engine:
             again = self._barrier_again
 
     async def send(self, message: dict[str, Any]) -> None:
+        if self.hub is not None:
+            return  # notifications (initialized, cancelled): the hub answers each POST on its own, nothing to tell it
         proc = self._proc
         if proc is None or proc.stdin is None or proc.returncode is not None:
             raise EngineUnavailable("engine is not running")
@@ -515,11 +561,19 @@ class Engine:
         self._unrecord(proc.pid)  # it is gone: the next start need not wait for it
         if self._proc is proc:
             was_ready, self._ready_proc = self._ready_proc is proc, None
-            idle = is_idle_exit(code, bool(self._pending), time.monotonic() - self._last_request, engine_idle_limit(os.environ))
+            idle = is_idle_exit(
+                code, bool(self._pending), time.monotonic() - self._last_request, engine_idle_limit(os.environ)
+            )
             self.state = "stopped"
             self.last_exit = describe_exit(code) + (" (its own idle exit)" if idle else "")
             log.warning("engine pid %s exited: %s", proc.pid, self.last_exit)
-            if not self._stopping and not self._handing_over and not self._aborting and not idle and (was_ready or code != 0):
+            if (
+                not self._stopping
+                and not self._handing_over
+                and not self._aborting
+                and not idle
+                and (was_ready or code != 0)
+            ):
                 # A crash, a stall kill, a kill from outside, an exit 0 nobody asked for (mempalace-mcp exits 0
                 # on SIGTERM): bring a warm engine back now, so the next client does not pay the spawn. The
                 # engine's own idle exit is left alone until someone needs it.
@@ -540,7 +594,11 @@ class Engine:
 
     # --- stop --------------------------------------------------------------------
     async def kill(self, reason: str) -> None:
-        """SIGTERM, then SIGKILL after 2 s; returns once the process is gone."""
+        """SIGTERM, then SIGKILL after 2 s; returns once the process is gone. In hub mode: leave it (the hub is
+        not ours to stop); the next call looks again."""
+        if self.hub is not None:
+            self._leave_hub(reason)
+            return
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
@@ -567,6 +625,8 @@ class Engine:
         child behind our back while we wait for the old one.
         """
         self._stopping = True
+        if self.hub is not None:
+            self._leave_hub("broker shutting down")
         await self._cancel_restart()
         await self._stop_child("broker shutting down", graceful=True)
         await self._tasks.cancel_all()  # sends still blocked on a full pipe, a restart that slipped in
@@ -580,6 +640,8 @@ class Engine:
         be on it already. Either way the exit is no crash (no restart), engine.json is removed as on any exit,
         and the next start is not charged to the restart budget.
         """
+        if self.hub is not None:
+            self._leave_hub(reason)
         self._handing_over = True
         try:
             await self._cancel_restart()
@@ -599,6 +661,90 @@ class Engine:
             self._handing_over = False
         self._uncharged_start = True
         log.warning("engine stopped: %s", reason)
+
+    # --- hub mode (broker/hubroute.py) ---------------------------------------------------
+    def _palace(self) -> str | None:
+        try:
+            return str(self.settings.memory.palace)
+        except Exception:  # noqa: BLE001 - an unresolvable palace has no hub either; the start says what is wrong
+            return None
+
+    async def _enter_hub(self, found: hub.Hub) -> None:
+        """Route to `found`: its initialize answer becomes ours (the mux caches it). Raises EngineUnavailable —
+        and then NO engine starts: a hub that lives but does not answer still owns the palace."""
+        palace = self._palace() or ""
+        route = hubroute.HubRoute(
+            found, palace, connect_timeout=HUB_CONNECT_TIMEOUT_S, max_bytes=self.settings.max_line_bytes
+        )
+        hello = protocol.request(
+            0,
+            "initialize",
+            {
+                "protocolVersion": protocol.LATEST_PROTOCOL_VERSION,
+                "capabilities": {},
+                "clientInfo": {"name": "mempalace-broker", "version": _version()},
+            },
+        )
+        why = (
+            f"upstream's hub (pid {found.pid}, {found.url}, registered in {found.record}) owns this palace, and "
+            "the broker starts no engine beside it"
+        )
+        try:
+            reply = await asyncio.wait_for(route.post(hello), self.settings.engine_start_timeout)
+        except asyncio.TimeoutError:
+            raise EngineUnavailable(
+                f"{why}; it did not answer initialize within {self.settings.engine_start_timeout:.0f}s"
+            ) from None
+        except (hubroute.HubNotReached, hubroute.HubLost) as exc:
+            raise EngineUnavailable(f"{why}; {exc}") from None
+        if not isinstance(reply, dict) or not isinstance(reply.get("result"), dict):
+            raise EngineUnavailable(f"{why}; it refused initialize: {(reply or {}).get('error') or reply!r}")
+        self.initialize_result = reply["result"]
+        try:
+            await asyncio.wait_for(route.post(protocol.notification("notifications/initialized")), 5)
+        except (asyncio.TimeoutError, hubroute.HubNotReached, hubroute.HubLost) as exc:
+            log.info("notifications/initialized to the hub: %s", exc)
+        self.hub = route
+        self.starts += 1
+        self.started_at = time.time()
+        self.state = "ready"
+        self._last_error = ""
+        log.warning("hub mode: %s; calls go to it over HTTP (mempalace %s)", why, self.version)
+
+    async def _hub_call(
+        self, route: hubroute.HubRoute, engine_id: int, message: dict[str, Any], fut: asyncio.Future[dict[str, Any]]
+    ) -> None:
+        try:
+            reply = await route.post(message)
+            if reply is None:
+                reply = hubroute.error_reply(
+                    engine_id,
+                    hubroute.HubLost(f"the hub at {route.hub.url} answered this request with no message (HTTP 202)"),
+                )
+        except (hubroute.HubNotReached, hubroute.HubLost) as exc:
+            log.warning("hub call %s: %s", engine_id, exc)
+            reply = hubroute.error_reply(engine_id, exc)
+        finally:
+            self._sent_at.pop(engine_id, None)
+            self._pending.pop(engine_id, None)
+        if not fut.done():
+            fut.set_result(reply)
+
+    def _leave_hub(self, reason: str) -> None:
+        """Out of hub mode: calls in flight there end with outcome unknown; the next start looks again."""
+        route, self.hub = self.hub, None
+        if route is None:
+            return
+        log.warning("hub mode ends (%s): the hub at %s", reason, route.hub.url)
+        self.state = "stopped"
+        self.last_exit = f"left hub mode: {reason}"
+        for task in list(self._hub_tasks):
+            task.cancel()
+        for engine_id, fut in list(self._pending.items()):
+            self._pending.pop(engine_id, None)
+            if not fut.done():
+                fut.set_exception(EngineExited(None, f"hub mode ended: {reason}"))
+                fut.exception()
 
     async def _cancel_restart(self) -> None:
         """A crash-restart in progress is cancelled, so it cannot spawn a new child behind our back."""
@@ -653,8 +799,10 @@ def is_idle_exit(returncode: int, pending: bool, quiet_s: float, idle_limit: flo
 
 def describe_cooldown(failures: int, left_s: float, last_error: str) -> str:
     """Why no start is tried now: every field says something true, none is left empty."""
-    tried = f"engine failed to start {failures} time{'s' if failures != 1 else ''} in a row" if failures else (
-        "engine restarts are paused (the restart budget is spent)"
+    tried = (
+        f"engine failed to start {failures} time{'s' if failures != 1 else ''} in a row"
+        if failures
+        else ("engine restarts are paused (the restart budget is spent)")
     )
     return f"{tried}; next try in {max(0.0, left_s):.0f}s. Last error: {last_error.strip() or 'no error recorded'}"
 

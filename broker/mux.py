@@ -99,8 +99,9 @@ class ClientSession:
 
     _ids = 0
 
-    def __init__(self, peer: str, writer: asyncio.StreamWriter | None = None,
-                 outbox_max: int = DEFAULT_OUTBOX_MAX_BYTES) -> None:
+    def __init__(
+        self, peer: str, writer: asyncio.StreamWriter | None = None, outbox_max: int = DEFAULT_OUTBOX_MAX_BYTES
+    ) -> None:
         ClientSession._ids += 1
         self.id = ClientSession._ids
         self.peer = peer
@@ -133,8 +134,12 @@ class ClientSession:
             return
         data = protocol.encode(message)
         if self.outbox_bytes + len(data) > self.outbox_max:
-            log.warning("client %s is not reading its replies (%d bytes waiting, max_client_outbox_bytes %d); "
-                        "disconnecting it", self.id, self.outbox_bytes, self.outbox_max)
+            log.warning(
+                "client %s is not reading its replies (%d bytes waiting, max_client_outbox_bytes %d); disconnecting it",
+                self.id,
+                self.outbox_bytes,
+                self.outbox_max,
+            )
             self.abort()
             return
         self.outbox_bytes += len(data)
@@ -305,8 +310,14 @@ class Mux:
             self._handle(session, msg)
         except Exception as exc:  # noqa: BLE001 - a bug must cost one answer, never the connection
             msg_id = protocol.reply_id(msg)
-            log.error("internal error handling a message from client %s (id %s): %s: %s", session.id,
-                      protocol.brief(msg_id), type(exc).__name__, protocol.brief(str(exc), 200), exc_info=exc)
+            log.error(
+                "internal error handling a message from client %s (id %s): %s: %s",
+                session.id,
+                protocol.brief(msg_id),
+                type(exc).__name__,
+                protocol.brief(str(exc), 200),
+                exc_info=exc,
+            )
             if msg_id is not None or not protocol.is_notification(msg if isinstance(msg, dict) else {}):
                 self._error(session, msg_id, protocol.INTERNAL_ERROR, "internal broker error; outcome unknown")
 
@@ -338,20 +349,33 @@ class Mux:
         elif method == "broker/auth":
             session.send(protocol.result(msg_id, {"ok": True}))
         elif method.startswith("broker/"):
-            self._error(session, msg_id, protocol.METHOD_NOT_FOUND,
-                        f"Unknown broker method: {protocol.brief(method, 80)}")
+            self._error(
+                session, msg_id, protocol.METHOD_NOT_FOUND, f"Unknown broker method: {protocol.brief(method, 80)}"
+            )
         elif method.startswith("notifications/"):  # every engine drops it unanswered: its sender would wait forever
-            self._error(session, msg_id, protocol.METHOD_NOT_FOUND,
-                        f"Method not found: {protocol.brief(method, 80)} is a notification; send it without an id")
+            self._error(
+                session,
+                msg_id,
+                protocol.METHOD_NOT_FOUND,
+                f"Method not found: {protocol.brief(method, 80)} is a notification; send it without an id",
+            )
         elif method == "logging/setLevel":  # the broker's own log notices (the engine implements no logging)
             self._set_log_level(session, msg_id, params)
         elif not self.accepting:
             self.totals["errors"] += 1  # outcome not_executed: mp-shim sends it again to the next broker
-            session.send(protocol.error(msg_id, protocol.SHUTTING_DOWN, "broker is shutting down; request not "
-                                        "executed", {"outcome": "not_executed"}))
+            session.send(
+                protocol.error(
+                    msg_id,
+                    protocol.SHUTTING_DOWN,
+                    "broker is shutting down; request not executed",
+                    {"outcome": "not_executed"},
+                )
+            )
         elif _id_key(msg_id) in session.pending:
             self._error(
-                session, msg_id, protocol.INVALID_REQUEST,
+                session,
+                msg_id,
+                protocol.INVALID_REQUEST,
                 f"id {protocol.brief(msg_id)} is already used by a pending request",
             )
         elif method == "initialize" and self._cached_initialize(params) is not None:
@@ -393,7 +417,9 @@ class Mux:
         level = params.get("level") if isinstance(params, dict) else None
         if not startup.valid_level(level):
             self._error(
-                session, msg_id, protocol.INVALID_PARAMS,
+                session,
+                msg_id,
+                protocol.INVALID_PARAMS,
                 f"Invalid params: level must be one of {', '.join(startup.LEVELS)}, got {protocol.brief(level, 40)}",
             )
             return
@@ -440,9 +466,11 @@ class Mux:
         over = over_queue_limit(self.bounds, len(session.pending), session.pending.queued_bytes, size)
         if over is not None:  # answered at once; the connection stays usable
             self.totals["errors"] += 1
-            what = (f"this connection already has {len(session.pending)} requests queued or running"
-                    if over[0] == "max_queued_per_client"
-                    else f"this connection's queued requests already hold {session.pending.queued_bytes} bytes")
+            what = (
+                f"this connection already has {len(session.pending)} requests queued or running"
+                if over[0] == "max_queued_per_client"
+                else f"this connection's queued requests already hold {session.pending.queued_bytes} bytes"
+            )
             session.send(limit_error(msg_id, *over, what))
             return
         now = time.monotonic()
@@ -619,13 +647,19 @@ class Mux:
             stalled = time.monotonic() - started
             if job.engine_id is not None:
                 self.engine.forget(job.engine_id)
+            via = self.engine.hub
             await self.engine.kill(f"no answer for {stalled:.0f}s")
             self.totals["outcome_unknown"] += 1
+            what = (
+                f"the memory engine stalled ({stalled:.0f}s without an answer) and was restarted"
+                if via is None
+                else f"upstream's hub (pid {via.hub.pid}, {via.hub.url}) gave no answer for {stalled:.0f}s; the "
+                "broker looks for it again on the next call"
+            )
             self._reply_error(
                 job,
                 protocol.OUTCOME_UNKNOWN,
-                f"the memory engine stalled ({stalled:.0f}s without an answer) and was restarted; this "
-                "request's outcome is unknown and it was NOT retried",
+                f"{what}; this request's outcome is unknown and it was NOT retried",
                 {"outcome": "unknown"},
             )
             self._finish(job)
@@ -660,6 +694,7 @@ class Mux:
     def _start_read_only_probe(self) -> asyncio.Task[frozenset[str] | None]:
         """Learn the engine's own --read-only tool surface, once, when the first read-only client shows up."""
         if self._read_only_probe is None:
+
             async def probe() -> frozenset[str] | None:
                 try:
                     argv = enginecmd.resolve(self.settings.engine_argv)
@@ -784,8 +819,12 @@ class Mux:
         why = f" ({reason})" if reason else ""
 
         def not_executed(job: Job) -> None:  # mp-shim sends it again to the next broker
-            self._reply_error(job, protocol.SHUTTING_DOWN, f"broker is shutting down{why}; request NOT executed",
-                              {"outcome": "not_executed"})
+            self._reply_error(
+                job,
+                protocol.SHUTTING_DOWN,
+                f"broker is shutting down{why}; request NOT executed",
+                {"outcome": "not_executed"},
+            )
             self._finish(job)
 
         for job in self.queue.jobs():
@@ -809,7 +848,10 @@ class Mux:
         flight = self.in_flight
         if flight is not None:
             self._reply_error(
-                flight, protocol.OUTCOME_UNKNOWN, "broker shut down during this request; outcome unknown", {"outcome": "unknown"}
+                flight,
+                protocol.OUTCOME_UNKNOWN,
+                "broker shut down during this request; outcome unknown",
+                {"outcome": "unknown"},
             )
             self._finish(flight)
         self.startup.close()

@@ -119,7 +119,7 @@ def _status_view(snap: dict[str, Any]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    from mp_ssh_bridge.status import describe_daemon, describe_ownership
+    from mp_ssh_bridge.status import describe_daemon, describe_engine, describe_ownership
 
     owning = [Text(line) for line in describe_daemon(snap.get("daemon")) + describe_ownership(snap)]
     st = snap["status"]
@@ -141,8 +141,7 @@ def _status_view(snap: dict[str, Any]) -> Any:
     return Group(
         Text.from_markup(f"[bold]broker[/] pid {b['pid']} v{b['version']}  palace {b['palace']}  "
                          f"round trip {snap['round_trip_ms']} ms" + (f" (via {snap['via']})" if snap.get("via") else "")),
-        Text.from_markup(f"[bold]engine[/] pid {e['pid']} mempalace {e['version']}  {e['state']}  "
-                         f"up {e['uptime_s']} s  restarts {e['restarts']}"),
+        Text.from_markup(describe_engine(e)),
         table,
         Text(f"{running}; queued: {st.get('queue_depth', 0)}"),
         Text(f"since start: {t.get('requests', 0)} agent requests; {t.get('responses', 0)} answered, "

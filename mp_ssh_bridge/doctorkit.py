@@ -91,6 +91,11 @@ def broker_status_checks(settings: Settings, st: dict[str, Any], how: str, check
         pause = f"; restarts paused for {e['cooldown_s']:.0f} s" if e.get("cooldown_s") else ""
         checks.append(Check("fail", "engine", f"the memory engine failed (state {e.get('state')}{pause}): {last}",
                             "see `mp-bridge logs`; check MP_BRIDGE_ENGINE, then `mp-bridge restart`"))
+    elif isinstance(e.get("hub"), dict):
+        via = e["hub"]
+        checks.append(Check("ok", "engine", f"via hub (pid {via.get('pid')}, {via.get('url')}): upstream's "
+                            f"`mempalace serve` owns the palace (mempalace {e.get('version')}); the broker routes "
+                            "every session's calls to it and runs no engine beside it"))
     else:
         level = "ok" if e.get("state") == "ready" else "warn"
         checks.append(Check(level, "engine", f"pid {e.get('pid')}, mempalace {e.get('version')}, state "

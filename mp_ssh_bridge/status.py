@@ -159,3 +159,14 @@ def describe_daemon(view: dict[str, Any] | None) -> list[str]:
     elif isinstance(view.get("status"), dict):
         line += f"; {len(view['status'].get('clients') or [])} sessions"
     return [line]
+
+
+def describe_engine(e: dict[str, Any]) -> str:
+    """The engine line of `mp-bridge status` (rich markup): its pid, or "via hub (pid, url)" in hub mode."""
+    via = e.get("hub")
+    if isinstance(via, dict):
+        return (f"[bold]engine[/] via hub (pid {via.get('pid')}, {via.get('url')}) mempalace {e.get('version')}  "
+                f"{e.get('state')}  {via.get('calls', 0)} calls, {via.get('failures', 0)} failed; the broker runs no "
+                "engine of its own")
+    return (f"[bold]engine[/] pid {e.get('pid')} mempalace {e.get('version')}  {e.get('state')}  "
+            f"up {e.get('uptime_s')} s  restarts {e.get('restarts')}")

@@ -19,7 +19,7 @@ SERVER_PKG = "mp_ssh_bridge_broker"  # the import name of broker/ (pyproject pac
 
 CORE = {"__init__", "protocol", "errors", "config", "diag", "urls", "links", "handshake", "state", "hostinfo", "liveness",
         "settings", "election", "enginecmd", "enginerules", "stopping", "palace", "samepath", "brokerlog", "palacecheck",
-        "holders", "status", "walrecover", "owner"}
+        "holders", "status", "walrecover", "owner", "hub"}
 CLIENT = {"shim", "session", "endpoints", "discovery", "ssh", "relay", "connection", "cli", "doctor",
           "doctorkit", "doctor_container", "doctorfix", "migrate", "grant", "guardian", "daemon", "containerd", "service",
           "wiring", "jsonc"}

@@ -1,0 +1,299 @@
+"""Upstream's hub (`mempalace serve`) and the bridge: found with the bridge's own code, and the one writer.
+
+- Discovery (mp_ssh_bridge/hub.py) against mempalace 3.11's own `server_registry` on the same inputs: the same
+  directory for every spelling of a palace, the same verdict on live, dead, malformed and missing records.
+- Hub mode (broker/hubroute.py), with the real hub and the real engine: sessions through mp-shim write and read
+  through the hub, a plain `mempalace-mcp` (upstream's proxy) sees their drawers, the broker runs no engine; the
+  hub killed → the broker's own engine takes over and every acknowledged drawer is there; a 3.4.0 engine
+  configured for the broker never starts beside a 3.11 hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mp_ssh_bridge import hub
+from tests.conftest import BIN, ENGINES
+from tests.helpers import children_of, pid_alive, tool_json, wait_for
+from tests.sshd import free_port
+
+server_registry = pytest.importorskip("mempalace.server_registry")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="children_of reads /proc")
+
+
+# --------------------------------------------------------------------------- discovery, against upstream's code
+@pytest.fixture
+def reg_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    h = tmp_path / "home"
+    h.mkdir()
+    monkeypatch.setenv("HOME", str(h))
+    monkeypatch.chdir(tmp_path)
+    return h
+
+
+def test_state_dir_is_upstreams_for_every_spelling_of_a_palace(reg_home: Path, tmp_path: Path) -> None:
+    real = tmp_path / "palaces" / "Pälace one"
+    real.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "palaces")
+    spellings = [
+        str(real),
+        str(real) + "/",
+        str(real) + "/.",
+        "palaces/Pälace one",
+        str(tmp_path / "link" / "Pälace one"),
+        "~/p",
+        "~/p/../q",
+        str(tmp_path / "palaces" / "missing"),
+        "./palaces//Pälace one",
+    ]
+    for p in spellings:
+        assert hub.state_dir(p) == server_registry.server_state_dir(p), p
+        assert hub.state_dir(p, reg_home) == server_registry.server_state_dir(p), p
+
+
+def write_record(palace: str, **fields: Any) -> None:
+    d = hub.state_dir(palace)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "serverinfo.json").write_text(fields.pop("_raw", None) or json.dumps(fields))
+
+
+def test_live_agrees_with_upstream_on_every_record(reg_home: Path, tmp_path: Path) -> None:
+    palace = str(tmp_path / "palace")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        good = {"pid": sleeper.pid, "host": "127.0.0.1", "port": 8765, "scheme": "http", "read_only": False}
+        cases: list[dict[str, Any]] = [
+            good,
+            dict(good, host="0.0.0.0"),
+            dict(good, pid=dead.pid),
+            dict(good, port="8765"),
+            dict(good, host=""),
+            dict(good, pid="12"),
+            {"_raw": "not json"},
+            {"_raw": "[1, 2]"},
+        ]
+        for record in cases:
+            write_record(palace, **dict(record))
+            theirs = server_registry.read_live_serverinfo(palace)
+            mine = hub.live(palace)
+            assert (mine is None) == (theirs is None), (record, theirs, mine)
+            if mine is not None:
+                assert mine.base_url == server_registry.client_base_url(theirs), record
+        (hub.state_dir(palace) / "serverinfo.json").unlink()
+        assert hub.live(palace) is None and server_registry.read_live_serverinfo(palace) is None
+        write_record(palace, **dict(good, pid=os.getpid()))
+        assert hub.live(palace) is None  # our own pid is never a hub to route to (upstream's discover_hub: same)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_tokens_in_upstreams_order(reg_home: Path, tmp_path: Path) -> None:
+    palace = str(tmp_path / "palace")
+    assert hub.tokens(palace, environ={}) == ()
+    d = hub.state_dir(palace)
+    d.mkdir(parents=True)
+    (d / "token").write_text("file-token\n")
+    env = {hub.TOKEN_ENV: "env-token"}
+    assert hub.tokens(palace, environ=env) == ("file-token", "env-token")
+    os.environ[hub.TOKEN_ENV] = "env-token"
+    try:
+        assert hub.tokens(palace) == server_registry.load_server_tokens(palace)
+    finally:
+        del os.environ[hub.TOKEN_ENV]
+
+
+# --------------------------------------------------------------------------- hub mode with the real hub
+class Hub:
+    def __init__(self, palace: Path, home: Path, port: int) -> None:
+        self.port = port
+        self.log = home / f"hub-{port}.log"
+        env = dict(os.environ, MEMPALACE_PALACE_PATH=str(palace))
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [str(BIN / "mempalace"), "serve", "--palace", str(palace), "--port", str(port)],
+                env=env,
+                stdout=out,
+                stderr=out,
+                stdin=subprocess.DEVNULL,
+            )
+        wait_for(lambda: self._up(palace), 90, what=f"the hub to register ({self.log})")
+
+    def _up(self, palace: Path) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the hub exited: {self.log.read_text()[-2000:]}")
+        return hub.live(str(palace)) is not None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def palace(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    p = home / "palace"
+    monkeypatch.setenv("MEMPALACE_PALACE_PATH", str(p))  # hub, broker and plain engine: one palace
+    return p
+
+
+@pytest.fixture
+def running_hub(palace: Path, home: Path) -> Iterator[Hub]:
+    h = Hub(palace, home, free_port())
+    yield h
+    h.kill()
+
+
+class Shim:
+    """mp-shim as an agent runs it: raw JSON-RPC on its stdin and stdout."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [str(BIN / "mp-shim"), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ, **(env or {})),
+        )
+        self.n = 0
+
+    def call(self, method: str, params: Any = None) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.n += 1
+        self.proc.stdin.write(
+            (
+                json.dumps(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": self.n,
+                        "method": method,
+                        **({"params": params} if params is not None else {}),
+                    }
+                )
+                + "\n"
+            ).encode()
+        )
+        self.proc.stdin.flush()
+        while True:
+            line = self.proc.stdout.readline()
+            assert line, "the shim closed its stdout"
+            msg = json.loads(line)
+            if msg.get("id") == self.n:
+                return msg
+
+    def start(self) -> dict[str, Any]:
+        init = self.call(
+            "initialize",
+            {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "test", "version": "1"}},
+        )
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+        self.proc.stdin.flush()
+        return init
+
+    def tool(self, name: str, **arguments: Any) -> dict[str, Any]:
+        return self.call("tools/call", {"name": name, "arguments": arguments})
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def broker_status(home: Path) -> dict[str, Any]:
+    from mp_ssh_bridge import state
+    from mp_ssh_bridge.election import probe
+
+    record = state.read_broker_json(home / ".mempalace" / "broker.json") or {}
+    status = probe(record["endpoint"], 5.0)
+    assert status, "the broker does not answer"
+    return status
+
+
+def add(shim: Shim, text: str) -> str:
+    reply = shim.tool("mempalace_add_drawer", wing="hub", room="r", content=text)
+    assert "result" in reply and not reply["result"].get("isError"), reply
+    return str(tool_json(reply).get("drawer_id"))
+
+
+def found(shim: Shim, text: str) -> bool:
+    reply = shim.tool("mempalace_search", query=text, limit=20)
+    assert "result" in reply, reply
+    return text in json.dumps(reply)
+
+
+def test_sessions_go_through_the_hub_and_a_plain_engine_sees_their_drawers(
+    home: Path, palace: Path, running_hub: Hub
+) -> None:
+    shims = [Shim() for _ in range(3)]
+    try:
+        for s in shims:
+            assert "result" in s.start()
+        status = broker_status(home)
+        via = status["engine"].get("hub")
+        assert via and via["pid"] == running_hub.proc.pid and via["url"].endswith(f":{running_hub.port}/mcp"), status
+        for command in (["status"], ["doctor"]):  # what a person runs says where the calls go
+            out = subprocess.run([str(BIN / "mp-bridge"), *command], capture_output=True, text=True, timeout=60,
+                                 env=dict(os.environ, COLUMNS="300"))
+            assert f"via hub (pid {running_hub.proc.pid}" in out.stdout, (command, out.stdout, out.stderr)
+        broker_pid = status["broker"]["pid"]
+        assert not [p for p in children_of(broker_pid) if p != running_hub.proc.pid], "the broker ran an engine"
+        texts = [f"hub drawer {i} written by session {i % 3} about lighthouses" for i in range(6)]
+        for i, text in enumerate(texts):
+            add(shims[i % 3], text)
+        for text in texts:
+            assert found(shims[0], text), text
+        # upstream's own proxy (a plain mempalace-mcp on this palace) sees the hub: the drawers are the hub's
+        engine = subprocess.Popen(
+            [str(ENGINES["pinned"])], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        proxy = Shim.__new__(Shim)
+        proxy.proc, proxy.n = engine, 0
+        try:
+            assert "result" in proxy.start()
+            for text in texts:
+                assert found(proxy, text), text
+        finally:
+            proxy.close()
+        # the hub dies: the broker's own engine takes over, and every acknowledged drawer is there
+        running_hub.kill()
+        late = "written after the hub died, about harbours"
+        add(shims[1], late)
+        for text in [*texts, late]:
+            assert found(shims[2], text), text
+        status = broker_status(home)
+        assert "hub" not in status["engine"] and isinstance(status["engine"]["pid"], int), status["engine"]
+    finally:
+        for s in shims:
+            s.close()
+
+
+def test_a_3_4_0_engine_never_starts_beside_a_3_11_hub(home: Path, palace: Path, running_hub: Hub) -> None:
+    old = ENGINES["3.4.0"]
+    if not os.access(old, os.X_OK):
+        pytest.skip(f"mempalace 3.4.0 is not installed at {old}: run scripts/setup-engine.sh 3.4.0")
+    shim = Shim(env={"MP_BRIDGE_ENGINE": str(old)})
+    try:
+        assert "result" in shim.start()
+        add(shim, "a drawer for the hub only, about tides")
+        status = broker_status(home)
+        assert status["engine"].get("hub", {}).get("pid") == running_hub.proc.pid, status["engine"]
+        assert not [p for p in children_of(status["broker"]["pid"]) if pid_alive(p)], "an engine ran beside the hub"
+        assert found(shim, "a drawer for the hub only, about tides")
+    finally:
+        shim.close()
