@@ -78,6 +78,7 @@ class Ownership:
         if kind not in owner.RANK:
             raise ValueError(f"unknown owner kind {kind!r}")
         self.paths = settings.paths
+        self._hub_refused: Any = None  # the grant request last refused because a hub owns the palace (logged once)
         self.kind = kind  # what owner.json and owner.requests/ say this holder is (ranked: grant > broker > local)
         self.what = what
         self.me = "the broker" if kind == KIND else f"the {what}"  # in log lines
@@ -254,6 +255,14 @@ class Ownership:
         # owner.wanted_by, in two steps: the list is kept for broker/status.
         self._requests = await asyncio.to_thread(owner.live_requests, self.paths, self.stale_after)
         wanted = owner.outranking(self._requests, self.kind)
+        if wanted is not None and self._engine.hub is not None:
+            # Upstream's hub is the writer, and not ours to stop: handing the palace over would put the grant's
+            # command beside it. The requester sees `hub` in owner.json and gives up with the reason.
+            if self._hub_refused != wanted.get("token"):
+                self._hub_refused = wanted.get("token")
+                log.warning("%s asks for the palace, but upstream's hub (pid %s) owns it: not handed over",
+                            who(wanted), self._engine.hub.hub.pid)
+            return
         if wanted is not None and self._claim is claim and self.holding():
             await self._yield_to(claim, wanted)
 
@@ -348,12 +357,14 @@ class Ownership:
         """Rewrite owner.json's heartbeat, with the engine's pid and start time (owner.holder keeps a record of
         this machine alive while that engine runs). Blocking: run it in a thread, on the broker's schedule."""
         engine_start = self._engine_proc_start(engine_pid)
+        via = self._engine.hub  # hub mode: the record says so (a grant is refused at once, status names the hub)
         with self._io_lock:
             claim = self._claim
             if claim is None or claim.released or claim is self._losing:
                 return
             try:
-                if not claim.beat(engine_pid=engine_pid, engine_proc_start=engine_start):
+                if not claim.beat(engine_pid=engine_pid, engine_proc_start=engine_start,
+                                  hub=via.hub.as_dict() if via is not None else None):
                     log.error("owner.json is no longer the broker's: the engine stops at the next look")
             except owner.BeatSkipped as exc:  # owner.lock stayed busy: the next beat writes it
                 log.warning("heartbeat of %s skipped: %s", self.paths.owner, exc)

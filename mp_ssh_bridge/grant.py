@@ -58,7 +58,7 @@ import time
 from typing import Any, TextIO
 
 from mp_ssh_bridge import guardian as guardian_mod
-from mp_ssh_bridge import hostinfo, liveness, owner, state
+from mp_ssh_bridge import hostinfo, hub, liveness, owner, state
 
 EX_TEMPFAIL = 75  # sysexits.h: the grant could not be had in time; try again later
 EX_NOTFOUND = 127
@@ -174,10 +174,30 @@ class _Signals:
             signal.signal(sig, handler)
 
 
+HUB_ADVICE = ("mp-bridge run cannot stop a hub it did not start. mempalace ≥ 3.11's own CLI sends its writes to the "
+              "hub: run the command without mp-bridge run; or stop the hub, then run it again")
+
+
+class _HubOwned(Exception):
+    """Upstream's hub owns the palace: no grant can be had."""
+
+
 class _Interrupted(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+def _live_hub(settings: Any) -> hub.Hub | None:
+    """On the host: upstream's hub on this palace, if one lives (its registry is this machine's; a container cannot
+    judge a host's pid, and asks the host broker, which refuses the grant while it routes to a hub)."""
+    if settings.resolved_role() != "host":
+        return None
+    try:
+        palace = str(settings.memory.palace)
+    except Exception:  # noqa: BLE001 - an unresolvable palace: the claim below says what is wrong
+        return None
+    return hub.live(palace)
 
 
 def _exit_status(raw: int) -> int:
@@ -198,6 +218,10 @@ def run(settings: Any, argv: list[str], timeout: float | None = None) -> int:
     stale = settings.heartbeat_stale_after
     if _inside_grant(paths, stale):
         os.execv(path, argv)  # already the palace's owner: this runs inside that grant's process group
+    found = _live_hub(settings)
+    if found is not None:
+        say(f"upstream's hub (pid {found.pid}, {found.url}) owns this palace; nothing was run. {HUB_ADVICE}")
+        return EX_TEMPFAIL
     try:
         state.ensure_private_dir(paths.root)
     except (OSError, state.UnsafeDirectory) as exc:
@@ -209,6 +233,9 @@ def run(settings: Any, argv: list[str], timeout: float | None = None) -> int:
     progress = Progress()
 
     def waiting(busy: owner.Busy, waited: float) -> None:
+        record = busy.record or {}
+        if record.get("kind") == "broker" and isinstance(record.get("hub"), dict):
+            raise _HubOwned(owner.describe(record))
         progress(busy, waited)
         if signals.pending:  # between two refused claims: nothing of ours is in owner.json
             raise _Interrupted(signals.pending[0])
@@ -222,6 +249,10 @@ def run(settings: Any, argv: list[str], timeout: float | None = None) -> int:
         signals.restore()
         say(f"the palace was not handed over within {bound:g} s: {exc}. Nothing was run; try again later, or "
             "wait longer with --timeout (or owner_wait)")
+        return EX_TEMPFAIL
+    except _HubOwned as exc:
+        signals.restore()
+        say(f"{exc} owns this palace through the hub; nothing was run. {HUB_ADVICE}")
         return EX_TEMPFAIL
     except _Interrupted as exc:
         signals.restore()

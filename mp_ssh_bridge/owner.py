@@ -65,6 +65,10 @@ def describe(record: dict[str, Any]) -> str:
     age = time.time() - float(record["since"]) if isinstance(record.get("since"), (int, float)) else None
     held = (f", waiting {age:.0f} s" if record.get("request") else f", for {age:.0f} s") if age is not None and age >= 0 else ""
     if kind == "broker":
+        via = record.get("hub")
+        if isinstance(via, dict):
+            return (f"the broker (pid {pid} on {host}{held}), routing to upstream's hub (pid {via.get('pid')}, "
+                    f"{via.get('url')})")
         return f"the broker (pid {pid} on {host}{held})"
     if kind == "local":
         what = record.get("what")  # the container daemon names itself; an older bridge's session does not

@@ -248,8 +248,13 @@ def test_sessions_go_through_the_hub_and_a_plain_engine_sees_their_drawers(
         via = status["engine"].get("hub")
         assert via and via["pid"] == running_hub.proc.pid and via["url"].endswith(f":{running_hub.port}/mcp"), status
         for command in (["status"], ["doctor"]):  # what a person runs says where the calls go
-            out = subprocess.run([str(BIN / "mp-bridge"), *command], capture_output=True, text=True, timeout=60,
-                                 env=dict(os.environ, COLUMNS="300"))
+            out = subprocess.run(
+                [str(BIN / "mp-bridge"), *command],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=dict(os.environ, COLUMNS="300"),
+            )
             assert f"via hub (pid {running_hub.proc.pid}" in out.stdout, (command, out.stdout, out.stderr)
         broker_pid = status["broker"]["pid"]
         assert not [p for p in children_of(broker_pid) if p != running_hub.proc.pid], "the broker ran an engine"
@@ -295,5 +300,28 @@ def test_a_3_4_0_engine_never_starts_beside_a_3_11_hub(home: Path, palace: Path,
         assert status["engine"].get("hub", {}).get("pid") == running_hub.proc.pid, status["engine"]
         assert not [p for p in children_of(status["broker"]["pid"]) if pid_alive(p)], "an engine ran beside the hub"
         assert found(shim, "a drawer for the hub only, about tides")
+    finally:
+        shim.close()
+
+
+def test_mp_bridge_run_refuses_while_a_hub_owns_the_palace(home: Path, palace: Path, running_hub: Hub) -> None:
+    marker = home / "cmd-ran"
+    cmd = [str(BIN / "mp-bridge"), "run", "--timeout", "20", "--", "touch", str(marker)]
+    # no broker yet: the host sees the hub's registry itself
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 75 and f"hub (pid {running_hub.proc.pid}" in out.stderr, out
+    shim = Shim()
+    try:
+        assert "result" in shim.start()
+        owner_file = home / ".mempalace" / "owner.json"
+        wait_for(lambda: "hub" in json.loads(owner_file.read_text() or "{}"), 30, what="owner.json to name the hub")
+        # a container cannot judge the host's pids: it asks the broker, whose record says it routes to the hub
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=60, env=dict(os.environ, MP_BRIDGE_ROLE="container")
+        )
+        assert out.returncode == 75 and "routing to upstream's hub" in out.stderr, out
+        assert not marker.exists()
+        assert broker_status(home)["engine"].get("hub"), "the broker left hub mode"
+        add(shim, "still served through the hub after the refused grants")
     finally:
         shim.close()
