@@ -43,6 +43,7 @@ log = logging.getLogger("broker.mux")
 DEFAULT_OUTBOX_MAX_BYTES = 32 * 1024 * 1024  # the max_client_outbox_bytes default (broker/bounds.py)
 TOTALS = ("requests", "responses", "errors", "cancelled", "timeouts", "outcome_unknown", "engine_requests")
 INIT_CACHE_MAX = 16  # initialize answers kept, one per protocolVersion asked for (a client picks the key)
+HUB_LONG_POLLS_MAX = 32  # hub mode: long polls the hub holds at once beside the queue (more wait their turn in it)
 TIMEOUT_MS_MAX = 2**31 - 1  # JavaScript's setTimeout ceiling (pi's extension); a larger timeoutMs is refused
 
 
@@ -254,6 +255,7 @@ class Mux:
         self.queue: FairQueue[Job] = FairQueue()
         self.sessions: dict[int, ClientSession] = {}
         self.in_flight: Job | None = None
+        self.beside: set[Job] = set()  # hub mode: long polls running at the hub beside the queue (_run_beside)
         self.init_cache: dict[str, dict[str, Any]] = {}
         # The engine's tools/list result (broker/coldstart.py): from disk until the engine confirms it.
         self.tools_cache: dict[str, Any] | None = None
@@ -585,6 +587,12 @@ class Mux:
             job = await self.queue.get()
             if job.state != "queued":
                 continue
+            if job.kind == "event_wait" and self.engine.hub is not None and len(self.beside) < HUB_LONG_POLLS_MAX:
+                # Hub mode: the hub runs long polls concurrently (lock-free), so one is not a turn of the queue:
+                # it goes to the hub whole, beside the queue, and the next job is dispatched at once.
+                self.beside.add(job)
+                self._tasks.spawn(self._run_beside(job), name=f"long-poll-{job.client_id}")
+                continue
             self._dispatching = job  # kept if cancelled: shutdown answers it when it never reached the engine
             try:
                 async with self.gate:  # a hand-over of the palace waits for this job, then holds the next one
@@ -690,6 +698,58 @@ class Mux:
         finally:
             self.in_flight = None
         self._complete(job, reply, allowed)
+
+    async def _run_beside(self, job: Job) -> None:
+        """One long poll in hub mode, its whole wait in one call to the hub (not in slices of the queue)."""
+        try:
+            assert job.event_wait_until is not None
+            remaining = max(0.001, job.event_wait_until - time.monotonic())
+            params = tools.event_wait_slice(job.params, int(remaining * 1000))
+            job.state, job.started = "running", time.monotonic()
+            job.slices += 1
+            try:
+                job.engine_id, fut = await self.engine.request(job.method, params)
+                self.totals["engine_requests"] += 1
+                reply = await asyncio.wait_for(asyncio.shield(fut), remaining + self.settings.stall_timeout)
+            except EngineUnavailable as exc:
+                self._reply_error(
+                    job,
+                    protocol.ENGINE_UNAVAILABLE,
+                    f"the hub is not reachable ({exc}); request NOT executed",
+                    {"outcome": "not_executed"},
+                )
+                self._finish(job)
+                return
+            except asyncio.TimeoutError:
+                if job.engine_id is not None:
+                    self.engine.forget(job.engine_id)
+                self.totals["outcome_unknown"] += 1
+                self._reply_error(
+                    job,
+                    protocol.OUTCOME_UNKNOWN,
+                    f"upstream's hub gave no answer to this wait within "
+                    f"{remaining + self.settings.stall_timeout:.0f}s; outcome unknown, NOT retried",
+                    {"outcome": "unknown"},
+                )
+                self._finish(job)
+                return
+            except (EngineExited, EngineNoReply) as exc:
+                self.totals["outcome_unknown"] += 1
+                self._reply_error(
+                    job,
+                    protocol.OUTCOME_UNKNOWN,
+                    f"the hub call ended without an answer ({exc}); outcome unknown, NOT retried",
+                    {"outcome": "unknown"},
+                )
+                self._finish(job)
+                return
+            self._complete(job, reply)
+        except Exception:  # noqa: BLE001 - one bad job must not stop the broker
+            log.exception("internal error while serving a long poll")
+            self._reply_error(job, protocol.INTERNAL_ERROR, "internal broker error; outcome unknown")
+            self._finish(job)
+        finally:
+            self.beside.discard(job)
 
     def _start_read_only_probe(self) -> asyncio.Task[frozenset[str] | None]:
         """Learn the engine's own --read-only tool surface, once, when the first read-only client shows up."""
@@ -845,6 +905,14 @@ class Mux:
         for job in self.queue.jobs():  # put back meanwhile (another event_wait slice): never sent again either
             self.queue.remove(job)
             not_executed(job)
+        for job in list(self.beside):  # hub mode's long polls: they only read, but say it as for any running call
+            self._reply_error(
+                job,
+                protocol.OUTCOME_UNKNOWN,
+                "broker shut down during this request; outcome unknown",
+                {"outcome": "unknown"},
+            )
+            self._finish(job)
         flight = self.in_flight
         if flight is not None:
             self._reply_error(
@@ -898,6 +966,7 @@ class Mux:
                 if not s.probe
             ],
             "queue_depth": len(self.queue),
+            "long_polls_beside": len(self.beside),
             "in_flight": None
             if flight is None
             else {

@@ -325,3 +325,41 @@ def test_mp_bridge_run_refuses_while_a_hub_owns_the_palace(home: Path, palace: P
         add(shim, "still served through the hub after the refused grants")
     finally:
         shim.close()
+
+
+def test_a_long_poll_waits_at_the_hub_beside_the_queue(home: Path, palace: Path, running_hub: Hub) -> None:
+    import threading
+
+    waiter, other = Shim(), Shim()
+    got: dict[str, Any] = {}
+    try:
+        assert "result" in waiter.start() and "result" in other.start()
+        thread = threading.Thread(
+            target=lambda: got.update(
+                reply=waiter.tool("mempalace_event_wait", correlation_id="hub-c1", timeout_ms=60000)
+            )
+        )
+        thread.start()
+        wait_for(lambda: broker_status(home).get("long_polls_beside") == 1, 20, what="the wait to be at the hub")
+        for _ in range(5):  # the queue is not held by the wait: other calls are answered while it waits
+            assert "result" in other.tool("mempalace_status")
+        assert thread.is_alive() and not got
+        appended = other.tool(
+            "mempalace_event_append",
+            type="task.reply",
+            stream="s",
+            room="r",
+            from_agent="other",
+            correlation_id="hub-c1",
+        )
+        assert "result" in appended and not appended["result"].get("isError"), appended
+        thread.join(30)
+        assert not thread.is_alive(), "the wait was not woken by the event"
+        assert "hub-c1" in json.dumps(got["reply"]) and '"timed_out": true' not in tool_text(got["reply"]), got
+    finally:
+        waiter.close()
+        other.close()
+
+
+def tool_text(reply: dict[str, Any]) -> str:
+    return " ".join(c.get("text", "") for c in (reply.get("result") or {}).get("content") or [])
