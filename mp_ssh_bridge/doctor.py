@@ -19,6 +19,7 @@ from mp_ssh_bridge import config, hostinfo, liveness, palace, state
 from mp_ssh_bridge.doctorkit import (
     Check,
     admit_owner_writers,
+    hub_check,
     lock_check,
     owner_check,
     palace_health_checks,
@@ -183,6 +184,7 @@ def _host_checks(settings: Settings, checks: list[Check]) -> None:
     report = palacecheck.report(settings.memory.palace, settings.memory.kg, str(settings.paths.root))
     admit_owner_writers(report, settings)  # a grant's CMD writes through the door, not past it
     lock_check(report, ours, checks)
+    hub_check(report, state.read_json_object(settings.paths.owner), "", checks)
     other = liveness.live_degraded_writer(settings.paths, settings.heartbeat_stale_after)
     if other is not None:
         checks.append(Check("warn", "degraded mode", liveness.describe_degraded(other, settings.paths)))

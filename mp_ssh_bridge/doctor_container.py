@@ -14,10 +14,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from mp_ssh_bridge import state
 from mp_ssh_bridge.doctorkit import (
     Check,
     admit_owner_writers,
     host_json,
+    hub_check,
     lock_check,
     palace_health_checks,
     probe_checks,
@@ -171,4 +173,5 @@ def _host_side_checks(settings: Settings, checks: list[Check], broker_pid: int |
         return
     admit_owner_writers(report, settings, here=False)  # a grant run on the host is no stray writer
     lock_check(report, broker_pid, checks)
+    hub_check(report, state.read_json_object(settings.paths.owner), " on the host", checks)
     palace_health_checks(report, " (checked on the host)", checks)

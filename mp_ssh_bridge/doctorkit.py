@@ -151,6 +151,29 @@ def lock_check(report: dict[str, Any], broker_pid: int | None, checks: list[Chec
 
 
 
+def hub_check(report: dict[str, Any], owner_record: dict[str, Any] | None, where: str, checks: list[Check]) -> None:
+    """Upstream's hub (`mempalace serve`) on this palace, as the host's --check found it, against the owner record."""
+    found = report.get("hub")
+    if not isinstance(found, dict):
+        return
+    named = f"upstream's hub (pid {found.get('pid')}, {found.get('url')}){where}"
+    record = owner_record or {}
+    via = record.get("hub")
+    if record.get("kind") == "broker" and isinstance(via, dict) and via.get("pid") == found.get("pid"):
+        checks.append(Check("ok", "hub", f"{named} owns the palace; the broker routes every session to it"))
+    elif record.get("kind") == "broker":
+        checks.append(Check("warn", "hub", f"{named} runs beside the broker's own engine: it cannot write while that "
+                            "engine holds mempalace's writer lease, and it takes the palace at the engine's next stop",
+                            "to make the hub the palace's writer: mp-bridge restart (the broker's next start finds "
+                            "the hub and routes to it); to keep the broker's engine: stop the hub"))
+    else:
+        checks.append(Check("warn", "hub", f"{named} serves the palace and no broker routes to it: a container "
+                            "cannot see it across the VM boundary (its registry and pid are the host's), so a "
+                            "container-side owner could write beside it", "start an agent session on the host first "
+                            "(its broker routes to the hub and records it where the container sees it), or stop the "
+                            "hub"))
+
+
 def palace_health_checks(report: dict[str, Any], where: str, checks: list[Check]) -> None:
     """Stray writers, scar files and sqlite quick_check results (palacecheck.report), from this host or the broker's."""
     writers = report.get("writers", [])

@@ -72,6 +72,14 @@ def report(palace: str, kg: str, state_dir: str | None = None) -> dict[str, obje
     return out
 
 
+def _live_hub(palace: str) -> dict[str, object] | None:
+    """Upstream's hub serving `palace` on this machine (mp_ssh_bridge/hub.py), as JSON-ready data."""
+    from mp_ssh_bridge import hub
+
+    found = hub.live(palace)
+    return None if found is None else found.as_dict()
+
+
 def _holders(palace: str, kg: str, state_dir: str) -> dict[str, object]:
     from mp_ssh_bridge import holders, state
 
@@ -83,12 +91,16 @@ def _holders(palace: str, kg: str, state_dir: str) -> dict[str, object]:
             ours.add(pid)  # the broker (or a degraded session): it and its descendants (the engine) are no strays
     # the owner's engine, a grant's command (mp-bridge run); records of this machine, judged by pid
     ours |= holders.owner_writers(state_dir, stale_after=30.0)
+    live_hub = _live_hub(palace)
+    if live_hub is not None:  # a writer, but no stray: doctor's hub check says how it stands to the broker
+        ours.add(int(str(live_hub["pid"])))
     found, note = holders.holders(palace, kg)
     held, lockers = holders.lock_holders(str(paths.lock))
     return {
         "writers": None if found is None else [vars(h) for h in holders.strays(found, ours)],
         "writers_note": note,
         "lock": {"held": held, "by": [{"pid": h.pid, "command": h.command} for h in lockers]},
+        "hub": live_hub,
     }
 
 

@@ -363,3 +363,56 @@ def test_a_long_poll_waits_at_the_hub_beside_the_queue(home: Path, palace: Path,
 
 def tool_text(reply: dict[str, Any]) -> str:
     return " ".join(c.get("text", "") for c in (reply.get("result") or {}).get("content") or [])
+
+
+def doctor_json(env: dict[str, str] | None = None) -> dict[str, Any]:
+    out = subprocess.run(
+        [str(BIN / "mp-bridge"), "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ, **(env or {})),
+    )
+    assert "Traceback" not in out.stderr, out.stderr
+    return json.loads(out.stdout)
+
+
+def named(report: dict[str, Any], name: str) -> dict[str, Any]:
+    found = [c for c in report["checks"] if c["name"] == name]
+    assert found, (name, [c["name"] for c in report["checks"]])
+    return found[-1]
+
+
+def test_doctor_on_both_sides_says_how_the_hub_stands(home: Path, palace: Path, running_hub: Hub, sshd: Any) -> None:
+    import shutil
+
+    from tests.sshd import write_broker_wrapper
+
+    # a user-run hub and no broker: the host's doctor warns (a container could not see it)
+    report = doctor_json()
+    assert named(report, "hub")["status"] == "warn" and "no broker routes to it" in named(report, "hub")["detail"]
+    assert named(report, "stray writers")["status"] == "ok", named(report, "stray writers")  # the hub is no stray
+    shim = Shim()
+    try:
+        assert "result" in shim.start()
+        owner_file = home / ".mempalace" / "owner.json"
+        wait_for(lambda: "hub" in json.loads(owner_file.read_text() or "{}"), 30, what="owner.json to name the hub")
+        assert named(doctor_json(), "hub")["status"] == "ok"
+        # the container's doctor: the host's --check over the real sshd, owner.json through the mount
+        ctr = home.parent / "ctr" / ".mempalace"
+        ctr.mkdir(parents=True, mode=0o700)
+        shutil.copyfile(home / ".mempalace" / "palace.id", ctr / "palace.id")
+        for name in ("broker.json", "owner.json"):
+            (ctr / name).symlink_to(home / ".mempalace" / name)
+        wrapper = write_broker_wrapper(
+            home.parent / "remote-broker.sh",
+            home,
+            home / ".mempalace",
+            extra=f"export MEMPALACE_PALACE_PATH='{palace}'\n",
+        )
+        report = doctor_json(sshd.container_env(ctr, wrapper))
+        hub_line = named(report, "hub")
+        assert hub_line["status"] == "ok" and "on the host" in hub_line["detail"], report
+        assert f"pid {running_hub.proc.pid}" in hub_line["detail"]
+    finally:
+        shim.close()
