@@ -46,6 +46,7 @@ IDLE_SLACK_S = 1.0  # our clock starts when a request is written, the engine's w
 STOP_GRACE_S = 3.0  # after EOF on its stdin the engine gets this long to exit before SIGTERM/SIGKILL
 START_GIVE_UP_WAIT_S = 15.0  # a forced hand-over waits this long (beyond the start timeout) for a start under way
 HUB_CONNECT_TIMEOUT_S = 5.0  # a hub on loopback that takes no connection in this long is not reached
+HUB_GONE_WAIT_S = 3.0  # a hub whose port refuses: how long to wait for its process to end (a kill under way)
 
 
 class EngineUnavailable(Exception):
@@ -54,6 +55,11 @@ class EngineUnavailable(Exception):
 
 class StartAborted(EngineUnavailable):
     """A start under way was given up because the palace is no longer the broker's (`may_run`): no failed start."""
+
+
+class HubGone(Exception):
+    """Hub mode: the request was NOT executed (no connection) and the hub's process is gone: run it again on the
+    broker's own engine (safe: nothing ran)."""
 
 
 class EngineExited(Exception):
@@ -723,12 +729,31 @@ class Engine:
                 )
         except (hubroute.HubNotReached, hubroute.HubLost) as exc:
             log.warning("hub call %s: %s", engine_id, exc)
+            if isinstance(exc, hubroute.HubNotReached) and exc.no_connection and await self._hub_ends(route):
+                self._sent_at.pop(engine_id, None)
+                self._pending.pop(engine_id, None)
+                if self.hub is route:  # no zombie keeps hub mode alive: the next start looks again (hub.live)
+                    self._leave_hub(f"the hub (pid {route.hub.pid}) is gone")
+                if not fut.done():
+                    fut.set_exception(HubGone(str(exc)))
+                    fut.exception()
+                return
             reply = hubroute.error_reply(engine_id, exc)
         finally:
             self._sent_at.pop(engine_id, None)
             self._pending.pop(engine_id, None)
         if not fut.done():
             fut.set_result(reply)
+
+    @staticmethod
+    async def _hub_ends(route: hubroute.HubRoute) -> bool:
+        """A hub's port refused: is its process ending (a kill, a crash under way)? Polled up to HUB_GONE_WAIT_S."""
+        deadline = time.monotonic() + HUB_GONE_WAIT_S
+        while route.alive(thorough=True):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     def _leave_hub(self, reason: str) -> None:
         """Out of hub mode: calls in flight there end with outcome unknown; the next start looks again."""

@@ -40,7 +40,12 @@ NOT_DISPATCHED = {
 
 
 class HubNotReached(Exception):
-    """Nothing reached the hub's dispatcher: the call was not executed."""
+    """Nothing reached the hub's dispatcher: the call was not executed. `no_connection`: not even a connection
+    (the hub may be dying: its port closes before its pid is gone)."""
+
+    def __init__(self, message: str, *, no_connection: bool = False) -> None:
+        super().__init__(message)
+        self.no_connection = no_connection
 
 
 class HubLost(Exception):
@@ -58,8 +63,12 @@ class HubRoute:
         self.calls = 0
         self.failures = 0
 
-    def alive(self) -> bool:
-        return hostinfo.pid_alive(self.hub.pid)
+    def alive(self, thorough: bool = False) -> bool:
+        """The hub's process still runs: a signal-0 probe (cheap enough for every call); `thorough` also rules out
+        a zombie (on macOS that runs `ps`)."""
+        if not hostinfo.pid_alive(self.hub.pid):
+            return False
+        return not (thorough and hostinfo.is_zombie(self.hub.pid))
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.hub.as_dict(), "calls": self.calls, "failures": self.failures}
@@ -103,7 +112,8 @@ class HubRoute:
             )
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
             self.failures += 1
-            raise HubNotReached(f"cannot connect to the hub at {h.url}: {exc or type(exc).__name__}") from exc
+            raise HubNotReached(f"cannot connect to the hub at {h.url}: {exc or type(exc).__name__}",
+                                no_connection=True) from exc
         try:
             host = f"[{h.dial_host}]" if ":" in h.dial_host else h.dial_host
             head = (

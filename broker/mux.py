@@ -31,7 +31,7 @@ from mp_ssh_bridge import enginecmd, protocol
 from mp_ssh_bridge.settings import BrokerSettings
 from mp_ssh_bridge_broker import guard, readonly, startup, tools
 from mp_ssh_bridge_broker.bounds import Bounds, PendingJobs, limit_error, over_queue_limit
-from mp_ssh_bridge_broker.engine import Engine, EngineExited, EngineNoReply, EngineUnavailable
+from mp_ssh_bridge_broker.engine import Engine, EngineExited, EngineNoReply, EngineUnavailable, HubGone
 from mp_ssh_bridge_broker.queue import FairQueue
 from mp_ssh_bridge_broker.tasks import Tasks
 
@@ -228,6 +228,7 @@ class Job:
     deadline: float
     created: float = field(default_factory=time.monotonic)
     kind: str = "call"  # "call" | "initialize" | "event_wait"
+    hub_retried: bool = False  # hub mode: sent once more after the hub died before it took the request
     event_wait_until: float | None = None
     progress_token: str | None = None
     state: str = "queued"  # queued -> running -> done
@@ -683,6 +684,18 @@ class Mux:
                 {"outcome": "unknown", "engine_log": exc.logged},
             )
             self._finish(job)
+            return
+        except HubGone as exc:  # not executed, and the hub is gone: once more, on the broker's own engine
+            self.in_flight = None
+            if job.hub_retried:
+                self._reply_error(job, protocol.ENGINE_UNAVAILABLE, f"{exc}; request NOT executed",
+                                  {"outcome": "not_executed"})
+                self._finish(job)
+                return
+            log.warning("upstream's hub is gone before this request reached it (%s): it runs on the broker's own engine",
+                        exc)
+            job.hub_retried, job.state = True, "queued"
+            await self._run(job)
             return
         except EngineExited as exc:
             self.totals["outcome_unknown"] += 1

@@ -101,7 +101,7 @@ def live(palace: str | None, home: str | os.PathLike[str] | None = None, *, me: 
         return None
     if not isinstance(port, int) or isinstance(port, bool) or not host or not isinstance(host, str):
         return None
-    if not hostinfo.pid_alive(pid):
+    if not hostinfo.pid_alive(pid) or hostinfo.is_zombie(pid):  # a zombie hub serves nothing (upstream counts it)
         return None
     scheme = info.get("scheme") if info.get("scheme") in ("http", "https") else "http"
     palace_path = info.get("palace_path")

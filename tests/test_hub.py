@@ -416,3 +416,73 @@ def test_doctor_on_both_sides_says_how_the_hub_stands(home: Path, palace: Path, 
         assert f"pid {running_hub.proc.pid}" in hub_line["detail"]
     finally:
         shim.close()
+
+
+def test_hub_killed_mid_storm_host_and_container_writers_lose_nothing(
+    home: Path, palace: Path, running_hub: Hub, sshd: Any, tmp_path: Path
+) -> None:
+    """3 host sessions and 1 container session (real sshd, through its daemon) write while the hub serves the
+    palace; the hub is killed with -9 mid-storm; the broker's own engine takes over. Every acknowledged drawer is
+    stored; a call the hub's death interrupted is reported (not executed, or outcome unknown), never lost silently."""
+    import threading
+    import time
+
+    from tests.sshd import two_sides
+    from tests.test_shim_support import ShimProc
+
+    _, ctr_state, wrapper = two_sides(home, extra=f"export MEMPALACE_PALACE_PATH='{palace}'\n")
+    ctr_home = tmp_path / "ctr-home"
+    ctr_home.mkdir()
+    ctr_env = dict(sshd.container_env(ctr_state, wrapper, MEMPALACE_MCP_TIMEOUT_MS="60000"), HOME=str(ctr_home))
+    writers = [ShimProc(env={"MP_BRIDGE_ROLE": "host"}, stderr_path=tmp_path / f"host-{i}.err") for i in range(3)]
+    writers.append(ShimProc(env=ctr_env, stderr_path=tmp_path / "ctr.err"))
+    per_writer = int(os.environ.get("HUB_STORM_WRITES", "12"))
+    acked: list[str] = []
+    reported: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    halfway = threading.Event()
+
+    def write(i: int, s: ShimProc) -> None:
+        for n in range(per_writer):
+            text = f"storm drawer {n} of writer {i} about rivers and ferries"
+            reply = s.tool("mempalace_add_drawer", {"wing": "storm", "room": f"w{i}", "content": text}, timeout=120)
+            with lock:
+                if "result" in reply and not reply["result"].get("isError"):
+                    acked.append(text)
+                else:
+                    reported.append(reply)
+                if len(acked) >= per_writer * 2:
+                    halfway.set()
+
+    try:
+        for s in writers:
+            assert "result" in s.initialize(), s.stderr()
+        assert broker_status(home)["engine"].get("hub"), "not in hub mode"
+        threads = [threading.Thread(target=write, args=(i, s)) for i, s in enumerate(writers)]
+        for t in threads:
+            t.start()
+        assert halfway.wait(120), "the storm did not get halfway"
+        killed = time.monotonic()
+        running_hub.kill()
+        for t in threads:
+            t.join(300)
+        assert not any(t.is_alive() for t in threads)
+        took_over = broker_status(home)["engine"]
+        assert "hub" not in took_over and isinstance(took_over["pid"], int), took_over
+        for reply in reported:  # every failed write says what became of it
+            assert reply["error"]["data"]["outcome"] in ("not_executed", "unknown"), reply
+        check = ShimProc(env={"MP_BRIDGE_ROLE": "host"}, stderr_path=tmp_path / "check.err")
+        try:
+            assert "result" in check.initialize()
+            listed = check.tool("mempalace_list_drawers", {"wing": "storm", "limit": 1000}, timeout=120)
+            missing = [t for t in acked if t not in json.dumps(listed)]
+            assert not missing, (len(missing), missing[:3])
+        finally:
+            check.close()
+        print(
+            f"hub storm: {len(acked)} acknowledged and stored, {len(reported)} reported; broker took over "
+            f"{time.monotonic() - killed:.1f}s after the kill (upper bound)"
+        )
+    finally:
+        for s in writers:
+            s.close()
