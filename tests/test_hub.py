@@ -116,10 +116,10 @@ def test_tokens_in_upstreams_order(reg_home: Path, tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- hub mode with the real hub
 class Hub:
-    def __init__(self, palace: Path, home: Path, port: int) -> None:
+    def __init__(self, palace: Path, home: Path, port: int, **extra: str) -> None:
         self.port = port
         self.log = home / f"hub-{port}.log"
-        env = dict(os.environ, MEMPALACE_PALACE_PATH=str(palace))
+        env = dict(os.environ, MEMPALACE_PALACE_PATH=str(palace), HOME=str(home), **extra)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [str(BIN / "mempalace"), "serve", "--palace", str(palace), "--port", str(port)],
@@ -128,12 +128,12 @@ class Hub:
                 stderr=out,
                 stdin=subprocess.DEVNULL,
             )
-        wait_for(lambda: self._up(palace), 90, what=f"the hub to register ({self.log})")
+        wait_for(lambda: self._up(palace, home), 90, what=f"the hub to register ({self.log})")
 
-    def _up(self, palace: Path) -> bool:
+    def _up(self, palace: Path, home: Path) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"the hub exited: {self.log.read_text()[-2000:]}")
-        return hub.live(str(palace)) is not None
+        return hub.live(str(palace), home) is not None
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -486,3 +486,72 @@ def test_hub_killed_mid_storm_host_and_container_writers_lose_nothing(
     finally:
         for s in writers:
             s.close()
+
+
+def test_an_event_appended_through_the_bridge_reaches_a_peer_replica(home: Path, tmp_path: Path) -> None:
+    """Two palaces in two homes, each with its hub on loopback and the other in its peers.json (mempalace's
+    logstream sync, MEMPALACE_SYNC_INTERVAL=1): an event appended through the bridge on one is listed on the other."""
+    from tests.test_shim_support import ShimProc
+
+    sides = []
+    ports = [free_port(), free_port()]
+    for i in range(2):
+        h = home if i == 0 else tmp_path / "home2"
+        h.mkdir(exist_ok=True)
+        if i:
+            (h / ".cache").symlink_to((home / ".cache").resolve())
+        p = h / f"palace{i}"
+        p.mkdir()
+        (p / "peers.json").write_text(
+            json.dumps({"peers": [{"name": f"side{1 - i}", "url": f"http://127.0.0.1:{ports[1 - i]}"}]})
+        )
+        sides.append((h, p))
+    hubs = [Hub(p, h, ports[i], MEMPALACE_SYNC_INTERVAL="1") for i, (h, p) in enumerate(sides)]
+    shims = [
+        ShimProc(
+            env={
+                "HOME": str(h),
+                "MEMPALACE_PATH": str(h / ".mempalace"),
+                "MEMPALACE_PALACE_PATH": str(p),
+                "MP_BRIDGE_CONFIG": str(h / "mp-bridge.toml"),
+            },
+            stderr_path=tmp_path / f"shim{i}.err",
+        )
+        for i, (h, p) in enumerate(sides)
+    ]
+    try:
+        for s in shims:
+            assert "result" in s.initialize(), s.stderr()
+        appended = shims[0].tool(
+            "mempalace_event_append",
+            {
+                "type": "task.request",
+                "stream": "sync-test",
+                "room": "r",
+                "from_agent": "side0",
+                "correlation_id": "across-replicas",
+            },
+        )
+        assert "result" in appended and not appended["result"].get("isError"), appended
+
+        def listed() -> bool:
+            reply = shims[1].tool("mempalace_event_list", {"stream": "sync-test"})
+            assert "result" in reply, reply
+            return "across-replicas" in json.dumps(reply)
+
+        wait_for(listed, 60, interval=0.5, what="the event on the other replica")
+        for i, (h, _) in enumerate(sides):  # both went through their broker to their hub
+            from mp_ssh_bridge import state
+            from mp_ssh_bridge.election import probe
+
+            record = state.read_broker_json(h / ".mempalace" / "broker.json") or {}
+            status = probe(record["endpoint"], 5.0)
+            assert status and status["engine"].get("hub", {}).get("pid") == hubs[i].proc.pid, status
+    finally:
+        for s in shims:
+            s.close()
+        for hb in hubs:
+            hb.kill()
+        from tests.conftest import _kill_brokers
+
+        _kill_brokers(tmp_path / "home2" / ".mempalace")
