@@ -84,13 +84,12 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from mp_ssh_bridge import jsonc
+from mp_ssh_bridge import jsonc, state
 from mp_ssh_bridge.config import DEFAULT_TIMEOUT_MS as SESSION_DEADLINE_MS  # MEMPALACE_MCP_TIMEOUT_MS's default
 from mp_ssh_bridge.protocol import EVENT_WAIT_DEFAULT_MS as EVENT_WAIT_MS  # mempalace_event_wait's default wait
 
@@ -582,25 +581,13 @@ def _sha(text: str) -> str:
 
 
 def _write_atomic(path: Path, text: str, mode: int | None) -> None:
-    """`text` in place of `path` (a temporary file, made with O_EXCL under a random name beside it, renamed
-    over it), keeping the old file's mode; through a symlink, the file it points to is replaced."""
-    data = text.encode("utf-8")  # before anything is made: a text that cannot be written changes nothing
+    """`text` in place of `path` (state.write_text_atomic), keeping the old file's mode (a new file: the umask's);
+    through a symlink, the file it points to is replaced."""
+    text.encode("utf-8")  # before anything is made: a text that cannot be written changes nothing
     path = Path(os.path.realpath(path))
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".mp-bridge.tmp", dir=path.parent)
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if mode is None and path.exists():
-                mode = path.stat().st_mode
-            os.fchmod(f.fileno(), (0o666 & ~_umask()) if mode is None else mode & 0o777)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    if mode is None:
+        mode = path.stat().st_mode if path.exists() else 0o666 & ~_umask()
+    state.write_text_atomic(path, text, mode & 0o777)
 
 
 def _umask() -> int:
