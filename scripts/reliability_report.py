@@ -47,10 +47,11 @@ SECTIONS = [
      "engine are killed with SIGKILL mid-storm."),
     ("contrast", "The contrast: no broker", "The same storm's writes from two plain `mempalace-mcp` engines on one "
      "palace under different HOMEs (a host and a container), which is what agents do without the bridge. "
-     "Measured, not asserted. The original RFC measured 770 of 2000 vectors unreadable with mempalace 3.4.0; "
-     "here the same kind of run shows the damage as writes reported failed that were stored, writes never "
-     "answered, and a palace file quarantined (a scar) — an agent cannot trust what it was told. Through "
-     "the bridge the storm above has none of these."),
+     "Measured, not asserted. The original RFC measured 770 of 2000 vectors unreadable with mempalace 3.4.0. "
+     "What this run saw is below; the damage depends on timing (earlier runs of this suite saw writes reported "
+     "failed that were stored, writes never answered, and a palace file quarantined), so a run without damage "
+     "proves nothing: nothing keeps the two engines apart. Through the bridge the storm above is kept safe by "
+     "one writer, not by timing."),
     ("fault", "Faults", "Each fault has a clear outcome within a bound."),
     ("security", "Security", "Owner-only state, other users refused, tokens and host keys checked, paths passed "
      "to the host without a shell seeing them."),
