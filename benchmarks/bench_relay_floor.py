@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -212,6 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     server = SSHServer(root / "sshd").start()
     target = str(root / "broker.sock")
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    relay_dir: Path | None = None
     try:
         procs["stand-in"] = subprocess.Popen([PY, "-c", STAND_IN, target])
         connect(target).close()
@@ -248,6 +250,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             )
         relay, relay_sock = start_real_relay(root, server, target)
         procs[REAL] = relay
+        relay_dir = Path(relay_sock).parent  # its own directory in the runtime dir: removed at the end
         socks = {
             "direct": connect(target),
             "unix hop": connect(str(root / "hop.sock")),
@@ -279,9 +282,16 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         return out
     finally:
         for p in procs.values():
-            p.kill()
-            p.wait()
+            p.terminate()  # the relay removes its socket and record on SIGTERM
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if relay_dir is not None and relay_dir.name.startswith("daemon-"):
+            shutil.rmtree(relay_dir, ignore_errors=True)
         server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def report(r: dict[str, dict[str, float]], args: argparse.Namespace, load: str) -> str:

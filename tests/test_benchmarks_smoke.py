@@ -1,0 +1,50 @@
+"""Smoke-sized runs of the benchmarks added with hub mode and the relay floor, so their harnesses cannot rot.
+
+Benchmarks print figures; these runs assert only that each completes and writes its report with every path in it
+(no timing is asserted)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.sshd import sshd_available
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(script: str, *args: str, out: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out.read_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the floor reads /proc for CPU times")
+def test_relay_floor_smoke(home: Path, tmp_path: Path) -> None:
+    if not sshd_available() or shutil.which("ssh") is None:
+        pytest.skip("needs /usr/sbin/sshd and the OpenSSH client")
+    text = run("bench_relay_floor.py", "--calls", "5", "--gap-ms", "1", out=tmp_path / "floor.md")
+    for path in (
+        "direct",
+        "unix hop",
+        "OpenSSH client (reference)",
+        "asyncssh, streams",
+        "asyncssh, callbacks",
+        "the container daemon's relay",
+    ):
+        assert f"| {path} |" in text, text
+
+
+def test_hub_bench_smoke(home: Path, tmp_path: Path) -> None:
+    text = run("bench_hub.py", "--calls", "3", "--spawns", "1", out=tmp_path / "hub.md")
+    assert "hub with the bridge" in text and "upstream's hub alone" in text and "after the kill" in text, text
