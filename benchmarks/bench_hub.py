@@ -160,8 +160,8 @@ def report(r: dict[str, Any], args: argparse.Namespace, load: str) -> str:
                 "",
                 f"The hub killed with -9 while a session called `mempalace_status` in a loop: the first answer from the "
                 f"broker's own engine came **{r['takeover']:.2f} s** after the kill ({r['takeover_failures']} calls in "
-                "between were answered with an error that says whether they ran; none was lost). That is the engine's start; "
-                "the broker notices a dead hub at the next call.",
+                "between were answered with an error that says whether they ran; none was lost). That is the engine's start: the broker sees the hub's pid gone "
+                "within 0.25 s and starts its own engine at once.",
                 "",
                 "In hub mode every call is one HTTP request to the hub (a new loopback connection each: the hub closes it "
                 "after one answer) instead of a line on the engine's pipe.",

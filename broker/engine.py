@@ -29,6 +29,7 @@ import collections
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -46,6 +47,7 @@ IDLE_SLACK_S = 1.0  # our clock starts when a request is written, the engine's w
 STOP_GRACE_S = 3.0  # after EOF on its stdin the engine gets this long to exit before SIGTERM/SIGKILL
 START_GIVE_UP_WAIT_S = 15.0  # a forced hand-over waits this long (beyond the start timeout) for a start under way
 HUB_CONNECT_TIMEOUT_S = 5.0  # a hub on loopback that takes no connection in this long is not reached
+HUB_WATCH_S = 0.25  # hub mode: how often the hub's pid is looked at (its death starts the broker's engine at once)
 HUB_GONE_WAIT_S = 3.0  # a hub whose port refuses: how long to wait for its process to end (a kill under way)
 
 
@@ -711,6 +713,7 @@ class Engine:
         except (asyncio.TimeoutError, hubroute.HubNotReached, hubroute.HubLost) as exc:
             log.info("notifications/initialized to the hub: %s", exc)
         self.hub = route
+        self._tasks.spawn(self._watch_hub(route), name="hub-watch")
         self.starts += 1
         self.started_at = time.time()
         self.state = "ready"
@@ -744,6 +747,21 @@ class Engine:
             self._pending.pop(engine_id, None)
         if not fut.done():
             fut.set_result(reply)
+
+    async def _watch_hub(self, route: hubroute.HubRoute) -> None:
+        """While routing to `route`: once its process is gone, leave hub mode and start the broker's own engine at
+        once — not at the next call — so it is the palace's writer before a plain `mempalace-mcp` that falls back
+        to serving locally could be."""
+        thorough = sys.platform.startswith("linux")  # a zombie check reads /proc there; on macOS it would run ps
+        while self.hub is route:
+            await asyncio.sleep(HUB_WATCH_S)
+            if self.hub is not route or route.alive(thorough=thorough):
+                continue
+            self._leave_hub(f"the hub (pid {route.hub.pid}) is gone")
+            if not self._stopping:
+                log.warning("upstream's hub is gone: the broker starts its own engine now")
+                self._restart_task = self._tasks.spawn(self._restart_after_crash(), name="engine-after-hub")
+            return
 
     @staticmethod
     async def _hub_ends(route: hubroute.HubRoute) -> bool:

@@ -276,7 +276,8 @@ def test_sessions_go_through_the_hub_and_a_plain_engine_sees_their_drawers(
         finally:
             proxy.close()
         # the hub dies: the broker's own engine takes over, and every acknowledged drawer is there
-        running_hub.kill()
+        running_hub.kill()  # the broker notices by itself and starts its own engine, before any call asks
+        wait_for(lambda: isinstance(broker_status(home)["engine"]["pid"], int), 60, what="the broker's own engine")
         late = "written after the hub died, about harbours"
         add(shims[1], late)
         for text in [*texts, late]:
