@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import signal
@@ -72,6 +73,15 @@ class EngineExited(Exception):
         super().__init__(f"engine exited ({detail})")
         self.returncode = returncode
         self.stderr_tail = stderr_tail
+
+
+class HubLeft(EngineExited):
+    """Hub mode ended (or the call was given up) while a request was at the hub: its outcome is unknown."""
+
+    def __init__(self, reason: str) -> None:
+        Exception.__init__(self, f"the call to upstream's hub was given up: {reason}")
+        self.returncode = None
+        self.stderr_tail = ""
 
 
 class EngineNoReply(Exception):
@@ -136,7 +146,8 @@ class Engine:
         self._ready_proc: asyncio.subprocess.Process | None = None  # the child that answered initialize
         self._last_request = time.monotonic()  # the engine's idle clock restarts with every request
         self.hub: hubroute.HubRoute | None = None  # hub mode: the calls go to upstream's hub, no child runs
-        self._hub_tasks: set[asyncio.Task[None]] = set()
+        self._hub_tasks: dict[int, asyncio.Task[None]] = {}  # hub mode: the HTTP call of each engine id
+        self.hub_lookup = True  # False for the container daemon's local owner (broker/lifecycle.py says why)
 
     # --- facts for status / broker.json ------------------------------------------
     @property
@@ -188,10 +199,13 @@ class Engine:
                     await self.before_start()  # the palace is ours first: waiting for its owner is no failed start
                     if self._stopping:
                         raise EngineUnavailable("the broker is shutting down")
-                found = hub.live(self._palace())
-                if found is not None:  # the hub is the palace's writer: route to it, never start an engine beside it
+                found = await self.hub_owns()  # upstream's hub: the palace's writer (a zombie check may run ps)
+                if found is not None:  # the palace's writer: route to it, never beside it
                     try:
                         await self._enter_hub(found)
+                    except StartAborted as exc:  # the palace stopped being the broker's meanwhile: wait for it again
+                        log.warning("hub mode not entered: %s", exc)
+                        continue
                     except EngineUnavailable as exc:
                         self._failures += 1
                         self._last_error = str(exc)
@@ -444,8 +458,8 @@ class Engine:
                 self._hub_call(self.hub, engine_id, protocol.request(engine_id, method, params), fut),
                 name=f"hub-call-{engine_id}",
             )
-            self._hub_tasks.add(task)
-            task.add_done_callback(self._hub_tasks.discard)
+            self._hub_tasks[engine_id] = task
+            task.add_done_callback(functools.partial(self._hub_task_done, engine_id))
             return engine_id, fut
         await self.send(protocol.request(engine_id, method, params))  # written before any await: ids go in order
         return engine_id, fut
@@ -453,6 +467,33 @@ class Engine:
     def forget(self, engine_id: int) -> None:
         self._pending.pop(engine_id, None)
         self._sent_at.pop(engine_id, None)
+        self._drop_hub_call(engine_id, "its deadline passed")
+
+    async def hub_owns(self) -> hub.Hub | None:
+        """The writable hub that owns the palace: the one routed to, or one registered and alive (between hub
+        mode's end and the next start, after a stall). A grant must never be handed the palace then."""
+        route = self.hub
+        if route is not None:
+            return route.hub
+        if not self.hub_lookup:
+            return None
+        found = await asyncio.to_thread(hub.live, self._palace())
+        return found if found is not None and not found.read_only else None
+
+    def _hub_task_done(self, engine_id: int, task: asyncio.Task[None]) -> None:
+        if self._hub_tasks.get(engine_id) is task:
+            del self._hub_tasks[engine_id]
+
+    def _drop_hub_call(self, engine_id: int, reason: str) -> None:
+        """Hub mode: stop waiting for one call's answer (its connection closes); a waiter gets HubLeft."""
+        task = self._hub_tasks.pop(engine_id, None)
+        fut = self._pending.pop(engine_id, None)
+        self._sent_at.pop(engine_id, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(HubLeft(reason))
+            fut.exception()
+        if task is not None:
+            task.cancel()
 
     # --- requests the engine dropped (broker/guard.py) ----------------------------
     def _answered(self, engine_id: int) -> None:
@@ -496,7 +537,14 @@ class Engine:
 
     async def send(self, message: dict[str, Any]) -> None:
         if self.hub is not None:
-            return  # notifications (initialized, cancelled): the hub answers each POST on its own, nothing to tell it
+            # The hub answers each POST on its own: nothing to tell it. A cancellation closes that call's connection
+            # (the mux drops a late answer anyway), so a cancelled long poll holds no hub connection.
+            params = message.get("params")
+            if message.get("method") == "notifications/cancelled" and isinstance(params, dict):
+                request_id = params.get("requestId")
+                if isinstance(request_id, int) and not isinstance(request_id, bool):
+                    self._drop_hub_call(request_id, "cancelled by its client")
+            return
         proc = self._proc
         if proc is None or proc.stdin is None or proc.returncode is not None:
             raise EngineUnavailable("engine is not running")
@@ -679,7 +727,8 @@ class Engine:
 
     async def _enter_hub(self, found: hub.Hub) -> None:
         """Route to `found`: its initialize answer becomes ours (the mux caches it). Raises EngineUnavailable —
-        and then NO engine starts: a hub that lives but does not answer still owns the palace."""
+        and then NO engine starts: a hub that lives but does not answer still owns the palace — or StartAborted
+        when the palace stopped being the broker's meanwhile."""
         palace = self._palace() or ""
         route = hubroute.HubRoute(
             found, palace, connect_timeout=HUB_CONNECT_TIMEOUT_S, max_bytes=self.settings.max_line_bytes
@@ -697,27 +746,34 @@ class Engine:
             f"upstream's hub (pid {found.pid}, {found.url}, registered in {found.record}) owns this palace, and "
             "the broker starts no engine beside it"
         )
+        self._not_starting.clear()  # a hand-over waits for this, as for an engine's start
         try:
-            reply = await asyncio.wait_for(route.post(hello), self.settings.engine_start_timeout)
-        except asyncio.TimeoutError:
-            raise EngineUnavailable(
-                f"{why}; it did not answer initialize within {self.settings.engine_start_timeout:.0f}s"
-            ) from None
-        except (hubroute.HubNotReached, hubroute.HubLost) as exc:
-            raise EngineUnavailable(f"{why}; {exc}") from None
-        if not isinstance(reply, dict) or not isinstance(reply.get("result"), dict):
-            raise EngineUnavailable(f"{why}; it refused initialize: {(reply or {}).get('error') or reply!r}")
-        self.initialize_result = reply["result"]
-        try:
-            await asyncio.wait_for(route.post(protocol.notification("notifications/initialized")), 5)
-        except (asyncio.TimeoutError, hubroute.HubNotReached, hubroute.HubLost) as exc:
-            log.info("notifications/initialized to the hub: %s", exc)
-        self.hub = route
-        self._tasks.spawn(self._watch_hub(route), name="hub-watch")
-        self.starts += 1
-        self.started_at = time.time()
-        self.state = "ready"
-        self._last_error = ""
+            try:
+                reply = await asyncio.wait_for(route.post(hello), self.settings.engine_start_timeout)
+            except asyncio.TimeoutError:
+                raise EngineUnavailable(
+                    f"{why}; it did not answer initialize within {self.settings.engine_start_timeout:.0f}s"
+                ) from None
+            except (hubroute.HubNotReached, hubroute.HubLost) as exc:
+                raise EngineUnavailable(f"{why}; {exc}") from None
+            if not isinstance(reply, dict) or not isinstance(reply.get("result"), dict):
+                raise EngineUnavailable(f"{why}; it refused initialize: {(reply or {}).get('error') or reply!r}")
+            try:
+                await asyncio.wait_for(route.post(protocol.notification("notifications/initialized")), 5)
+            except (asyncio.TimeoutError, hubroute.HubNotReached, hubroute.HubLost) as exc:
+                log.info("notifications/initialized to the hub: %s", exc)
+            if self._stopping:
+                raise EngineUnavailable("the broker is shutting down")
+            self._check_may_run("when routing to the hub")  # no await from here on: a hand-over sees all or nothing
+            self.initialize_result = reply["result"]
+            self.hub = route
+            self._tasks.spawn(self._watch_hub(route), name="hub-watch")
+            self.starts += 1
+            self.started_at = time.time()
+            self.state = "ready"
+            self._last_error = ""
+        finally:
+            self._not_starting.set()
         log.warning("hub mode: %s; calls go to it over HTTP (mempalace %s)", why, self.version)
 
     async def _hub_call(
@@ -728,7 +784,7 @@ class Engine:
             if reply is None:
                 reply = hubroute.error_reply(
                     engine_id,
-                    hubroute.HubLost(f"the hub at {route.hub.url} answered this request with no message (HTTP 202)"),
+                    hubroute.HubLost(f"the hub at {route.hub.url} answered this request with no message"),
                 )
         except (hubroute.HubNotReached, hubroute.HubLost) as exc:
             log.warning("hub call %s: %s", engine_id, exc)
@@ -767,7 +823,7 @@ class Engine:
     async def _hub_ends(route: hubroute.HubRoute) -> bool:
         """A hub's port refused: is its process ending (a kill, a crash under way)? Polled up to HUB_GONE_WAIT_S."""
         deadline = time.monotonic() + HUB_GONE_WAIT_S
-        while route.alive(thorough=True):
+        while await asyncio.to_thread(route.alive, True):  # on macOS a zombie check runs ps: off the loop
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.05)
@@ -781,12 +837,12 @@ class Engine:
         log.warning("hub mode ends (%s): the hub at %s", reason, route.hub.url)
         self.state = "stopped"
         self.last_exit = f"left hub mode: {reason}"
-        for task in list(self._hub_tasks):
-            task.cancel()
+        for engine_id in list(self._hub_tasks):
+            self._drop_hub_call(engine_id, f"hub mode ended: {reason}")
         for engine_id, fut in list(self._pending.items()):
             self._pending.pop(engine_id, None)
             if not fut.done():
-                fut.set_exception(EngineExited(None, f"hub mode ended: {reason}"))
+                fut.set_exception(HubLeft(f"hub mode ended: {reason}"))
                 fut.exception()
 
     async def _cancel_restart(self) -> None:

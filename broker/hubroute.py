@@ -6,7 +6,8 @@ write, and a 3.4.0 engine, which has no lease, would write beside it. The broker
 is one HTTP POST to the hub's `/mcp` (JSON-RPC in the body, the answer in the response, 202 for a notification;
 the hub closes every connection after one answer). Everything else the broker adds stays: fairness, per-client
 bounds, deadlines (the mux's stall bound turns a hung hub into the usual "outcome unknown" error, not upstream's
-600 s wait), cancellation, the cached initialize, and the container path over SSH — the hub's port is never
+600 s wait), cancellation (the broker answers it and closes that call's connection; the hub is not told), the
+cached initialize, and the container path over SSH — the hub's port is never
 exposed.
 
 What a failure means for the call (docs/PROTOCOL.md "Hub mode"):
@@ -105,6 +106,17 @@ class HubRoute:
 
     async def _exchange(self, body: bytes, token: str) -> tuple[int, bytes]:
         h = self.hub
+        host = f"[{h.dial_host}]" if ":" in h.dial_host else h.dial_host
+        try:  # before any connection: a token HTTP cannot carry reaches nothing
+            head = (
+                f"POST /mcp HTTP/1.1\r\nHost: {host}:{h.port}\r\nContent-Type: application/json\r\n"
+                f"Accept: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+                + (f"Authorization: Bearer {token}\r\n" if token else "")
+                + "\r\n"
+            ).encode("latin-1")
+        except UnicodeEncodeError as exc:
+            self.failures += 1
+            raise HubNotReached(f"the hub's token for {h.url} is not plain text: {exc.reason}") from None
         context = ssl.create_default_context() if h.scheme == "https" else None
         try:
             reader, writer = await asyncio.wait_for(
@@ -112,20 +124,14 @@ class HubRoute:
             )
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
             self.failures += 1
-            raise HubNotReached(f"cannot connect to the hub at {h.url}: {exc or type(exc).__name__}",
-                                no_connection=True) from exc
+            raise HubNotReached(
+                f"cannot connect to the hub at {h.url}: {exc or type(exc).__name__}", no_connection=True
+            ) from exc
         try:
-            host = f"[{h.dial_host}]" if ":" in h.dial_host else h.dial_host
-            head = (
-                f"POST /mcp HTTP/1.1\r\nHost: {host}:{h.port}\r\nContent-Type: application/json\r\n"
-                f"Accept: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
-                + (f"Authorization: Bearer {token}\r\n" if token else "")
-                + "\r\n"
-            )
             try:
-                writer.write(head.encode("latin-1") + body)
+                writer.write(head + body)
                 await writer.drain()
-            except (OSError, UnicodeEncodeError) as exc:
+            except OSError as exc:
                 self.failures += 1
                 raise HubLost(f"the request to the hub at {h.url} broke off: {exc}") from exc
             try:

@@ -31,7 +31,7 @@ from mp_ssh_bridge import enginecmd, protocol
 from mp_ssh_bridge.settings import BrokerSettings
 from mp_ssh_bridge_broker import guard, readonly, startup, tools
 from mp_ssh_bridge_broker.bounds import Bounds, PendingJobs, limit_error, over_queue_limit
-from mp_ssh_bridge_broker.engine import Engine, EngineExited, EngineNoReply, EngineUnavailable, HubGone
+from mp_ssh_bridge_broker.engine import Engine, EngineExited, EngineNoReply, EngineUnavailable, HubGone, HubLeft
 from mp_ssh_bridge_broker.queue import FairQueue
 from mp_ssh_bridge_broker.tasks import Tasks
 
@@ -687,23 +687,32 @@ class Mux:
             return
         except HubGone as exc:  # not executed, and the hub is gone: once more, on the broker's own engine
             self.in_flight = None
-            if job.hub_retried:
-                self._reply_error(job, protocol.ENGINE_UNAVAILABLE, f"{exc}; request NOT executed",
-                                  {"outcome": "not_executed"})
+            if job.replied:  # cancelled, or answered by its deadline meanwhile: it ran nowhere, and stays so
                 self._finish(job)
                 return
-            log.warning("upstream's hub is gone before this request reached it (%s): it runs on the broker's own engine",
-                        exc)
+            if job.hub_retried:
+                self._reply_error(
+                    job, protocol.ENGINE_UNAVAILABLE, f"{exc}; request NOT executed", {"outcome": "not_executed"}
+                )
+                self._finish(job)
+                return
+            log.warning(
+                "upstream's hub is gone before this request reached it (%s): it runs on the broker's own engine", exc
+            )
             job.hub_retried, job.state = True, "queued"
             await self._run(job)
             return
         except EngineExited as exc:
             self.totals["outcome_unknown"] += 1
+            what = (
+                str(exc)
+                if isinstance(exc, HubLeft)
+                else f"the memory engine exited during this request ({exc}) and is being restarted"
+            )
             self._reply_error(
                 job,
                 protocol.OUTCOME_UNKNOWN,
-                f"the memory engine exited during this request ({exc}) and is being restarted; the "
-                "request's outcome is unknown and it was NOT retried",
+                f"{what}; the request's outcome is unknown and it was NOT retried",
                 {"outcome": "unknown", "stderr": exc.stderr_tail[-500:]},
             )
             self._finish(job)
@@ -745,6 +754,13 @@ class Mux:
                     {"outcome": "unknown"},
                 )
                 self._finish(job)
+                return
+            except HubGone:  # it reached no hub, and the hub is gone: back in the queue, for the broker's engine
+                if job.replied:
+                    self._finish(job)
+                else:
+                    job.state = "queued"
+                    self.queue.put(job)
                 return
             except (EngineExited, EngineNoReply) as exc:
                 self.totals["outcome_unknown"] += 1

@@ -72,7 +72,13 @@ class Ownership:
     """The broker's hold on the palace, as the engine and broker/status see it."""
 
     def __init__(
-        self, settings: BrokerSettings, engine: Engine, gate: asyncio.Lock, *, kind: str = KIND, what: str = WHAT,
+        self,
+        settings: BrokerSettings,
+        engine: Engine,
+        gate: asyncio.Lock,
+        *,
+        kind: str = KIND,
+        what: str = WHAT,
         on_handed_over: Callable[[str], None] | None = None,
     ) -> None:
         if kind not in owner.RANK:
@@ -153,8 +159,11 @@ class Ownership:
             "waiting_s": round(waited, 1) if waited is not None else None,
             "handovers": self.handovers,
             # Once holding, its own request is gone: a listing made while it waited may still be the last one read.
-            "requests": [{k: r.get(k) for k in REQUEST_FIELDS} for r in self._requests
-                         if not (self.holding() and r.get("token") == self._own_request)],
+            "requests": [
+                {k: r.get(k) for k in REQUEST_FIELDS}
+                for r in self._requests
+                if not (self.holding() and r.get("token") == self._own_request)
+            ],
         }
 
     # --- claiming --------------------------------------------------------------------------
@@ -174,14 +183,16 @@ class Ownership:
             start = time.monotonic()
             self._waiting_since = self._waiting_since if self.phase == "yielded" and self._waiting_since else start
             request: owner.Request = await self._in_thread(
-                lambda: owner.Request(self.paths, self.kind, what=self.what), undo=lambda r: r.withdraw())
+                lambda: owner.Request(self.paths, self.kind, what=self.what), undo=lambda r: r.withdraw()
+            )
             self._own_request = request.token
             try:
                 while True:
                     self._check_open()
                     try:
                         claim: owner.Claim = await self._in_thread(
-                            lambda: self._claim_now(request.token), undo=lambda c: c.release())
+                            lambda: self._claim_now(request.token), undo=lambda c: c.release()
+                        )
                         break
                     except owner.Busy as exc:
                         self._busy(exc)
@@ -197,16 +208,22 @@ class Ownership:
             was = self._blocker
             self.phase, self._blocker, self._waiting_since, self._logged = "holding", None, None, None
         if was is not None or waited > 1.0:
-            log.warning("%s holds the palace (owner.json, kind %s) after waiting %.1f s%s", self.me, self.kind, waited,
-                        f" for {who(was)}" if was is not None else "")
+            log.warning(
+                "%s holds the palace (owner.json, kind %s) after waiting %.1f s%s",
+                self.me,
+                self.kind,
+                waited,
+                f" for {who(was)}" if was is not None else "",
+            )
         else:
             log.info("%s holds the palace (owner.json, kind %s)", self.me, self.kind)
 
     def _claim_now(self, request_token: str) -> owner.Claim:
         """One claim (in a thread); refused: the live requests and owner.json are read again for status."""
         try:
-            return owner.claim(self.paths, self.kind, self.stale_after, request_token=request_token,
-                               fields={"what": self.what})
+            return owner.claim(
+                self.paths, self.kind, self.stale_after, request_token=request_token, fields={"what": self.what}
+            )
         except owner.Busy:
             self._requests = owner.live_requests(self.paths, self.stale_after)
             self._owner_seen = state.read_json_object(self.paths.owner)
@@ -255,22 +272,31 @@ class Ownership:
         # owner.wanted_by, in two steps: the list is kept for broker/status.
         self._requests = await asyncio.to_thread(owner.live_requests, self.paths, self.stale_after)
         wanted = owner.outranking(self._requests, self.kind)
-        if wanted is not None and self._engine.hub is not None:
-            # Upstream's hub is the writer, and not ours to stop: handing the palace over would put the grant's
-            # command beside it. The requester sees `hub` in owner.json and gives up with the reason.
-            if self._hub_refused != wanted.get("token"):
-                self._hub_refused = wanted.get("token")
-                log.warning("%s asks for the palace, but upstream's hub (pid %s) owns it: not handed over",
-                            who(wanted), self._engine.hub.hub.pid)
+        if wanted is not None and await self._refused_for_hub(wanted):
             return
         if wanted is not None and self._claim is claim and self.holding():
             await self._yield_to(claim, wanted)
 
+    async def _refused_for_hub(self, request: dict[str, Any]) -> bool:
+        """Upstream's hub owns the palace: it is not ours to stop, so the palace is not handed over (the grant's
+        command would write beside the hub). The requester sees `hub` in owner.json and gives up with the reason."""
+        found = await self._engine.hub_owns()
+        if found is None:
+            return False
+        if self._hub_refused != request.get("token"):
+            self._hub_refused = request.get("token")
+            log.warning(
+                "%s asks for the palace, but upstream's hub (pid %s) owns it: not handed over", who(request), found.pid
+            )
+        return True
+
     async def _yield_to(self, claim: owner.Claim, request: dict[str, Any]) -> None:
         """Rule 3: finish the running call, stop the engine, release; then claim again and warm-start."""
         self.phase, self._blocker, self._waiting_since = "yielded", request, time.monotonic()
-        log.warning("%s asks for the palace: the running call finishes, then the engine stops and the palace is "
-                    "handed over", who(request))
+        log.warning(
+            "%s asks for the palace: the running call finishes, then the engine stops and the palace is handed over",
+            who(request),
+        )
         async with self._gate:  # between two jobs; the queued ones wait (or meet their deadlines naming the owner)
             if self._claim is not claim or not self.holding():
                 return
@@ -280,8 +306,12 @@ class Ownership:
             if self._claim is not claim or not self.holding():
                 return
             if still is None:
-                log.warning("%s no longer asks for the palace (it gave up): the broker keeps it, and its engine",
-                            who(request))
+                log.warning(
+                    "%s no longer asks for the palace (it gave up): the broker keeps it, and its engine", who(request)
+                )
+                self.phase, self._blocker, self._waiting_since = "holding", None, None
+                return
+            if await self._refused_for_hub(still):  # a hub may have come (or stayed) while we waited for the gate
                 self.phase, self._blocker, self._waiting_since = "holding", None, None
                 return
             request = self._blocker = still
@@ -296,10 +326,14 @@ class Ownership:
                 return
             released = await asyncio.to_thread(self._release, claim)
             self.handovers += 1
-            log.warning("handed the palace over to %s (engine stopped%s); %s", who(request),
-                        ", owner.json released" if released else f"; owner.json was no longer {self.me}'s",
-                        f"{self.me} exits" if self._on_handed_over is not None else
-                        "the broker takes it back once it is released")
+            log.warning(
+                "handed the palace over to %s (engine stopped%s); %s",
+                who(request),
+                ", owner.json released" if released else f"; owner.json was no longer {self.me}'s",
+                f"{self.me} exits"
+                if self._on_handed_over is not None
+                else "the broker takes it back once it is released",
+            )
             if not await self._end_here(f"handed the palace over to {who(request)}"):
                 await self._take_back()
 
@@ -312,8 +346,12 @@ class Ownership:
         try:
             now = await asyncio.to_thread(state.read_json_object, self.paths.owner)
             self._blocker = None if owner.names(now, claim) else now  # not ourselves
-            log.error("%s lost the palace: owner.json now names %s (another side judged it gone); "
-                      "stopping the engine at once", self.me, who(now) if now else "nobody")
+            log.error(
+                "%s lost the palace: owner.json now names %s (another side judged it gone); "
+                "stopping the engine at once",
+                self.me,
+                who(now) if now else "nobody",
+            )
             for _ in range(3):  # a start under way is waited for (it gives up and kills its child): then none runs
                 await self._engine.stop_for_handover("the palace was taken over by another owner", graceful=False)
                 if self._engine.pid is None:
@@ -363,8 +401,11 @@ class Ownership:
             if claim is None or claim.released or claim is self._losing:
                 return
             try:
-                if not claim.beat(engine_pid=engine_pid, engine_proc_start=engine_start,
-                                  hub=via.hub.as_dict() if via is not None else None):
+                if not claim.beat(
+                    engine_pid=engine_pid,
+                    engine_proc_start=engine_start,
+                    hub=via.hub.as_dict() if via is not None else None,
+                ):
                     log.error("owner.json is no longer the broker's: the engine stops at the next look")
             except owner.BeatSkipped as exc:  # owner.lock stayed busy: the next beat writes it
                 log.warning("heartbeat of %s skipped: %s", self.paths.owner, exc)
@@ -398,8 +439,9 @@ class Ownership:
         claim, self._claim = self._claim, None
         if claim is not None and not claim.released:
             if self._engine.pid is not None:
-                log.error("the engine (pid %s) still runs at exit: owner.json is left for liveness to judge",
-                          self._engine.pid)
+                log.error(
+                    "the engine (pid %s) still runs at exit: owner.json is left for liveness to judge", self._engine.pid
+                )
                 return
             if await asyncio.to_thread(self._release, claim):
                 log.info("released the palace (owner.json)")
@@ -414,11 +456,13 @@ class Ownership:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
             if undo is not None:
+
                 def done(f: asyncio.Future[T]) -> None:
                     if not f.cancelled() and f.exception() is None:
                         try:
                             undo(f.result())
                         except OSError as exc:
                             log.error("cannot withdraw a claim or request of a cancelled wait: %s", exc)
+
                 fut.add_done_callback(done)
             raise

@@ -157,15 +157,19 @@ def hub_check(report: dict[str, Any], owner_record: dict[str, Any] | None, where
     if not isinstance(found, dict):
         return
     named = f"upstream's hub (pid {found.get('pid')}, {found.get('url')}){where}"
+    if found.get("read_only"):
+        checks.append(Check("ok", "hub", f"{named} is read-only: no writer; the broker serves the palace itself"))
+        return
     record = owner_record or {}
     via = record.get("hub")
     if record.get("kind") == "broker" and isinstance(via, dict) and via.get("pid") == found.get("pid"):
         checks.append(Check("ok", "hub", f"{named} owns the palace; the broker routes every session to it"))
     elif record.get("kind") == "broker":
-        checks.append(Check("warn", "hub", f"{named} runs beside the broker's own engine: it cannot write while that "
-                            "engine holds mempalace's writer lease, and it takes the palace at the engine's next stop",
-                            "to make the hub the palace's writer: mp-bridge restart (the broker's next start finds "
-                            "the hub and routes to it); to keep the broker's engine: stop the hub"))
+        checks.append(Check("warn", "hub", f"{named} serves the palace, and the broker does not route to it yet: its "
+                            "next engine start will (owner.json names the hub within a heartbeat once it does). If "
+                            "the broker's own engine runs now, only mempalace's writer lease (3.11; none in 3.4) "
+                            "keeps the two apart", "to make the hub the palace's writer now: mp-bridge restart; to "
+                            "keep the broker's engine: stop the hub"))
     else:
         checks.append(Check("warn", "hub", f"{named} serves the palace and no broker routes to it: a container "
                             "cannot see it across the VM boundary (its registry and pid are the host's), so a "

@@ -197,7 +197,8 @@ def _live_hub(settings: Any) -> hub.Hub | None:
         palace = str(settings.memory.palace)
     except Exception:  # noqa: BLE001 - an unresolvable palace: the claim below says what is wrong
         return None
-    return hub.live(palace)
+    found = hub.live(palace)
+    return found if found is not None and not found.read_only else None  # a read-only hub writes nothing
 
 
 def _exit_status(raw: int) -> int:

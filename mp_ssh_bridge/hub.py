@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,9 @@ def live(palace: str | None, home: str | os.PathLike[str] | None = None, *, me: 
     if not palace:
         return None
     info = read_record(palace, home)
+    if info is None and (state_dir(palace, home) / "serverinfo.json").exists():
+        time.sleep(0.05)  # upstream writes it in place (truncate, then write): read a half-written one once more
+        info = read_record(palace, home)
     if info is None:
         return None
     pid, port, host = info.get("pid"), info.get("port"), info.get("host")

@@ -556,3 +556,28 @@ def test_an_event_appended_through_the_bridge_reaches_a_peer_replica(home: Path,
         from tests.conftest import _kill_brokers
 
         _kill_brokers(tmp_path / "home2" / ".mempalace")
+
+
+def test_a_hub_that_came_after_the_broker_still_gets_no_grant_beside_it(home: Path, palace: Path) -> None:
+    """The broker runs its own engine; a hub starts on the palace afterwards. A grant request (from a container,
+    which cannot see the host's hub itself) is not handed the palace: its command would write beside the hub."""
+    shim = Shim()
+    late_hub: Hub | None = None
+    try:
+        assert "result" in shim.start()
+        assert isinstance(broker_status(home)["engine"]["pid"], int)
+        late_hub = Hub(palace, home, free_port())
+        marker = home / "cmd-ran"
+        out = subprocess.run(
+            [str(BIN / "mp-bridge"), "run", "--timeout", "6", "--", "touch", str(marker)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=dict(os.environ, MP_BRIDGE_ROLE="container"),
+        )
+        assert out.returncode == 75 and not marker.exists(), out
+        assert isinstance(broker_status(home)["engine"]["pid"], int), "the broker gave its engine up"
+    finally:
+        shim.close()
+        if late_hub is not None:
+            late_hub.kill()
