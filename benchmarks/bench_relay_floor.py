@@ -18,7 +18,7 @@ stand-in broker (a thread per connection answering every request line with a 1.2
 
   .venv/bin/python benchmarks/bench_relay_floor.py [--calls 600] [--gap-ms 5] [--out docs/bench-relay-floor.md]
 
-Each relay's CPU per call (user + system, from /proc) is reported beside its latency. Linux only (/proc).
+Each relay's CPU per call (user + system, psutil) is reported beside its latency.
 """
 
 from __future__ import annotations
@@ -153,8 +153,10 @@ def round_trip(s: socket.socket) -> float:
 
 
 def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def start_real_relay(root: Path, server: SSHServer, target: str) -> tuple[subprocess.Popen[bytes], str]:
