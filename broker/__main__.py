@@ -34,72 +34,42 @@ from mp_ssh_bridge.protocol import ALREADY_SERVED, SETTINGS_ERROR  # exit status
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mempalace-broker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--ensure", action="store_true", help="start a broker if none is healthy; print its endpoint as JSON"
-    )
+    p = argparse.ArgumentParser(prog="mempalace-broker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ensure", action="store_true", help="start a broker if none is healthy; print its endpoint as JSON")
     p.add_argument("--palace", help="palace the engine opens (default: see MP_BRIDGE_PALACE)")
-    p.add_argument(
-        "--mempalace-path", dest="mempalace_path", help="state directory (default $MEMPALACE_PATH or ~/.mempalace)"
-    )
+    p.add_argument("--mempalace-path", dest="mempalace_path", help="state directory (default $MEMPALACE_PATH or ~/.mempalace)")
     p.add_argument("--engine", help="engine command line (default $MP_BRIDGE_ENGINE or mempalace-mcp)")
     p.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP with a token (off unless given)")
-    p.add_argument(
-        "--tcp-advertise",
-        dest="tcp_advertise",
-        metavar="HOST[:PORT]",
-        help="the TCP address the other side of a VM dials (e.g. host.docker.internal); default: the "
-        "bound address, none for 0.0.0.0 / ::",
-    )
-    p.add_argument(
-        "--idle-exit-minutes", type=float, dest="idle_exit_minutes", help="exit after N idle minutes; 0 = never"
-    )
+    p.add_argument("--tcp-advertise", dest="tcp_advertise", metavar="HOST[:PORT]",
+                   help="the TCP address the other side of a VM dials (e.g. host.docker.internal); default: the "
+                   "bound address, none for 0.0.0.0 / ::")
+    p.add_argument("--idle-exit-minutes", type=float, dest="idle_exit_minutes", help="exit after N idle minutes; 0 = never")
     p.add_argument("--request-timeout", type=float, dest="request_timeout", help="per-request deadline, seconds")
     p.add_argument("--stall-timeout", type=float, dest="stall_timeout", help="kill a silent engine after N seconds")
     p.add_argument("--max-line-bytes", type=int, dest="max_line_bytes", help="largest accepted message line")
     p.add_argument("--no-strip-root-combinators", dest="strip_root_combinators", action="store_const", const=False)
     p.add_argument("--log-level", dest="log_level")
     p.add_argument(
-        "--timeout",
-        type=float,
+        "--timeout", type=float,
         help="--ensure: how long to wait (default ensure_timeout); --stop: wait after SIGTERM (default shutdown_grace + 5)",
     )
     p.add_argument("--stop", action="store_true", help="stop the broker, only if proven to be this host's (exit 0/1/2)")
     p.add_argument("--force", action="store_true", help="--stop: SIGKILL a hung broker and its engine, clean up")
-    p.add_argument(
-        "--container-daemon",
-        dest="container_daemon",
-        action="store_true",
-        help="run as the container's daemon in local-owner mode (mp_ssh_bridge.containerd decides the mode)",
-    )
-    p.add_argument(
-        "--service",
-        action="store_true",
-        help="serving under a service manager that cannot treat exit 3 as success (launchd KeepAlive "
-        "SuccessfulExit=false): exit 0 when another broker already serves this palace",
-    )
+    p.add_argument("--container-daemon", dest="container_daemon", action="store_true",
+                   help="run as the container's daemon in local-owner mode (mp_ssh_bridge.containerd decides the mode)")
+    p.add_argument("--service", action="store_true",
+                   help="serving under a service manager that cannot treat exit 3 as success (launchd KeepAlive "
+                   "SuccessfulExit=false): exit 0 when another broker already serves this palace")
     p.add_argument("--detach", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
-    p.add_argument(
-        "--dial-stdio",
-        dest="dial_stdio",
-        action="store_true",
-        help="bridge stdin/stdout to the broker socket (SSH fallback)",
-    )
+    p.add_argument("--dial-stdio", dest="dial_stdio", action="store_true", help="bridge stdin/stdout to the broker socket (SSH fallback)")
     p.add_argument("--socket", help="--dial-stdio: socket path (default: from broker.json)")
     p.add_argument("--status", action="store_true", help="what `mp-bridge status --json` shows, as seen on this host")
     p.add_argument("--check", action="store_true", help="scar files and sqlite quick_check of the palace, as JSON")
-    p.add_argument(
-        "--logs", action="store_true", help="print the end of the broker's log (what `mp-bridge logs` shows)"
-    )
+    p.add_argument("--logs", action="store_true", help="print the end of the broker's log (what `mp-bridge logs` shows)")
     p.add_argument("--lines", type=int, default=50, help="--logs: how many lines (default 50)")
-    p.add_argument(
-        "--follow",
-        action="store_true",
-        help="--logs: keep printing new lines until the caller (an SSH session) goes away",
-    )
+    p.add_argument("--follow", action="store_true", help="--logs: keep printing new lines until the caller (an SSH "
+                   "session) goes away")
     p.add_argument("--version", action="store_true")
     return p
 
@@ -127,17 +97,8 @@ def settings_from(args: argparse.Namespace, *, serving: bool) -> Any:
 
     overrides: dict[str, Any] = {}
     for key in (
-        "palace",
-        "mempalace_path",
-        "engine",
-        "tcp",
-        "tcp_advertise",
-        "idle_exit_minutes",
-        "request_timeout",
-        "stall_timeout",
-        "max_line_bytes",
-        "strip_root_combinators",
-        "log_level",
+        "palace", "mempalace_path", "engine", "tcp", "tcp_advertise", "idle_exit_minutes", "request_timeout",
+        "stall_timeout", "max_line_bytes", "strip_root_combinators", "log_level",
     ):
         value = getattr(args, key)
         if value is not None:
@@ -165,11 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     if args.container_daemon and (args.ensure or args.dial_stdio or args.stop):
-        print(
-            "mempalace-broker: --container-daemon serves (or, with --status, --logs, --check, looks); it does not "
-            "combine with --ensure, --dial-stdio or --stop",
-            file=sys.stderr,
-        )
+        print("mempalace-broker: --container-daemon serves (or, with --status, --logs, --check, looks); it does not "
+              "combine with --ensure, --dial-stdio or --stop", file=sys.stderr)
         return SETTINGS_ERROR
     if args.dial_stdio:  # before settings: with --socket it needs none (fast start over SSH)
         from mp_ssh_bridge_broker.dial import main as dial_main
@@ -190,10 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         from mp_ssh_bridge import palacecheck
 
-        print(
-            json.dumps(palacecheck.report(settings.memory.palace, settings.memory.kg, str(settings.paths.root))),
-            flush=True,
-        )
+        print(json.dumps(palacecheck.report(settings.memory.palace, settings.memory.kg, str(settings.paths.root))),
+              flush=True)
         return 0
     if args.logs:
         from mp_ssh_bridge import brokerlog

@@ -71,13 +71,8 @@ class FdBudget:
     reaches the threshold (closed connections make it pessimistic, never optimistic).
     """
 
-    def __init__(
-        self,
-        reserve: int,
-        limit: Callable[[], int | None] = nofile_limit,
-        count: Callable[[], int] = open_fds,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, reserve: int, limit: Callable[[], int | None] = nofile_limit,
+                 count: Callable[[], int] = open_fds, clock: Callable[[], float] = time.monotonic) -> None:
         self.reserve = reserve
         self._limit, self._count, self._clock = limit, count, clock
         self._estimate = 0
@@ -131,13 +126,8 @@ class RefusalLog:
         now = self._clock()
         if now - self._logged_at < self.every:
             return False
-        log.warning(
-            "%s: refused %d connection(s) since the last such line; accepting again once files are free "
-            "(this line repeats at most every %.0fs)",
-            why,
-            self.refused,
-            self.every,
-        )
+        log.warning("%s: refused %d connection(s) since the last such line; accepting again once files are free "
+                    "(this line repeats at most every %.0fs)", why, self.refused, self.every)
         self._logged_at, self.refused = now, 0
         return True
 
@@ -145,9 +135,8 @@ class RefusalLog:
 class Acceptor:
     """Accepts on one non-blocking listening socket and hands each connection to `handler`."""
 
-    def __init__(
-        self, sock: socket.socket, handler: Callable[[socket.socket], None], budget: FdBudget, name: str
-    ) -> None:
+    def __init__(self, sock: socket.socket, handler: Callable[[socket.socket], None], budget: FdBudget,
+                 name: str) -> None:
         self.sock = sock
         self.handler = handler
         self.budget = budget
@@ -160,10 +149,8 @@ class Acceptor:
         loop = asyncio.get_running_loop()
         while True:
             if not self.budget.room():
-                await self._at_limit(
-                    loop,
-                    f"at the open-file limit less its reserve of {self.budget.reserve} (fd_reserve) on {self.name}",
-                )
+                await self._at_limit(loop, "at the open-file limit less its reserve of "
+                                     f"{self.budget.reserve} (fd_reserve) on {self.name}")
                 continue
             try:
                 conn, _ = await loop.sock_accept(self.sock)
@@ -193,11 +180,8 @@ class Acceptor:
             conn = None  # out of files, or that client left: either way, pause and look again
         if conn is not None:
             self.refusals.refuse(why)
-            await refuse(
-                conn,
-                limit_error(None, "fd_reserve", self.budget.reserve, "the broker is at its open-file limit"),
-                linger=self.backoff.next(),
-            )
+            await refuse(conn, limit_error(None, "fd_reserve", self.budget.reserve,
+                                           "the broker is at its open-file limit"), linger=self.backoff.next())
         else:
             await asyncio.sleep(self.backoff.next())
 

@@ -103,10 +103,7 @@ def run(path: str | None, timeout: float = 5.0, mempalace_path: str | None = Non
         )
         return 1
     except ConnectionRefusedError:
-        print(
-            f"mempalace-broker --dial-stdio: {path} refuses connections: the broker that made it is gone",
-            file=sys.stderr,
-        )
+        print(f"mempalace-broker --dial-stdio: {path} refuses connections: the broker that made it is gone", file=sys.stderr)
         return 1
     except TimeoutError:
         print(f"mempalace-broker --dial-stdio: connecting to {path} timed out after {timeout:g}s", file=sys.stderr)

@@ -98,9 +98,7 @@ def _load_libc() -> Any:
 
 
 # --------------------------------------------------------------------------- the record
-def make(
-    pid: int, broker_pid: int, palace: str | None, proc_start: Callable[[int], str | None] = hostinfo.proc_start
-) -> dict[str, Any]:
+def make(pid: int, broker_pid: int, palace: str | None, proc_start: Callable[[int], str | None] = hostinfo.proc_start) -> dict[str, Any]:
     """The record of engine `pid`, started by broker `broker_pid` on `palace` (None: the engine's default)."""
     return {
         "version": RECORD_VERSION,
@@ -162,10 +160,7 @@ def judge(record: dict[str, Any] | None, table: ProcessTable) -> Judgement:
     if theirs and me.boot_id and theirs == me.boot_id:  # this boot (a renamed host is still this machine)
         ns = record.get("pid_ns")
         if ns is not None and me.pid_ns is not None and str(ns) != me.pid_ns:  # a container on this kernel
-            return Judgement(
-                "elsewhere",
-                f"engine pid {pid} was recorded in another pid namespace ({liveness.describe_machine(record)})",
-            )
+            return Judgement("elsewhere", f"engine pid {pid} was recorded in another pid namespace ({liveness.describe_machine(record)})")
     elif theirs and me.boot_id and (not record.get("host") or record.get("host") == me.host):
         return Judgement("gone", f"engine pid {pid} was recorded before this machine's last boot")
     elif record.get("host") and record.get("host") != me.host:
@@ -173,11 +168,8 @@ def judge(record: dict[str, Any] | None, table: ProcessTable) -> Judgement:
         # often than a second machine (brokers run on the host only, and lifecycle has just checked that
         # broker.json names no live broker anywhere). engine.json has no heartbeat, so refusing here would
         # refuse every engine start for good.
-        return Judgement(
-            "gone",
-            f"engine pid {pid} was recorded under another host name and boot "
-            f"({liveness.describe_machine(record)}); its broker is not alive",
-        )
+        return Judgement("gone", f"engine pid {pid} was recorded under another host name and boot "
+                                 f"({liveness.describe_machine(record)}); its broker is not alive")
     if not table.alive(pid) or table.zombie(pid):
         return Judgement("gone", f"engine pid {pid} is gone")
     recorded = record.get("proc_start")
@@ -187,11 +179,8 @@ def judge(record: dict[str, Any] | None, table: ProcessTable) -> Judgement:
             return Judgement("gone", f"pid {pid} now belongs to another process (it started at another time)")
         if me.boot_id is not None and record.get("boot_id") == me.boot_id:
             return Judgement("ours", f"engine pid {pid} of broker {record.get('broker_pid')} still runs")
-    return Judgement(
-        "unproven",
-        f"pid {pid} is alive, but this machine cannot prove it is the recorded engine "
-        f"(start time recorded {recorded!r}, now {now!r})",
-    )
+    return Judgement("unproven", f"pid {pid} is alive, but this machine cannot prove it is the recorded engine "
+                                 f"(start time recorded {recorded!r}, now {now!r})")
 
 
 async def clear(
@@ -220,9 +209,7 @@ async def clear(
         if holds is False:
             remove(paths, pid)
             return f"{verdict.why}; it holds none of the palace's files for writing, so it is no engine of ours"
-        how = (
-            "it holds the palace's files for writing" if holds else "whether it holds the palace's files cannot be told"
-        )
+        how = "it holds the palace's files for writing" if holds else "whether it holds the palace's files cannot be told"
         raise OldEngineLives(
             f"an engine recorded in {paths.engine} may still write the palace: {verdict.why}, and {how}. "
             f"Not starting a second engine; stop pid {pid} if it is a mempalace-mcp, then retry"
@@ -235,10 +222,8 @@ async def clear(
                 if now.kind == "gone":
                     break
                 if now.kind != "ours":
-                    raise OldEngineLives(
-                        f"{verdict.why}, but no longer provably ({now.why}); not signalling it, "
-                        f"and not starting a second engine"
-                    )
+                    raise OldEngineLives(f"{verdict.why}, but no longer provably ({now.why}); not signalling it, "
+                                         f"and not starting a second engine")
                 log.warning("old engine pid %s did not exit; sending %s", pid, sig.name)
                 try:
                     table.send(pid, sig)
@@ -247,9 +232,7 @@ async def clear(
                 except ProcessLookupError:
                     break
                 except PermissionError as exc:
-                    raise OldEngineLives(
-                        f"{verdict.why} and cannot be stopped ({exc}); not starting a second engine"
-                    ) from exc
+                    raise OldEngineLives(f"{verdict.why} and cannot be stopped ({exc}); not starting a second engine") from exc
             if await _gone_within(record, table, wait, poll):
                 break
         else:

@@ -61,7 +61,9 @@ def acquire_lock(paths: state.StatePaths, inherited_fd: int | None = None) -> in
     if not try_lock(fd):  # on an inherited fd this succeeds: same open file description
         os.close(fd)
         holder = state.read_broker_json(paths.json) or {}
-        raise AlreadyRunning(f"another broker (pid {holder.get('pid', '?')}) already serves {paths.root}")
+        raise AlreadyRunning(
+            f"another broker (pid {holder.get('pid', '?')}) already serves {paths.root}"
+        )
     return fd
 
 
@@ -84,14 +86,8 @@ class BrokerProcess:
         # Every engine start (warm-up, on demand, crash restart) first holds the palace (docs/PROTOCOL.md "Ownership"),
         # and gives up if the palace is lost while it is under way: Ownership sets engine.before_start and may_run.
         if container_daemon:  # the palace's `local` owner: a hand-over ends the daemon (its sessions re-elect one)
-            self.ownership = Ownership(
-                settings,
-                self.mux.engine,
-                self.mux.gate,
-                kind="local",
-                what=DAEMON_WHAT,
-                on_handed_over=self._request_stop,
-            )
+            self.ownership = Ownership(settings, self.mux.engine, self.mux.gate, kind="local", what=DAEMON_WHAT,
+                                       on_handed_over=self._request_stop)
         else:
             self.ownership = Ownership(settings, self.mux.engine, self.mux.gate)
         self.mux.attach_ownership(self.ownership)
@@ -148,12 +144,9 @@ class BrokerProcess:
             if advertised:
                 endpoints["tcp"] = advertised
             else:
-                log.warning(
-                    "listening on tcp %s but advertising no TCP endpoint: a wildcard address names no host "
-                    "another machine can dial; set MP_BRIDGE_TCP_ADVERTISE (e.g. host.docker.internal, "
-                    "host.orb.internal, host.lima.internal)",
-                    tcp_listen,
-                )
+                log.warning("listening on tcp %s but advertising no TCP endpoint: a wildcard address names no host "
+                            "another machine can dial; set MP_BRIDGE_TCP_ADVERTISE (e.g. host.docker.internal, "
+                            "host.orb.internal, host.lima.internal)", tcp_listen)
         started = time.time()
         self.record = {
             "version": state.BROKER_JSON_VERSION,
@@ -195,14 +188,8 @@ class BrokerProcess:
         self.mux.start()
         self.ownership.start()
         self._write_record()
-        log.info(
-            "%s %s serving %s (id %s)%s",
-            "container daemon" if self.container_daemon else "broker",
-            os.getpid(),
-            memory,
-            palace_id,
-            f" in {LOCAL_OWNER} mode, records in {self.paths.own}" if self.container_daemon else "",
-        )
+        log.info("%s %s serving %s (id %s)%s", "container daemon" if self.container_daemon else "broker", os.getpid(),
+                 memory, palace_id, f" in {LOCAL_OWNER} mode, records in {self.paths.own}" if self.container_daemon else "")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, f"signal {sig.name}")

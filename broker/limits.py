@@ -58,9 +58,8 @@ def nofile_target(soft: int, hard: int, system_max: int | None, infinity: int, c
     return max(soft, min(bounds))
 
 
-def raise_nofile(
-    platform: str | None = None, resource_module: Any = None, run: Callable[..., Any] = subprocess.run
-) -> tuple[int, int]:
+def raise_nofile(platform: str | None = None, resource_module: Any = None,
+                 run: Callable[..., Any] = subprocess.run) -> tuple[int, int]:
     """Raise this process's soft RLIMIT_NOFILE (see the module docstring); (the soft limit before, after)."""
     if resource_module is None:
         import resource as resource_module
@@ -74,20 +73,11 @@ def raise_nofile(
     try:
         res.setrlimit(res.RLIMIT_NOFILE, (target, hard))
     except (ValueError, OSError) as exc:
-        log.warning(
-            "cannot raise the open-file limit from %s to %s (hard %s): %s; clients beyond it will be refused",
-            soft,
-            target,
-            _show(hard, res.RLIM_INFINITY),
-            exc,
-        )
+        log.warning("cannot raise the open-file limit from %s to %s (hard %s): %s; clients beyond it will be refused",
+                    soft, target, _show(hard, res.RLIM_INFINITY), exc)
         return soft, soft
-    log.info(
-        "open-file limit raised from %s to %s (hard %s); the engine inherits it",
-        soft,
-        target,
-        _show(hard, res.RLIM_INFINITY),
-    )
+    log.info("open-file limit raised from %s to %s (hard %s); the engine inherits it",
+             soft, target, _show(hard, res.RLIM_INFINITY))
     return soft, target
 
 

@@ -32,63 +32,24 @@ log = logging.getLogger("broker.readonly")
 READ_ONLY_REFUSED = -32003  # what mempalace itself answers in --read-only mode
 
 # mempalace 3.11's --read-only surface (every tool it keeps; 3.4.0's read tools are among them).
-READ_TOOLS = frozenset(
-    {
-        "mempalace_artifact_get",
-        "mempalace_check_duplicate",
-        "mempalace_diary_read",
-        "mempalace_event_list",
-        "mempalace_event_wait",
-        "mempalace_find_tunnels",
-        "mempalace_follow_tunnels",
-        "mempalace_get_aaak_spec",
-        "mempalace_get_drawer",
-        "mempalace_get_drawers",
-        "mempalace_get_taxonomy",
-        "mempalace_graph_stats",
-        "mempalace_kg_query",
-        "mempalace_kg_stats",
-        "mempalace_kg_timeline",
-        "mempalace_list_drawers",
-        "mempalace_list_hallways",
-        "mempalace_list_rooms",
-        "mempalace_list_tunnels",
-        "mempalace_list_wings",
-        "mempalace_mesh_peers",
-        "mempalace_reconnect",
-        "mempalace_search",
-        "mempalace_status",
-        "mempalace_traverse",
-    }
-)
+READ_TOOLS = frozenset({
+    "mempalace_artifact_get", "mempalace_check_duplicate", "mempalace_diary_read", "mempalace_event_list",
+    "mempalace_event_wait", "mempalace_find_tunnels", "mempalace_follow_tunnels", "mempalace_get_aaak_spec",
+    "mempalace_get_drawer", "mempalace_get_drawers", "mempalace_get_taxonomy", "mempalace_graph_stats",
+    "mempalace_kg_query", "mempalace_kg_stats", "mempalace_kg_timeline", "mempalace_list_drawers",
+    "mempalace_list_hallways", "mempalace_list_rooms", "mempalace_list_tunnels", "mempalace_list_wings",
+    "mempalace_mesh_peers", "mempalace_reconnect", "mempalace_search", "mempalace_status", "mempalace_traverse",
+})
 # The tools mempalace 3.11 refuses in read-only mode (3.4.0's write tools are among them): one of these in a
 # "--read-only" tool list means the engine ignored the flag.
-WRITE_TOOLS = frozenset(
-    {
-        "mempalace_add_drawer",
-        "mempalace_artifact_put",
-        "mempalace_checkpoint",
-        "mempalace_create_tunnel",
-        "mempalace_delete_by_source",
-        "mempalace_delete_drawer",
-        "mempalace_delete_drawers",
-        "mempalace_delete_hallway",
-        "mempalace_delete_tunnel",
-        "mempalace_diary_write",
-        "mempalace_event_ack",
-        "mempalace_event_append",
-        "mempalace_hook_settings",
-        "mempalace_kg_add",
-        "mempalace_kg_invalidate",
-        "mempalace_kg_supersede",
-        "mempalace_memories_filed_away",
-        "mempalace_mine",
-        "mempalace_patch_submit",
-        "mempalace_sync",
-        "mempalace_task_create",
-        "mempalace_update_drawer",
-    }
-)
+WRITE_TOOLS = frozenset({
+    "mempalace_add_drawer", "mempalace_artifact_put", "mempalace_checkpoint", "mempalace_create_tunnel",
+    "mempalace_delete_by_source", "mempalace_delete_drawer", "mempalace_delete_drawers", "mempalace_delete_hallway",
+    "mempalace_delete_tunnel", "mempalace_diary_write", "mempalace_event_ack", "mempalace_event_append",
+    "mempalace_hook_settings", "mempalace_kg_add", "mempalace_kg_invalidate", "mempalace_kg_supersede",
+    "mempalace_memories_filed_away", "mempalace_mine", "mempalace_patch_submit", "mempalace_sync",
+    "mempalace_task_create", "mempalace_update_drawer",
+})
 
 
 def classify(listed: frozenset[str] | None) -> frozenset[str]:
@@ -98,10 +59,8 @@ def classify(listed: frozenset[str] | None) -> frozenset[str]:
     if listed is None:
         log.warning("the engine listed no read-only tool surface; read-only sessions get the known read tools")
         return READ_TOOLS
-    log.warning(
-        "the engine has no read-only mode (its --read-only list has write tools); read-only sessions get "
-        "its known read tools only"
-    )
+    log.warning("the engine has no read-only mode (its --read-only list has write tools); read-only sessions get "
+                "its known read tools only")
     return listed & READ_TOOLS
 
 
@@ -118,24 +77,14 @@ async def _listed_read_only(argv: list[str], timeout: float) -> frozenset[str] |
     proc = None
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv,
-            "--read-only",
-            "--palace",
-            os.path.join(scratch, "palace"),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-            env=env,
-            limit=16 * 1024 * 1024,
-            start_new_session=True,
+            *argv, "--read-only", "--palace", os.path.join(scratch, "palace"),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            env=env, limit=16 * 1024 * 1024, start_new_session=True,
         )
         assert proc.stdin is not None and proc.stdout is not None
         stdout = proc.stdout
-        init = {
-            "protocolVersion": protocol.LATEST_PROTOCOL_VERSION,
-            "capabilities": {},
-            "clientInfo": {"name": "mempalace-broker-probe", "version": "1"},
-        }
+        init = {"protocolVersion": protocol.LATEST_PROTOCOL_VERSION, "capabilities": {},
+                "clientInfo": {"name": "mempalace-broker-probe", "version": "1"}}
         proc.stdin.write(protocol.encode(protocol.request(1, "initialize", init)))
         proc.stdin.write(protocol.encode(protocol.request(2, "tools/list")))
         await proc.stdin.drain()
@@ -164,13 +113,9 @@ async def _listed_read_only(argv: list[str], timeout: float) -> frozenset[str] |
 
 
 def refusal(msg_id: object, tool: str | None, known: bool) -> dict:
-    why = (
-        "Server is in read-only mode; this tool is disabled"
-        if known
-        else (
-            "Server is in read-only mode, and the memory engine cannot be found to say which tools only read; "
-            "every tool is disabled"
-        )
+    why = "Server is in read-only mode; this tool is disabled" if known else (
+        "Server is in read-only mode, and the memory engine cannot be found to say which tools only read; "
+        "every tool is disabled"
     )
     return protocol.error(msg_id, READ_ONLY_REFUSED, why, {"tool": tool})
 
@@ -178,6 +123,4 @@ def refusal(msg_id: object, tool: str | None, known: bool) -> dict:
 def filter_tools(list_result: object, allowed: frozenset[str]) -> object:
     if not isinstance(list_result, dict) or not isinstance(list_result.get("tools"), list):
         return list_result
-    return dict(
-        list_result, tools=[t for t in list_result["tools"] if isinstance(t, dict) and t.get("name") in allowed]
-    )
+    return dict(list_result, tools=[t for t in list_result["tools"] if isinstance(t, dict) and t.get("name") in allowed])

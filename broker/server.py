@@ -45,9 +45,8 @@ OUTBOX_STALL_S = 30.0  # a client paused for unread replies that does not read t
 class Server:
     """The broker's listeners, all feeding one Mux."""
 
-    def __init__(
-        self, mux: Mux, max_line_bytes: int, auth_timeout: float | None = None, bounds: Bounds | None = None
-    ) -> None:
+    def __init__(self, mux: Mux, max_line_bytes: int, auth_timeout: float | None = None,
+                 bounds: Bounds | None = None) -> None:
         self.mux = mux
         self.max_line_bytes = max_line_bytes
         self.bounds = bounds or Bounds.from_settings(mux.settings)
@@ -91,7 +90,7 @@ class Server:
                 sock.bind(addr)
             except OSError:
                 sock.close()
-                for other in self._listeners[len(self._listeners) - len(bound) :]:
+                for other in self._listeners[len(self._listeners) - len(bound):]:
                     other.close()
                 raise
             name = sock.getsockname()
@@ -186,18 +185,13 @@ class Server:
             await _discard(reader, accept.LINGER_S)  # close would turn into a reset that loses the error
             writer.close()
 
-    async def _read_loop(
-        self, session: ClientSession, reader: asyncio.StreamReader, frames: protocol.FrameBuffer
-    ) -> bool:
+    async def _read_loop(self, session: ClientSession, reader: asyncio.StreamReader,
+                         frames: protocol.FrameBuffer) -> bool:
         """Read and hand on requests until the client leaves; True when it ended on a line over the cap."""
         while not session.closed:
             if session.backlogged() and not await session.wait_drained(OUTBOX_STALL_S):
-                log.warning(
-                    "client %s read none of its %d bytes of replies in %.0fs; disconnecting it",
-                    session.id,
-                    session.outbox_bytes,
-                    OUTBOX_STALL_S,
-                )
+                log.warning("client %s read none of its %d bytes of replies in %.0fs; disconnecting it",
+                            session.id, session.outbox_bytes, OUTBOX_STALL_S)
                 session.abort()
                 break
             try:
@@ -223,28 +217,19 @@ class Server:
             await asyncio.sleep(0)  # one line at a time: a client's pipelined burst never holds the loop
         return False
 
-    async def _authenticate(
-        self, session: ClientSession, reader: asyncio.StreamReader, frames: protocol.FrameBuffer, token: str
-    ) -> bool:
+    async def _authenticate(self, session: ClientSession, reader: asyncio.StreamReader,
+                            frames: protocol.FrameBuffer, token: str) -> bool:
         """The first TCP message must be broker/auth with the token (constant-time compare), within the bounds."""
         refusal: dict[str, Any] | None = None
         line: bytes | None = None
         try:
             line = await asyncio.wait_for(_next_frame(reader, frames), self.bounds.preauth_timeout)
         except asyncio.TimeoutError:
-            refusal = limit_error(
-                None,
-                "preauth_timeout",
-                self.bounds.preauth_timeout,
-                "unauthorized: no broker/auth in time; closing this connection",
-            )
+            refusal = limit_error(None, "preauth_timeout", self.bounds.preauth_timeout,
+                                  "unauthorized: no broker/auth in time; closing this connection")
         except protocol.LineTooLong:
-            refusal = limit_error(
-                None,
-                "preauth_max_bytes",
-                self.bounds.preauth_max_bytes,
-                "unauthorized: first message too long; closing this connection",
-            )
+            refusal = limit_error(None, "preauth_max_bytes", self.bounds.preauth_max_bytes,
+                                  "unauthorized: first message too long; closing this connection")
         except (ConnectionError, OSError):
             pass
         msg: Any = None
@@ -261,19 +246,13 @@ class Server:
             session.authenticated = True
             session.send(protocol.result(msg_id, {"ok": True}))
             return True
-        log.warning(
-            "refused TCP client %s: %s",
-            session.peer,
-            refusal["error"]["data"]["limit"] if refusal else "bad or missing token",
-        )
-        session.send(
-            refusal
-            or protocol.error(
-                msg_id,
-                protocol.UNAUTHORIZED,
-                "unauthorized: the first message on TCP must be broker/auth with the token from broker.json",
-            )
-        )
+        log.warning("refused TCP client %s: %s", session.peer,
+                    refusal["error"]["data"]["limit"] if refusal else "bad or missing token")
+        session.send(refusal or protocol.error(
+            msg_id,
+            protocol.UNAUTHORIZED,
+            "unauthorized: the first message on TCP must be broker/auth with the token from broker.json",
+        ))
         session.close(half=True)
         return False
 
@@ -339,12 +318,9 @@ def clear_socket_path(path: Path) -> None:
         return
     aside = path.with_name(f"{path.name}.foreign-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     path.rename(aside)
-    log.warning(
-        "%s was not a socket (%s): moved it aside to %s, not deleted",
-        path,
-        "a directory" if stat.S_ISDIR(mode) else "a file" if stat.S_ISREG(mode) else "another kind of file",
-        aside,
-    )
+    log.warning("%s was not a socket (%s): moved it aside to %s, not deleted", path,
+                "a directory" if stat.S_ISDIR(mode) else "a file" if stat.S_ISREG(mode) else "another kind of file",
+                aside)
 
 
 def _peer_name(writer: asyncio.StreamWriter) -> str:

@@ -174,10 +174,8 @@ class StartupNotices:
         took = self.loading_for()
         held = self.held()
         if held is not None:
-            level, text = (
-                "info",
-                f"the broker is waiting for the palace's owner: {held}; memory comes back once it is released",
-            )
+            level, text = "info", f"the broker is waiting for the palace's owner: {held}; memory comes back once it " \
+                                  "is released"
         elif self._engine.state == "failed" and self.last_failure:
             level = "warning"
             text = f"memory engine failed to start ({self.last_failure}); trying again"
@@ -219,11 +217,7 @@ class StartupNotices:
 
     # --- errors ---------------------------------------------------------------------
     def deadline_error(
-        self,
-        waited: float,
-        limit: str,
-        others: int,
-        engine_busy: bool = False,
+        self, waited: float, limit: str, others: int, engine_busy: bool = False,
     ) -> tuple[str, dict[str, Any]] | None:
         """The -32061 message and data for a queued request that met its deadline while the palace is not the
         broker's (always), or while the engine loads (unless `engine_busy`: then it waited behind a call); else None."""
