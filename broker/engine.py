@@ -13,7 +13,9 @@ it as a crash, and a later start is possible again (unlike `stop`, at shutdown).
 
 When upstream's hub (`mempalace serve`) owns the palace, no engine is spawned at all: every start first looks
 for a live hub (mp_ssh_bridge/hub.py) and, when there is one, the calls go to it over HTTP (broker/hubroute.py,
-"hub mode") until it is gone; then the next call starts the broker's own engine.
+"hub mode") until it is gone; then the broker's own engine starts at once. Between its engines, and while a hub
+runs, the broker holds mempalace's own writer lease itself (broker/lease.py), so no hub or plain `mempalace-mcp`
+becomes the palace's writer in a gap.
 
 Because it answers in order, a reply to request N also proves that every older
 request still unanswered never will be (an engine that drops a request whose
@@ -37,7 +39,7 @@ from typing import Any
 
 from mp_ssh_bridge import config, enginecmd, hub, protocol, walrecover
 from mp_ssh_bridge.settings import BrokerSettings
-from mp_ssh_bridge_broker import enginerecord, guard, hubroute
+from mp_ssh_bridge_broker import enginerecord, guard, hubroute, lease, readonly
 from mp_ssh_bridge_broker.tasks import Tasks
 
 log = logging.getLogger("broker.engine")
@@ -148,6 +150,8 @@ class Engine:
         self.hub: hubroute.HubRoute | None = None  # hub mode: the calls go to upstream's hub, no child runs
         self._hub_tasks: dict[int, asyncio.Task[None]] = {}  # hub mode: the HTTP call of each engine id
         self.hub_lookup = True  # False for the container daemon's local owner (broker/lifecycle.py says why)
+        self._lease: lease.Lease | None = None  # mempalace's writer lease (host broker only, as hub_lookup)
+        self.lease_state = "off"  # broker | engine | lent (3.4.0: the broker lends it per write) | other | off
 
     # --- facts for status / broker.json ------------------------------------------
     @property
@@ -263,6 +267,7 @@ class Engine:
             self._aborting = False
         if self._proc is proc:
             self.state = "stopped"
+        self._drop_lease()
         raise StartAborted(f"the palace is no longer the broker's ({when}); the engine it had spawned was killed")
 
     def health(self) -> dict[str, object]:
@@ -276,6 +281,8 @@ class Engine:
             out["cooldown_s"] = round(left, 1)
         if self.hub is not None:
             out["hub"] = self.hub.as_dict()
+        if self._lease is not None:
+            out["lease"] = {"state": self.lease_state, "path": str(self._lease.path), "holder": self._lease.holder()}
         return out
 
     def _restart_delay(self) -> float:
@@ -311,6 +318,7 @@ class Engine:
             raise EngineUnavailable(str(exc)) from None
         await self._clear_old_engine()
         self._check_may_run("before the spawn")
+        self._hold_lease("before the spawn")
         env = dict(os.environ)
         env["MEMPALACE_HUB_FORWARD"] = "0"  # 3.8+ would otherwise proxy to a registered hub
         env[config.ENGINE_CHILD_ENV] = "1"  # an mp-shim started as this engine (a PATH shadow) refuses, never recurses
@@ -352,20 +360,36 @@ class Engine:
             self._tasks.spawn(self._read_stdout(proc), name="engine-stdout"),
             self._tasks.spawn(self._read_stderr(proc), name="engine-stderr"),
         ]
-        try:
-            fut = self._request_future(
-                "initialize",
-                {
-                    "protocolVersion": protocol.LATEST_PROTOCOL_VERSION,
-                    "capabilities": {},
-                    "clientInfo": {"name": "mempalace-broker", "version": _version()},
-                },
-            )
-            reply = await asyncio.wait_for(fut, self.settings.engine_start_timeout)
-        except asyncio.TimeoutError:
-            await self.kill("no initialize answer in time")
+        hello = {
+            "protocolVersion": protocol.LATEST_PROTOCOL_VERSION,
+            "capabilities": {},
+            "clientInfo": {"name": "mempalace-broker", "version": _version()},
+        }
+        reply = await self._ask("initialize", hello, "initialize")
+        if "result" not in reply:
+            await self.kill("initialize failed")
             raise EngineUnavailable(
-                f"engine did not answer initialize within {self.settings.engine_start_timeout:.0f}s"
+                f"engine refused initialize: {reply.get('error') or 'a reply without result or error'}"
+            )
+        self.initialize_result = reply["result"]
+        await self.send(protocol.notification("notifications/initialized"))
+        await self._lease_to_engine()
+        if not self._may_run():  # checked with no await before `ready`: a ready engine always started on a held palace
+            await self._abort_start(proc, "after initialize")
+        self.state = "ready"
+        self._ready_proc = proc
+        self._last_request = time.monotonic()
+        log.info("engine ready: pid %s, %s", proc.pid, self.version)
+
+    async def _ask(self, method: str, params: Any, what: str) -> dict[str, Any]:
+        """One request of the start itself, bounded by the start timeout; EngineUnavailable (or StartAborted: the
+        palace was handed over meanwhile) when the engine does not answer."""
+        try:
+            return await asyncio.wait_for(self._request_future(method, params), self.settings.engine_start_timeout)
+        except asyncio.TimeoutError:
+            await self.kill(f"no {what} answer in time")
+            raise EngineUnavailable(
+                f"engine did not answer {what} within {self.settings.engine_start_timeout:.0f}s"
             ) from None
         except EngineExited as exc:
             if not self._may_run():  # a hand-over killed it: no failed start
@@ -375,19 +399,6 @@ class Engine:
             self.state = "failed"
             said = exc.stderr_tail.strip()[-800:] or "(the engine wrote nothing on stderr)"
             raise EngineUnavailable(f"engine exited during start-up ({exc}): {said}") from None
-        if "result" not in reply:
-            await self.kill("initialize failed")
-            raise EngineUnavailable(
-                f"engine refused initialize: {reply.get('error') or 'a reply without result or error'}"
-            )
-        self.initialize_result = reply["result"]
-        await self.send(protocol.notification("notifications/initialized"))
-        if not self._may_run():  # checked with no await before `ready`: a ready engine always started on a held palace
-            await self._abort_start(proc, "after initialize")
-        self.state = "ready"
-        self._ready_proc = proc
-        self._last_request = time.monotonic()
-        log.info("engine ready: pid %s, %s", proc.pid, self.version)
 
     # --- never two engines on the palace (broker/enginerecord.py) --------------------
     async def _clear_old_engine(self) -> None:
@@ -461,6 +472,8 @@ class Engine:
             self._hub_tasks[engine_id] = task
             task.add_done_callback(functools.partial(self._hub_task_done, engine_id))
             return engine_id, fut
+        if self.lease_state == "lent" and may_write(method, params):
+            self._lend_lease(fut)
         await self.send(protocol.request(engine_id, method, params))  # written before any await: ids go in order
         return engine_id, fut
 
@@ -623,6 +636,8 @@ class Engine:
             self.state = "stopped"
             self.last_exit = describe_exit(code) + (" (its own idle exit)" if idle else "")
             log.warning("engine pid %s exited: %s", proc.pid, self.last_exit)
+            if not self._stopping and not self._handing_over and not self._aborting:
+                self._hold_lease("its engine exited")  # the palace is still ours: no hub slips in before the next
             if (
                 not self._stopping
                 and not self._handing_over
@@ -686,6 +701,7 @@ class Engine:
         await self._cancel_restart()
         await self._stop_child("broker shutting down", graceful=True)
         await self._tasks.cancel_all()  # sends still blocked on a full pipe, a restart that slipped in
+        self._drop_lease()
 
     async def stop_for_handover(self, reason: str, *, graceful: bool = True) -> None:
         """Stop the engine because another owner takes the palace (docs/PROTOCOL.md "Ownership"); it can be
@@ -715,6 +731,7 @@ class Engine:
                 await self._stop_child(reason, graceful=False)
         finally:
             self._handing_over = False
+            self._drop_lease()  # the next owner (a grant's command, the other side) takes it
         self._uncharged_start = True
         log.warning("engine stopped: %s", reason)
 
@@ -767,6 +784,8 @@ class Engine:
             self._check_may_run("when routing to the hub")  # no await from here on: a hand-over sees all or nothing
             self.initialize_result = reply["result"]
             self.hub = route
+            self.lease_state = "other"
+            self._wait_for_lease(f"the hub (pid {found.pid})")
             self._tasks.spawn(self._watch_hub(route), name="hub-watch")
             self.starts += 1
             self.started_at = time.time()
@@ -845,6 +864,86 @@ class Engine:
                 fut.set_exception(HubLeft(f"hub mode ended: {reason}"))
                 fut.exception()
 
+    # --- mempalace's writer lease (broker/lease.py) ----------------------------------------------------------
+    def _lease_for_palace(self) -> lease.Lease | None:
+        if self._lease is None and self.hub_lookup:
+            palace = self._palace()
+            if palace is not None:
+                self._lease = lease.Lease(palace)  # under the HOME the engine inherits: its `~`
+        return self._lease
+
+    def _hold_lease(self, when: str) -> None:
+        """The broker holds the lease while no engine of its does (never waits: a holder is named, not fought)."""
+        held = self._lease_for_palace()
+        if held is None:
+            return
+        if held.take():
+            self.lease_state = "broker"
+            return
+        self.lease_state = "other"
+        log.warning(
+            "mempalace's writer lease (%s) is held by %s (%s): the engine cannot write until it is let go",
+            held.path, held.holder() or "another process", when,
+        )
+
+    def _drop_lease(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+            self.lease_state = "off"
+
+    async def _lease_to_engine(self) -> None:
+        """The engine answered initialize: the broker lets the lease go and at once has the engine take it (a
+        mempalace 3.11 engine keeps it for life), ahead of every client's call. An engine without a lease of its
+        own (3.4.0: it locks around each write) gets it lent per call instead."""
+        held = self._lease
+        if held is None:
+            return
+        held.release()
+        reply = await self._ask("tools/call", lease.PROBE, "the writer-lease call")
+        error = reply.get("error") if isinstance(reply.get("error"), dict) else None
+        code = error.get("code") if error else None
+        if code == lease.UNKNOWN_TOOL:
+            self.lease_state = "lent" if held.take() else "other"
+        elif code == lease.PEER_WRITER:
+            self.lease_state = "other"
+            log.warning("the engine could not take mempalace's writer lease: %s holds it; writes fail until it "
+                        "lets go", held.holder() or "another process")
+        elif error is not None:
+            self.lease_state = "other"
+            log.warning("the engine refused the writer-lease call: %s", error.get("message"))
+        else:
+            self.lease_state = "engine"
+            self._wait_for_lease("the engine")  # its exit hands the lease straight back to the broker
+
+    def _wait_for_lease(self, holder: str) -> None:
+        """Hold the lease the moment `holder` (the engine, the hub) lets it go, as it exits: before anyone else."""
+        held = self._lease_for_palace()
+        if held is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def taken() -> None:
+            if not held.held:  # let go meanwhile (a hand-over, the broker's stop)
+                return
+            self.lease_state = "broker"
+            log.info("%s let mempalace's writer lease go: the broker holds it", holder)
+
+        held.wait(lambda: loop.call_soon_threadsafe(taken))
+
+    def _lend_lease(self, fut: asyncio.Future[dict[str, Any]]) -> None:
+        held = self._lease
+        if held is None:
+            return
+        held.lend()
+
+        def back(_: object) -> None:
+            if not held.give_back() and self.lease_state == "lent":
+                self.lease_state = "other"
+                log.warning("mempalace's writer lease was taken by %s while the engine wrote",
+                            held.holder() or "another process")
+
+        fut.add_done_callback(back)
+
     async def _cancel_restart(self) -> None:
         """A crash-restart in progress is cancelled, so it cannot spawn a new child behind our back."""
         restart, self._restart_task = self._restart_task, None
@@ -877,6 +976,13 @@ class Engine:
                 await asyncio.wait_for(task, 5)
             except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
                 task.cancel()
+
+
+def may_write(method: str, params: Any) -> bool:
+    """A call that may write the palace: any tool call but the known read tools (an unknown tool may write)."""
+    if method != "tools/call" or not isinstance(params, dict):
+        return False
+    return params.get("name") not in readonly.READ_TOOLS
 
 
 def engine_idle_limit(environ: dict[str, str] | os._Environ[str]) -> float | None:

@@ -97,6 +97,7 @@ class BrokerProcess:
         self.record: dict[str, Any] = {}
         self.exit_reason = ""
         self.beats = liveness.BeatSchedule(settings.heartbeat_interval)  # wall clock too: a Mac's sleep stops monotonic
+        self._hub_beaten: object = None  # the hub route owner.json was last written with (None: own engine)
 
     async def run(self) -> int:
         state.ensure_private_dir(self.paths.root)
@@ -267,8 +268,12 @@ class BrokerProcess:
         while True:
             await asyncio.sleep(self.beats.tick)
             now = time.monotonic()
-            if self.beats.due():  # by the wall clock too: the first look after a sleep beats at once
+            route = self.mux.engine.hub
+            # Due by the wall clock too (the first look after a sleep beats at once); entering or leaving hub mode
+            # is written at once: owner.json's kind says who writes the palace (`hub` or `broker`).
+            if self.beats.due() or route is not self._hub_beaten:
                 self.beats.beaten()
+                self._hub_beaten = route
                 try:
                     self._write_record()
                 except OSError as exc:

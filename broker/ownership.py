@@ -402,6 +402,7 @@ class Ownership:
                 return
             try:
                 if not claim.beat(
+                    kind="hub" if via is not None else self.kind,  # the same rank: only readers tell them apart
                     engine_pid=engine_pid,
                     engine_proc_start=engine_start,
                     hub=via.hub.as_dict() if via is not None else None,

@@ -160,7 +160,7 @@ def _broker_holds_owner_json(settings: Settings) -> bool:
     from mp_ssh_bridge import owner
 
     held = owner.live_holder(settings.paths, settings.heartbeat_stale_after)
-    return held is not None and held.get("kind") == "broker"
+    return held is not None and held.get("kind") in owner.BROKER_KINDS
 
 
 def _local_owner_argv(settings: Settings, lock_fd: int) -> list[str]:

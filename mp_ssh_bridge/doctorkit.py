@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mp_ssh_bridge import palace, state
+from mp_ssh_bridge import owner, palace, state
 from mp_ssh_bridge.palacecheck import NOT_CHECKED
 from mp_ssh_bridge.settings import Settings
 
@@ -101,6 +101,7 @@ def broker_status_checks(settings: Settings, st: dict[str, Any], how: str, check
         checks.append(Check(level, "engine", f"pid {e.get('pid')}, mempalace {e.get('version')}, state "
                                              f"{e.get('state')}, restarts {e.get('restarts')}",
                             "" if level == "ok" else "wait for it to be ready; see `mp-bridge logs`"))
+    lease_check(e, checks)
     if settings.resolved_role() == "host":
         why = palace.mismatch(settings.memory, b)
         if why:
@@ -116,6 +117,33 @@ def broker_status_checks(settings: Settings, st: dict[str, Any], how: str, check
         side = "both sides of the mount" if settings.resolved_role() == "container" else "broker and state directory"
         checks.append(Check("ok", "palace id", f"{local_id}, the same for {side}"))
 
+
+
+SWITCH_TO_HUB = ("to make upstream's hub the palace's writer instead: `mp-bridge stop`, then `mempalace serve`, "
+                 "then start a session: the broker finds the hub and routes every session to it")
+
+
+def lease_check(e: dict[str, Any], checks: list[Check]) -> None:
+    """mempalace's own writer lease (its per-palace flock), as the broker holds it (broker/lease.py)."""
+    held = e.get("lease")
+    if not isinstance(held, dict):
+        return
+    where, holder, state_ = held.get("path"), held.get("holder") or "another process", held.get("state")
+    if isinstance(e.get("hub"), dict):
+        checks.append(Check("ok", "writer lease", f"held by upstream's hub; the broker takes it ({where}) the moment "
+                            "the hub exits, before a plain mempalace-mcp could"))
+    elif state_ == "other":
+        checks.append(Check("warn", "writer lease", f"mempalace's writer lease ({where}) is held by {holder}, not by "
+                            "the broker or its engine: writes through the bridge are refused (\"Peer MCP writer "
+                            "active\") while it holds it. A plain mempalace-mcp that took it (say, after a hub died) "
+                            "writes the palace beside the bridge", "end that process (its agent session, or kill "
+                            "the pid named); the broker's engine takes the lease at its next write"))
+    elif state_ in ("engine", "broker", "lent"):
+        how = {"engine": "held by the broker's engine", "broker": "held by the broker (no engine of its runs now)",
+               "lent": "held by the broker between writes and lent to its engine for each (mempalace 3.4.0 has no "
+                       "lease of its own)"}[str(state_)]
+        checks.append(Check("ok", "writer lease", f"{how} ({where}): another writer, `mempalace serve` included, "
+                            f"refuses to start on this palace (\"another writer owns\"); {SWITCH_TO_HUB}"))
 
 
 def versions_check(broker_version: Any, remote_command_version: str | None = None) -> Check:
@@ -162,12 +190,12 @@ def hub_check(report: dict[str, Any], owner_record: dict[str, Any] | None, where
         return
     record = owner_record or {}
     via = record.get("hub")
-    if record.get("kind") == "broker" and isinstance(via, dict) and via.get("pid") == found.get("pid"):
+    if record.get("kind") == "hub" and isinstance(via, dict) and via.get("pid") == found.get("pid"):
         checks.append(Check("ok", "hub", f"{named} owns the palace; the broker routes every session to it"))
-    elif record.get("kind") == "broker":
+    elif record.get("kind") in owner.BROKER_KINDS:
         checks.append(Check("warn", "hub", f"{named} serves the palace, and the broker does not route to it yet: its "
                             "next engine start will (owner.json names the hub within a heartbeat once it does). If "
-                            "the broker's own engine runs now, only mempalace's writer lease (3.11; none in 3.4) "
+                            "the broker's own engine runs now, only mempalace's writer lease (broker/lease.py) "
                             "keeps the two apart", "to make the hub the palace's writer now: mp-bridge restart; to "
                             "keep the broker's engine: stop the hub"))
     else:

@@ -112,6 +112,7 @@ class Progress:
         kind = record.get("kind")
         doing = ("runs until its command ends" if kind == "grant" else
                  "is finishing its running call and stopping its engine" if kind in ("broker", "local") else
+                 "is upstream's hub, which mp-bridge run does not stop" if kind == "hub" else
                  "holds it")
         return ("holder", record.get("token")), f"{who} {doing}"
 
@@ -235,7 +236,7 @@ def run(settings: Any, argv: list[str], timeout: float | None = None) -> int:
 
     def waiting(busy: owner.Busy, waited: float) -> None:
         record = busy.record or {}
-        if record.get("kind") == "broker" and isinstance(record.get("hub"), dict):
+        if record.get("kind") == "hub":
             raise _HubOwned(owner.describe(record))
         progress(busy, waited)
         if signals.pending:  # between two refused claims: nothing of ours is in owner.json

@@ -6,9 +6,10 @@ palace first kept everyone else out, until it exited — and writers that are no
 (`mempalace mine`, session hooks, cron) were not in it at all. Here ownership moves instead, by
 request and release (docs/PROTOCOL.md "Ownership"):
 
-- `owner.json` in the state directory names the one owner: a host broker (`broker`), a process
-  on the container side running the engine itself (`local`), or a command run by
-  `mp-bridge run` (`grant`). Only its holder writes it. A claim creates it exclusively, as palace.id
+- `owner.json` in the state directory names the one owner: a host broker (`broker`), upstream's
+  hub (`hub`: `mempalace serve` owns the palace; the broker that routes to it keeps the record and
+  its heartbeat, and `hub` names the hub's pid and url), a process on the container side running
+  the engine itself (`local`), or a command run by `mp-bridge run` (`grant`). Only its holder writes it. A claim creates it exclusively, as palace.id
   is created (`state.create_new`: atomic through a bind mount, where flock is not), and on one
   kernel claims are serialized by `owner.lock` as well. The holder rewrites it every heartbeat
   and removes it — the explicit release — only after its engine (or command) has exited.
@@ -40,7 +41,8 @@ from typing import Any
 
 from mp_ssh_bridge import hostinfo, liveness, state
 
-RANK = {"local": 1, "broker": 2, "grant": 3}
+RANK = {"local": 1, "broker": 2, "hub": 2, "grant": 3}
+BROKER_KINDS = ("broker", "hub")  # a host broker's record: with its own engine, or routing to upstream's hub
 LOCK_WAIT_S = 2.0  # owner.lock is held for a few file operations at most
 REQUEST_BEAT_S = 2.0  # a waiting request's heartbeat (judged like every record: pid here, heartbeat elsewhere)
 UNREADABLE_STALE_FACTOR = 2  # an owner.json without a complete record (O_EXCL fallback, crash) is moved aside
@@ -64,11 +66,12 @@ def describe(record: dict[str, Any]) -> str:
     kind, pid, host = record.get("kind"), record.get("pid"), record.get("host") or "?"
     age = time.time() - float(record["since"]) if isinstance(record.get("since"), (int, float)) else None
     held = (f", waiting {age:.0f} s" if record.get("request") else f", for {age:.0f} s") if age is not None and age >= 0 else ""
+    if kind == "hub":
+        found = record.get("hub")
+        via: dict[str, Any] = found if isinstance(found, dict) else {}
+        return (f"upstream's hub (pid {via.get('pid')}, {via.get('url')}), which the broker (pid {pid} on "
+                f"{host}{held}) routes to")
     if kind == "broker":
-        via = record.get("hub")
-        if isinstance(via, dict):
-            return (f"the broker (pid {pid} on {host}{held}), routing to upstream's hub (pid {via.get('pid')}, "
-                    f"{via.get('url')})")
         return f"the broker (pid {pid} on {host}{held})"
     if kind == "local":
         what = record.get("what")  # the container daemon names itself; an older bridge's session does not

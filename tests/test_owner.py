@@ -199,6 +199,18 @@ def test_describe_says_what_and_how_long(paths: state.StatePaths) -> None:
     assert owner.describe(dict(grant, kind="local")).startswith("a session running its own engine")
 
 
+def test_a_hub_owner_is_named_and_ranks_as_the_broker_that_records_it(paths: state.StatePaths) -> None:
+    """While the broker routes to upstream's hub, owner.json says `hub`: the hub is the palace's writer, the broker
+    (its pid, its heartbeat) keeps the record alive, and a grant outranks it as it outranks the broker."""
+    rec = owner.new_record("hub", 7, hub={"pid": 99, "url": "http://127.0.0.1:5/mcp"})
+    text = owner.describe(rec)
+    assert text.startswith("upstream's hub (pid 99, http://127.0.0.1:5/mcp), which the broker (pid 7 on"), text
+    assert owner.RANK["hub"] == owner.RANK["broker"] and "hub" in owner.BROKER_KINDS
+    grant = owner.new_record("grant", 8, request=True)
+    assert owner.outranking([grant], "hub") is grant
+    assert owner.outranking([owner.new_record("local", 9, request=True)], "hub") is None
+
+
 def test_separate_lock_dirs_keep_flocks_apart(tmp_path: Path) -> None:
     """The tests' stand-in for a VM boundary: the same state directory, each side's locks its own."""
     root = tmp_path / "state"

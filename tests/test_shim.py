@@ -175,7 +175,7 @@ def test_palace_id_mismatch_through_explicit_endpoint(host_role: Path, broker_fa
     other = host_role / "other-state"
     b = broker_factory(env={"MEMPALACE_PATH": str(other)}, wait_engine=False)
     mine = host_role / ".mempalace"
-    mine.mkdir(mode=0o700)
+    mine.mkdir(mode=0o700, exist_ok=True)  # the broker's engine may have made it: mempalace's lock directory
     (mine / "palace.id").write_text(str(uuid.uuid4()) + "\n")
     shim = ShimProc(env={"MEMPALACE_BROKER": b.endpoint}, stderr_path=tmp_path / "shim.err")
     try:
