@@ -152,6 +152,7 @@ class Engine:
         self.hub_lookup = True  # False for the container daemon's local owner (broker/lifecycle.py says why)
         self._lease: lease.Lease | None = None  # mempalace's writer lease (host broker only, as hub_lookup)
         self.lease_state = "off"  # broker | engine | lent (3.4.0: the broker lends it per write) | other | off
+        self._lease_mode: str | None = None  # this engine's: "engine" (holds it for life) | "lent" (per write)
 
     # --- facts for status / broker.json ------------------------------------------
     @property
@@ -282,6 +283,7 @@ class Engine:
         if self.hub is not None:
             out["hub"] = self.hub.as_dict()
         if self._lease is not None:
+            self._recheck_lease()
             out["lease"] = {"state": self.lease_state, "path": str(self._lease.path), "holder": self._lease.holder()}
         return out
 
@@ -472,7 +474,7 @@ class Engine:
             self._hub_tasks[engine_id] = task
             task.add_done_callback(functools.partial(self._hub_task_done, engine_id))
             return engine_id, fut
-        if self.lease_state == "lent" and may_write(method, params):
+        if self._lease_mode == "lent" and may_write(method, params):
             self._lend_lease(fut)
         await self.send(protocol.request(engine_id, method, params))  # written before any await: ids go in order
         return engine_id, fut
@@ -732,6 +734,8 @@ class Engine:
         finally:
             self._handing_over = False
             self._drop_lease()  # the next owner (a grant's command, the other side) takes it
+            if self._lease is not None:  # a waiting thread woken by the engine's exit lets go first
+                await asyncio.to_thread(self._lease.settle, 0.5)
         self._uncharged_start = True
         log.warning("engine stopped: %s", reason)
 
@@ -784,8 +788,10 @@ class Engine:
             self._check_may_run("when routing to the hub")  # no await from here on: a hand-over sees all or nothing
             self.initialize_result = reply["result"]
             self.hub = route
-            self.lease_state = "other"
+            self._lease_mode = None
             self._wait_for_lease(f"the hub (pid {found.pid})")
+            if self._lease is not None and not self._lease.held:
+                self.lease_state = "other"  # the hub's
             self._tasks.spawn(self._watch_hub(route), name="hub-watch")
             self.starts += 1
             self.started_at = time.time()
@@ -877,43 +883,74 @@ class Engine:
         held = self._lease_for_palace()
         if held is None:
             return
+        self._lease_mode = None
         if held.take():
             self.lease_state = "broker"
             return
         self.lease_state = "other"
         log.warning(
             "mempalace's writer lease (%s) is held by %s (%s): the engine cannot write until it is let go",
-            held.path, held.holder() or "another process", when,
+            held.path, held.holder() or "a process mempalace did not record", when,
         )
 
     def _drop_lease(self) -> None:
         if self._lease is not None:
             self._lease.release()
             self.lease_state = "off"
+            self._lease_mode = None
 
     async def _lease_to_engine(self) -> None:
         """The engine answered initialize: the broker lets the lease go and at once has the engine take it (a
-        mempalace 3.11 engine keeps it for life), ahead of every client's call. An engine without a lease of its
-        own (3.4.0: it locks around each write) gets it lent per call instead."""
+        mempalace 3.11 engine keeps it for life), ahead of every client's call. Whatever the engine answers, what
+        happened is judged from the lease itself: still free → an engine without a lease of its own (3.4.0, which
+        locks around each write, or one let write without it): the broker holds it and lends it per call."""
         held = self._lease
         if held is None:
             return
         held.release()
-        reply = await self._ask("tools/call", lease.PROBE, "the writer-lease call")
-        error = reply.get("error") if isinstance(reply.get("error"), dict) else None
-        code = error.get("code") if error else None
-        if code == lease.UNKNOWN_TOOL:
-            self.lease_state = "lent" if held.take() else "other"
-        elif code == lease.PEER_WRITER:
-            self.lease_state = "other"
-            log.warning("the engine could not take mempalace's writer lease: %s holds it; writes fail until it "
-                        "lets go", held.holder() or "another process")
-        elif error is not None:
-            self.lease_state = "other"
-            log.warning("the engine refused the writer-lease call: %s", error.get("message"))
-        else:
-            self.lease_state = "engine"
+        fut = self._request_future("tools/call", lease.PROBE)
+        started = time.monotonic()
+        try:  # bounded, and no failed start: mempalace checks its sqlite files before a first write (large: slow)
+            reply: dict[str, Any] | None = await asyncio.wait_for(fut, self.settings.engine_start_timeout)
+        except asyncio.TimeoutError:
+            self.forget(getattr(fut, "engine_id", -1))
+            reply = None
+        except EngineExited as exc:
+            if not self._may_run():
+                raise StartAborted(f"the palace is no longer the broker's; the starting engine was stopped ({exc})") from None
+            self.state = "failed"
+            raise EngineUnavailable(f"engine exited during start-up ({exc}): {exc.stderr_tail.strip()[-800:]}") from None
+        error = (reply or {}).get("error")
+        log.info("writer-lease call answered in %.0f ms: %s", (time.monotonic() - started) * 1000,
+                 error.get("message") if isinstance(error, dict) else "taken" if reply else "no answer yet")
+        self._judge_lease()
+
+    def _judge_lease(self) -> None:
+        """Who holds the lease now that this engine had its chance: the engine (mempalace's record names its pid,
+        and the lease is not free), nobody (the broker takes it and lends it per write), or someone else."""
+        held = self._lease
+        if held is None:
+            return
+        if held.take():
+            self._lease_mode, self.lease_state = "lent", "lent"
+            return
+        pid, _ = lease.recorded_holder(held.path)
+        if pid is not None and pid == self.pid:
+            self._lease_mode, self.lease_state = "engine", "engine"
             self._wait_for_lease("the engine")  # its exit hands the lease straight back to the broker
+            return
+        self._lease_mode, self.lease_state = None, "other"
+        log.warning("the engine could not take mempalace's writer lease: %s holds it; writes fail until it lets go",
+                    held.holder() or "a process mempalace did not record")
+
+    def _recheck_lease(self) -> None:
+        """`other` is looked at again (at each status): the engine may have taken the lease since (3.11 tries at
+        each write), or its holder may have gone."""
+        if self.lease_state != "other" or self.hub is not None or not self.running() or self._lease is None:
+            return
+        if self._lease.lent:  # a write in flight holds it now: the lease is looked at again after it
+            return
+        self._judge_lease()
 
     def _wait_for_lease(self, holder: str) -> None:
         """Hold the lease the moment `holder` (the engine, the hub) lets it go, as it exits: before anyone else."""
@@ -937,10 +974,11 @@ class Engine:
         held.lend()
 
         def back(_: object) -> None:
-            if not held.give_back() and self.lease_state == "lent":
-                self.lease_state = "other"
-                log.warning("mempalace's writer lease was taken by %s while the engine wrote",
-                            held.holder() or "another process")
+            if held.give_back() or self._lease_mode != "lent":
+                return
+            self.lease_state = "other"
+            log.warning("mempalace's writer lease was taken by %s while the engine wrote",
+                        held.holder() or "a process mempalace did not record")
 
         fut.add_done_callback(back)
 

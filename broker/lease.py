@@ -2,7 +2,8 @@
 
 Why: mempalace arbitrates its writers with one flock per palace, `~/.mempalace/locks/mine_palace_<key>.lock`
 (`mine_palace_lock` in mempalace/palace/palace_lock.py, 3.4.0's palace.py: same file, same key). `mempalace serve`
-refuses to start while another process holds it, and a plain `mempalace-mcp` 3.11 refuses mutating calls. But
+does not start while another process holds it (it waits, 120 s by default, then exits 2), and a plain
+`mempalace-mcp` 3.11 refuses mutating calls. But
 mempalace-mcp 3.11 takes it only at its first mutating call and lets it go when it exits. So a hub started before
 the broker's engine had written anything, or between two of its engines (a crash restart, an idle exit, the
 0.6-1 s of a spawn), became the palace's writer, and every write through the bridge then failed with "Peer MCP
@@ -12,7 +13,8 @@ writer active". The broker closes those gaps (broker/engine.py drives this):
   (a restart keeps it; only a hand-over of the palace, or the broker's stop, lets it go);
 - once the engine answered initialize, the lease passes to it: the broker lets go and at once sends `PROBE`, a
   call that takes the lease and changes nothing (the lease check runs before the tool, and the tool refuses an
-  empty id list before it opens the palace: 9 ms on an empty palace);
+  empty id list before it opens the palace: 9 ms on an empty palace, plus mempalace's sqlite check before a first
+  write, which it would otherwise pay at the first write); who holds it afterwards is judged from the lease;
 - mempalace 3.4.0 has no lease of its own: it takes the same flock around each Chroma write and fails the write
   when it is held. With such an engine the broker holds the lease between calls and lends it for each call that
   may write (`lend` / `give_back`);
@@ -76,6 +78,17 @@ def _open(path: Path) -> IO[bytes]:
     return os.fdopen(fd, "r+b")
 
 
+def _unlock(handle: IO[bytes] | None) -> None:
+    if handle is None:
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError:
+        pass
+    finally:
+        handle.close()
+
+
 def _write_identity(handle: IO[bytes]) -> None:
     data = f"{os.getpid()} {IDENTITY}".encode()
     handle.seek(_SENTINEL)
@@ -101,16 +114,23 @@ class Lease:
     def held(self) -> bool:
         return self._handle is not None
 
+    @property
+    def lent(self) -> bool:
+        """Calls that may write are in flight with an engine that locks around each write: not ours to take."""
+        return self._lent > 0
+
     def take(self) -> bool:
         """Hold the lease now if nobody does (non-blocking); True when the broker holds it after the call.
 
-        While a thread of `wait` is blocked on the flock, that thread is the one to get it (a second descriptor
-        would stay blocked behind ours): it is given WAITER_JOIN_S to, as its holder has just exited."""
-        waiter = self._waiter
-        if waiter is not None and waiter.is_alive():
-            self._wanted.set()
+        While a thread of `wait` is blocked on the flock for us, that thread is the one to get it (a second
+        descriptor would stay blocked behind its own): it is given WAITER_JOIN_S, as its holder has just exited."""
+        with self._guard:
+            waiter = self._waiter if self._wanted.is_set() else None
+        if waiter is not None:
             waiter.join(WAITER_JOIN_S)
-            return self.held
+            with self._guard:
+                if self._handle is not None or self._waiter is waiter:  # got it, or still blocked: held elsewhere
+                    return self._handle is not None
         with self._guard:
             if self._handle is not None:
                 return True
@@ -129,43 +149,57 @@ class Lease:
 
     def release(self) -> None:
         """Let the lease go (idempotent); a thread still waiting for it lets go of what it gets."""
-        self._wanted.clear()
         with self._guard:
+            self._wanted.clear()
             handle, self._handle = self._handle, None
             self._lent = 0
-        if handle is not None:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-            finally:
-                handle.close()
+        _unlock(handle)
+
+    def settle(self, bound: float) -> None:
+        """After `release`: give a waiting thread that its holder's exit has just woken up to `bound` seconds to
+        let go of what it got, so the next owner's own non-blocking lock (a grant's `mempalace mine`) finds the
+        lease free. Blocking: call it in a thread."""
+        waiter = self._waiter
+        if waiter is not None:
+            waiter.join(bound)
 
     def wait(self, on_taken: Callable[[], Any]) -> None:
         """Hold the lease as soon as its holder lets go (a thread blocks on the flock; one at a time): the kernel
         wakes it as that holder exits (the engine, the hub), ahead of anyone who tries again later. `on_taken`
         is called in that thread once the broker holds it: hand it to the loop with `call_soon_threadsafe`."""
-        self._on_taken = on_taken
-        self._wanted.set()
-        if self.held or (self._waiter is not None and self._waiter.is_alive()):
-            return
-        self._waiter = threading.Thread(target=self._wait, name="lease-wait", daemon=True)
-        self._waiter.start()
+        with self._guard:
+            self._on_taken = on_taken
+            self._wanted.set()
+            if self._handle is not None or self._waiter is not None:  # held, or a thread waits already
+                return
+            self._waiter = threading.Thread(target=self._wait, name="lease-wait", daemon=True)
+            self._waiter.start()
 
     def _wait(self) -> None:
+        handle: IO[bytes] | None = None
         try:
             handle = _open(self.path)
             fcntl.flock(handle, fcntl.LOCK_EX)  # a daemon thread: a broker that exits meanwhile does not wait
         except OSError as exc:
             log.warning("cannot wait for mempalace's lease %s: %s", self.path, exc)
+            with self._guard:
+                self._waiter = None
+            if handle is not None:
+                handle.close()
             return
-        with self._guard:
+        with self._guard:  # `wait` and `take` decide under the same lock: a thread is either waiting or gone
+            self._waiter = None
             kept = self._wanted.is_set() and self._handle is None
             if kept:
                 self._keep(handle)
-        if not kept:  # no longer wanted (released meanwhile, or taken another way): give it back
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
+            on_taken = self._on_taken
+        if not kept:  # no longer wanted (released meanwhile): give it back
+            _unlock(handle)
             return
-        self._on_taken()
+        try:
+            on_taken()
+        except RuntimeError:  # the broker's loop has closed (shutdown): nobody to tell
+            pass
 
     def _keep(self, handle: IO[bytes]) -> None:
         try:
@@ -181,9 +215,7 @@ class Lease:
         if self._lent == 1:
             with self._guard:
                 handle, self._handle = self._handle, None
-            if handle is not None:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-                handle.close()
+            _unlock(handle)
 
     def give_back(self) -> bool:
         """That call ended: once none is in flight, hold the lease again; False when another process took it."""

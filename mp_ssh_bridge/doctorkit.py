@@ -119,8 +119,9 @@ def broker_status_checks(settings: Settings, st: dict[str, Any], how: str, check
 
 
 
-SWITCH_TO_HUB = ("to make upstream's hub the palace's writer instead: `mp-bridge stop`, then `mempalace serve`, "
-                 "then start a session: the broker finds the hub and routes every session to it")
+SWITCH_TO_HUB = ("to make upstream's hub the palace's writer instead: `mp-bridge stop`, then start `mempalace serve` "
+                 "before any session starts a broker again; the next session's broker finds the hub and routes "
+                 "every session to it")
 
 
 def lease_check(e: dict[str, Any], checks: list[Check]) -> None:
@@ -143,7 +144,8 @@ def lease_check(e: dict[str, Any], checks: list[Check]) -> None:
                "lent": "held by the broker between writes and lent to its engine for each (mempalace 3.4.0 has no "
                        "lease of its own)"}[str(state_)]
         checks.append(Check("ok", "writer lease", f"{how} ({where}): another writer, `mempalace serve` included, "
-                            f"refuses to start on this palace (\"another writer owns\"); {SWITCH_TO_HUB}"))
+                            f"cannot become a writer of this palace (it waits for the lease, then exits 2), nor can a direct "
+                            f"`mempalace mine` (run it as `mp-bridge run -- mempalace mine …`); {SWITCH_TO_HUB}"))
 
 
 def versions_check(broker_version: Any, remote_command_version: str | None = None) -> Check:
@@ -189,8 +191,8 @@ def hub_check(report: dict[str, Any], owner_record: dict[str, Any] | None, where
         checks.append(Check("ok", "hub", f"{named} is read-only: no writer; the broker serves the palace itself"))
         return
     record = owner_record or {}
-    via = record.get("hub")
-    if record.get("kind") == "hub" and isinstance(via, dict) and via.get("pid") == found.get("pid"):
+    via = owner.hub_of(record)
+    if via is not None and via.get("pid") == found.get("pid"):
         checks.append(Check("ok", "hub", f"{named} owns the palace; the broker routes every session to it"))
     elif record.get("kind") in owner.BROKER_KINDS:
         checks.append(Check("warn", "hub", f"{named} serves the palace, and the broker does not route to it yet: its "

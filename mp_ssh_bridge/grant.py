@@ -236,7 +236,7 @@ def run(settings: Any, argv: list[str], timeout: float | None = None) -> int:
 
     def waiting(busy: owner.Busy, waited: float) -> None:
         record = busy.record or {}
-        if record.get("kind") == "hub":
+        if owner.hub_of(record) is not None:
             raise _HubOwned(owner.describe(record))
         progress(busy, waited)
         if signals.pending:  # between two refused claims: nothing of ours is in owner.json

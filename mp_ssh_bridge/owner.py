@@ -61,14 +61,23 @@ class Busy(Exception):
         self.record = record
 
 
+def hub_of(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The hub (`{pid, url}`) a broker's record says it routes to: kind `hub`, or a bridge before that kind
+    (kind `broker` with a `hub` field); None otherwise."""
+    via = record.get("hub")
+    if record.get("kind") in BROKER_KINDS and isinstance(via, dict):
+        return via
+    return None
+
+
 def describe(record: dict[str, Any]) -> str:
     """The holder (or requester) in words: what it is, its pid and machine, since when."""
     kind, pid, host = record.get("kind"), record.get("pid"), record.get("host") or "?"
     age = time.time() - float(record["since"]) if isinstance(record.get("since"), (int, float)) else None
     held = (f", waiting {age:.0f} s" if record.get("request") else f", for {age:.0f} s") if age is not None and age >= 0 else ""
-    if kind == "hub":
-        found = record.get("hub")
-        via: dict[str, Any] = found if isinstance(found, dict) else {}
+    via = hub_of(record)
+    if kind == "hub" or via is not None:
+        via = via or {}
         return (f"upstream's hub (pid {via.get('pid')}, {via.get('url')}), which the broker (pid {pid} on "
                 f"{host}{held}) routes to")
     if kind == "broker":

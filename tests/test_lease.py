@@ -150,6 +150,35 @@ def test_doctor_says_who_holds_the_lease(engine: dict[str, Any], level: str, say
     assert checks == []
 
 
+def test_a_released_lease_is_not_kept_by_a_waiting_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread still waiting when the broker lets the lease go (a hand-over) lets go of what it gets, and `settle`
+    waits for that: the next owner's own non-blocking lock (a grant's `mempalace mine`) then finds it free."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom mempalace.palace import mine_palace_lock\n"
+         "with mine_palace_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n",
+         str(tmp_path / "palace")], stdout=subprocess.PIPE, text=True, env=dict(os.environ, HOME=str(tmp_path)))
+    held = lease.Lease(str(tmp_path / "palace"))
+    taken: list[bool] = []
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        held.wait(lambda: taken.append(True))
+        held.release()  # the hand-over: no longer wanted
+        holder.kill()
+        holder.wait()
+        held.settle(5)
+        with palace_lock.mine_palace_lock(str(tmp_path / "palace")):
+            assert not held.held and not taken
+        assert held.take()  # and the broker can take it again afterwards
+        held.wait(lambda: taken.append(True))  # already held: no thread, nothing to tell
+        assert not taken
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        held.release()
+
+
 # --------------------------------------------------------------------------- with the real engine and hub
 @pytest.fixture
 def palace(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

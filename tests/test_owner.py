@@ -209,6 +209,11 @@ def test_a_hub_owner_is_named_and_ranks_as_the_broker_that_records_it(paths: sta
     grant = owner.new_record("grant", 8, request=True)
     assert owner.outranking([grant], "hub") is grant
     assert owner.outranking([owner.new_record("local", 9, request=True)], "hub") is None
+    assert owner.hub_of(rec) == {"pid": 99, "url": "http://127.0.0.1:5/mcp"}
+    older = owner.new_record("broker", 7, hub={"pid": 99, "url": "u"})  # a bridge from before the kind: the same
+    assert owner.hub_of(older) == {"pid": 99, "url": "u"} and owner.describe(older).startswith("upstream's hub (pid 99")
+    assert owner.hub_of(owner.new_record("broker", 7, hub=None)) is None
+    assert owner.hub_of(owner.new_record("grant", 7, hub={"pid": 1})) is None
 
 
 def test_separate_lock_dirs_keep_flocks_apart(tmp_path: Path) -> None:
