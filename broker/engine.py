@@ -39,7 +39,7 @@ from typing import Any
 
 from mp_ssh_bridge import config, enginecmd, hub, protocol, walrecover
 from mp_ssh_bridge.settings import BrokerSettings
-from mp_ssh_bridge_broker import enginerecord, guard, hubroute, lease, readonly
+from mp_ssh_bridge_broker import enginerecord, guard, hubroute, lease, tools
 from mp_ssh_bridge_broker.tasks import Tasks
 
 log = logging.getLogger("broker.engine")
@@ -474,7 +474,7 @@ class Engine:
             self._hub_tasks[engine_id] = task
             task.add_done_callback(functools.partial(self._hub_task_done, engine_id))
             return engine_id, fut
-        if self._lease_mode == "lent" and may_write(method, params):
+        if self._lease_mode == "lent" and tools.may_write(method, params):
             self._lend_lease(fut)
         await self.send(protocol.request(engine_id, method, params))  # written before any await: ids go in order
         return engine_id, fut
@@ -1014,13 +1014,6 @@ class Engine:
                 await asyncio.wait_for(task, 5)
             except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
                 task.cancel()
-
-
-def may_write(method: str, params: Any) -> bool:
-    """A call that may write the palace: any tool call but the known read tools (an unknown tool may write)."""
-    if method != "tools/call" or not isinstance(params, dict):
-        return False
-    return params.get("name") not in readonly.READ_TOOLS
 
 
 def engine_idle_limit(environ: dict[str, str] | os._Environ[str]) -> float | None:

@@ -43,6 +43,7 @@ log = logging.getLogger("broker.mux")
 DEFAULT_OUTBOX_MAX_BYTES = 32 * 1024 * 1024  # the max_client_outbox_bytes default (broker/bounds.py)
 TOTALS = ("requests", "responses", "errors", "cancelled", "timeouts", "outcome_unknown", "engine_requests")
 INIT_CACHE_MAX = 16  # initialize answers kept, one per protocolVersion asked for (a client picks the key)
+LOOK_WHEN_BUSY_S = 0.05  # a parked long poll's periodic look finds the engine busy: it tries again this much later
 HUB_LONG_POLLS_MAX = 32  # hub mode: long polls the hub holds at once beside the queue (more wait their turn in it)
 TIMEOUT_MS_MAX = 2**31 - 1  # JavaScript's setTimeout ceiling (pi's extension); a larger timeoutMs is refused
 
@@ -234,9 +235,11 @@ class Job:
     state: str = "queued"  # queued -> running -> done
     replied: bool = False
     engine_id: int | None = None
-    started: float | None = None  # when the engine got it (the last slice, for event_wait)
+    started: float | None = None  # when the engine got it (the last look, for event_wait)
     timer: asyncio.TimerHandle | None = None
-    slices: int = 0
+    slices: int = 0  # event_wait: the looks it took (each one engine call)
+    look: asyncio.TimerHandle | None = None  # event_wait, parked: its next periodic look (or the final one)
+    looked: float = 0.0  # event_wait: when its last look was queued
 
     @property
     def tool(self) -> str | None:
@@ -257,6 +260,7 @@ class Mux:
         self.sessions: dict[int, ClientSession] = {}
         self.in_flight: Job | None = None
         self.beside: set[Job] = set()  # hub mode: long polls running at the hub beside the queue (_run_beside)
+        self.parked: set[Job] = set()  # own engine: long polls between two looks, held by the broker (_park)
         self.init_cache: dict[str, dict[str, Any]] = {}
         # The engine's tools/list result (broker/coldstart.py): from disk until the engine confirms it.
         self.tools_cache: dict[str, Any] | None = None
@@ -515,7 +519,7 @@ class Mux:
         self.totals["cancelled"] += 1
         job.replied = True  # per spec, no reply to a cancelled request
         self._unpend(job)
-        if job.state == "queued":
+        if job.state in ("queued", "parked"):
             self.queue.remove(job)
             self._finish(job)
         elif job.state == "running" and job.engine_id is not None:
@@ -536,7 +540,8 @@ class Mux:
         waited = time.monotonic() - job.created
         self.totals["timeouts"] += 1
         limit = self._deadline_source(job.owner)
-        if job.state == "queued":
+        if job.state in ("queued", "parked"):
+            self._unpark(job)
             self.queue.remove(job)
             others = len(self.queue)
             loading = self.startup.deadline_error(waited, limit, others, engine_busy=self.in_flight is not None)
@@ -634,7 +639,7 @@ class Mux:
                 self._finish(job)
                 return
         params = job.params
-        if job.kind == "event_wait":
+        if job.kind == "event_wait":  # one look: at most event_wait_slice (default 0: the engine does not wait)
             assert job.event_wait_until is not None
             remaining_ms = (job.event_wait_until - time.monotonic()) * 1000
             params = tools.event_wait_slice(job.params, int(min(self.settings.event_wait_slice * 1000, remaining_ms)))
@@ -719,6 +724,8 @@ class Mux:
             return
         finally:
             self.in_flight = None
+            if job.kind == "call" and tools.may_write(job.method, job.params):
+                self._wake_parked()  # it may have appended an event a parked long poll waits for: they look now
         self._complete(job, reply, allowed)
 
     async def _run_beside(self, job: Job) -> None:
@@ -808,8 +815,7 @@ class Mux:
             and job.event_wait_until is not None
             and job.event_wait_until - time.monotonic() > 0.005
         ):
-            job.state = "queued"  # another slice, behind everyone else's turn
-            self.queue.put(job)
+            self._park(job)  # held here, not at the engine, until an event may have come
             return
         if job.kind == "initialize" and isinstance(res, dict):
             version = (job.params or {}).get("protocolVersion") if isinstance(job.params, dict) else None
@@ -827,6 +833,46 @@ class Mux:
         out["jsonrpc"] = protocol.JSONRPC
         self._reply(job, out)
         self._finish(job)
+
+    # --- long polls held by the broker ------------------------------------------------------------
+    def _park(self, job: Job) -> None:
+        """A long poll found nothing: the broker holds it (the engine is free for everyone else) until a write
+        through this broker may have appended its event (`_wake_parked`), its next periodic look for an event
+        that came another way (`event_wait_poll`), or its own end (a last look gives the engine's own answer)."""
+        assert job.event_wait_until is not None
+        job.state = "parked"
+        self.parked.add(job)
+        now = time.monotonic()
+        at = min(job.event_wait_until, now + self.settings.event_wait_poll)
+        loop = asyncio.get_running_loop()
+        job.look = loop.call_at(loop.time() + (at - now), self._look, job, False)
+
+    def _unpark(self, job: Job) -> None:
+        self.parked.discard(job)
+        if job.look is not None:
+            job.look.cancel()
+            job.look = None
+
+    def _look(self, job: Job, woken: bool) -> None:
+        """Queue a parked long poll's next look. A periodic one waits while the engine serves others (up to one
+        more period); one woken by a write, or the last one, does not."""
+        if job.state != "parked":
+            return
+        self._unpark(job)
+        now = time.monotonic()
+        busy = self.in_flight is not None or len(self.queue) > 0
+        due = job.event_wait_until is None or now >= job.event_wait_until
+        if busy and not woken and not due and now - job.looked < 2 * self.settings.event_wait_poll:
+            self.parked.add(job)
+            loop = asyncio.get_running_loop()
+            job.look = loop.call_at(loop.time() + LOOK_WHEN_BUSY_S, self._look, job, False)
+            return
+        job.state, job.looked = "queued", now
+        self.queue.put(job)
+
+    def _wake_parked(self) -> None:
+        for job in list(self.parked):
+            self._look(job, True)
 
     def _refresh_init_cache(self) -> None:
         if self._cache_generation == self.engine.starts:
@@ -884,6 +930,7 @@ class Mux:
 
     def _finish(self, job: Job) -> None:
         job.state = "done"
+        self._unpark(job)
         if job.timer is not None:
             job.timer.cancel()
             job.timer = None
@@ -933,6 +980,8 @@ class Mux:
             not_executed(taken)
         for job in self.queue.jobs():  # put back meanwhile (another event_wait slice): never sent again either
             self.queue.remove(job)
+            not_executed(job)
+        for job in list(self.parked):  # long polls between two looks: the next broker serves them (mp-shim resends)
             not_executed(job)
         for job in list(self.beside):  # hub mode's long polls: they only read, but say it as for any running call
             self._reply_error(
@@ -996,6 +1045,7 @@ class Mux:
             ],
             "queue_depth": len(self.queue),
             "long_polls_beside": len(self.beside),
+            "long_polls_parked": len(self.parked),
             "in_flight": None
             if flight is None
             else {

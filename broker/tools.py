@@ -1,10 +1,12 @@
-"""Tool-specific handling: schema clean-up for tools/list, long-poll slicing.
+"""Tool-specific handling: schema clean-up for tools/list, long polls, which calls may write.
 
 `mempalace_event_wait` blocks the sequential engine for up to its timeout
 (default 60 s, max 300 s). Served whole it would freeze every other client
-for that long; served as short slices that go back into the fair queue, the
-caller still sees one call with the documented result while others run
-between the slices.
+for that long. The broker holds it instead (broker/mux.py `_park`): the
+engine only takes looks (`event_wait_slice`, a zero timeout by default), one
+when a write through the broker may have appended the event and one every
+`event_wait_poll` for events that came another way; the caller still sees
+one call with the documented result.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import json
 from typing import Any
 
 from mp_ssh_bridge.protocol import event_wait_timeout_ms
+from mp_ssh_bridge_broker.readonly import READ_TOOLS
 
 COMBINATORS = ("anyOf", "oneOf", "allOf")
-__all__ = ["strip_root_combinators", "event_wait_timeout_ms", "event_wait_slice", "event_wait_timed_out"]
+__all__ = ["strip_root_combinators", "event_wait_timeout_ms", "event_wait_slice", "event_wait_timed_out", "may_write"]
 
 
 def strip_root_combinators(list_result: Any) -> Any:
@@ -44,8 +47,15 @@ def event_wait_slice(params: dict[str, Any], slice_ms: int) -> dict[str, Any]:
     args = out.get("arguments")
     if not isinstance(args, dict):
         args = out["arguments"] = {}
-    args["timeout_ms"] = max(1, int(slice_ms))
+    args["timeout_ms"] = max(0, int(slice_ms))  # 0: one look at the log, no wait in the engine
     return out
+
+
+def may_write(method: str, params: Any) -> bool:
+    """A call that may write the palace: any tool call but the known read tools (an unknown tool may write)."""
+    if method != "tools/call" or not isinstance(params, dict):
+        return False
+    return params.get("name") not in READ_TOOLS
 
 
 def event_wait_timed_out(call_result: Any) -> bool:

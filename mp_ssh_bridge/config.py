@@ -68,7 +68,7 @@ SCOPES: dict[str, tuple[str, ...]] = {
     "broker": (
         "engine", "engine_eager_warmup", "engine_restart_budget", "engine_restart_window", "engine_backoff_max",
         "engine_start_timeout", "strip_root_combinators", "request_timeout", "stall_timeout", "event_wait_slice",
-        "shutdown_grace", "idle_exit_minutes", "heartbeat_interval", "tcp", "tcp_advertise",
+        "event_wait_poll", "shutdown_grace", "idle_exit_minutes", "heartbeat_interval", "tcp", "tcp_advertise",
         "max_queued_per_client", "max_client_queued_bytes", "max_client_outbox_bytes", "max_connections",
         "max_connections_per_peer", "preauth_max_bytes", "preauth_timeout", "fd_reserve",
     ),

@@ -172,7 +172,12 @@ class BrokerSettings(_Base):
         description="An engine silent on its in-flight request this long is killed and restarted, seconds.",
     )
     event_wait_slice: float = Field(
-        default=0.5, gt=0, description="mempalace_event_wait runs in slices this long so it never blocks others, seconds."
+        default=0.0, ge=0, description="How long one look of a pending mempalace_event_wait may hold the engine "
+        "(0: one look at the log, no wait there; the broker holds the wait), seconds.",
+    )
+    event_wait_poll: float = Field(
+        default=0.5, gt=0, description="How often a pending mempalace_event_wait looks for an event that did not come "
+        "through this broker (a write through it makes every pending wait look at once), seconds.",
     )
     shutdown_grace: float = Field(
         default=10.0, ge=0, description="On SIGTERM, how long in-flight requests may finish, seconds."

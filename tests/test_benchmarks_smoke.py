@@ -1,4 +1,4 @@
-"""Smoke-sized runs of the benchmarks added with hub mode and the relay floor, so their harnesses cannot rot.
+"""Smoke-sized runs of the newer benchmarks (hub mode, the relay floor, long polls), so their harnesses cannot rot.
 
 Benchmarks print figures; these runs assert only that each completes and writes its report with every path in it
 (no timing is asserted)."""
@@ -47,3 +47,11 @@ def test_relay_floor_smoke(home: Path, tmp_path: Path) -> None:
 def test_hub_bench_smoke(home: Path, tmp_path: Path) -> None:
     text = run("bench_hub.py", "--calls", "3", "--spawns", "1", out=tmp_path / "hub.md")
     assert "hub with the bridge" in text and "upstream's hub alone" in text and "after the kill" in text, text
+
+
+def test_longpoll_bench_smoke(home: Path, tmp_path: Path) -> None:
+    series = tmp_path / "series.csv"
+    text = run("bench_longpoll.py", "--calls", "20", "--wakes", "2", "--series", str(series), out=tmp_path / "lp.md")
+    assert "no wait pending" in text and "a `mempalace_event_wait` pending" in text and "Woken by" in text, text
+    rows = series.read_text().splitlines()
+    assert rows[0] == "t_s,condition,status_ms" and {r.split(",")[1] for r in rows[1:]} == {"idle", "wait pending"}

@@ -177,6 +177,44 @@ def test_event_wait_does_not_block_other_clients(broker):
     run(main())
 
 
+def test_a_long_poll_is_held_by_the_broker_and_woken_by_a_write_through_it(broker_factory):
+    """#14: a pending mempalace_event_wait does not occupy the engine — between its looks (one engine call each,
+    no wait there) the broker holds it — and an event appended through the broker wakes it at once. The periodic
+    look is set to 60 s here, so only the write can have woken it."""
+    broker = broker_factory(env={"MP_BRIDGE_EVENT_WAIT_POLL": "60"})
+
+    async def main():
+        a = await RawClient.connect(broker.endpoint)
+        b = await RawClient.connect(broker.endpoint)
+        wait = {"name": "mempalace_event_wait", "arguments": {"timeout_ms": 45000, "room": "r14", "stream": "s14"}}
+        await a.send(protocol.request(1, "tools/call", wait))
+        st = await status(broker.endpoint)
+        for _ in range(200):
+            if st["long_polls_parked"] == 1:
+                break
+            await asyncio.sleep(0.02)
+            st = await status(broker.endpoint)
+        assert st["long_polls_parked"] == 1 and st["in_flight"] is None, st
+        before = st["totals"]["engine_requests"]
+        for _ in range(10):  # the others' calls run on a free engine
+            assert "result" in await b.tool("mempalace_status", {}, timeout=30)
+        st = await status(broker.endpoint)
+        assert st["totals"]["engine_requests"] - before == 10, st["totals"]  # statuses only: the wait took no look
+        appended = tool_json(await b.tool("mempalace_event_append", {
+            "type": "note", "stream": "s14", "room": "r14", "from_agent": "b", "body": "wake up"}, timeout=30))
+        assert appended.get("event"), appended
+        woken = time.monotonic()
+        got = tool_json(await a.recv_id(1, 30))
+        assert time.monotonic() - woken < 20, "not woken by the write (the periodic look is 60 s away)"
+        assert got["timed_out"] is False and [e["body"] for e in got["events"]] == ["wake up"], got
+        st = await status(broker.endpoint)
+        assert st["long_polls_parked"] == 0
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
 def test_engine_killed_mid_call_gives_outcome_unknown_and_restarts(broker_factory):
     broker = broker_factory(env={"MP_BRIDGE_EVENT_WAIT_SLICE": "20"})
 
