@@ -2,12 +2,14 @@
 #   make demo    set up .venv, then run 4 concurrent MCP sessions through one broker
 #   make test    set up .venv + test fixtures (model, sshd), lint (ruff, mypy), then run pytest
 #   make reliability  the reliability suite in full mode, then docs/RELIABILITY.md from its figures
-# Variables: PYTEST_ARGS="-k shim -x"   DEMO_ARGS="--raw --keep"
+# Variables: PYTEST_ARGS="-k shim -x"   PYTEST_WORKERS=2 (pytest-xdist workers, one test file each at a time;
+#            0 = in this process)   DEMO_ARGS="--raw --keep"
 
 SHELL   := /bin/bash
 VENV    := .venv
 PY      := $(VENV)/bin/python
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= 2
 DEMO_ARGS   ?=
 
 .PHONY: help setup setup-tests test reliability lint demo demo-raw clean
@@ -30,7 +32,7 @@ setup-tests:
 
 test: setup-tests
 	$(MAKE) --no-print-directory lint
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests $(PYTEST_ARGS)
 
 # Full mode: the issue's counts (RELIABILITY=full, tests/reliability.py); the records of this run only
 # (.reliability/), then docs/RELIABILITY.md from them, written even when a case failed.
