@@ -43,7 +43,7 @@ async def time_calls(reader, writer, calls: int, warmup: int = 20) -> list[float
         t0 = time.perf_counter()
         writer.write(protocol.encode(msg))
         await writer.drain()
-        line = await reader.readline()
+        line = await reply(reader)
         dt = time.perf_counter() - t0
         assert b'"result"' in line, line[:300]
         if i >= warmup:
@@ -86,8 +86,17 @@ async def seed(endpoint: str, n: int) -> None:
         args = {"wing": "bench", "room": f"r{i % 5}", "content": f"benchmark drawer {i}: the quick brown fox {i * 7}"}
         writer.write(protocol.encode(protocol.request(i, "tools/call", {"name": "mempalace_add_drawer", "arguments": args})))
         await writer.drain()
-        assert b'"success": true' in (await reader.readline()).replace(b"\\", b"")
+        line = await reply(reader)
+        assert b'"success": true' in line.replace(b"\\", b""), line[:500]
     writer.close()
+
+
+async def reply(reader) -> bytes:
+    """The next response line: the broker's notices (engine starting) are notifications, skipped."""
+    while True:
+        line = await reader.readline()
+        if not line or b'"id"' in line:
+            return line
 
 
 def main() -> int:
