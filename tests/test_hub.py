@@ -157,11 +157,11 @@ def running_hub(palace: Path, home: Path) -> Iterator[Hub]:
 
 
 class Shim:
-    """mp-shim as an agent runs it: raw JSON-RPC on its stdin and stdout."""
+    """mp-shim as an agent runs it (or, with `command`, another stdio MCP server): raw JSON-RPC on its stdio."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, command: Path = BIN / "mp-shim") -> None:
         self.proc = subprocess.Popen(
-            [str(BIN / "mp-shim"), *args],
+            [str(command), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -290,11 +290,16 @@ def test_sessions_go_through_the_hub_and_a_plain_engine_sees_their_drawers(
             s.close()
 
 
-def test_a_3_4_0_engine_never_starts_beside_a_3_11_hub(home: Path, palace: Path, running_hub: Hub) -> None:
+def old_engine() -> Path:
+    """mempalace 3.4.0's mempalace-mcp (its own venv), or the test is skipped."""
     old = ENGINES["3.4.0"]
     if not os.access(old, os.X_OK):
         pytest.skip(f"mempalace 3.4.0 is not installed at {old}: run scripts/setup-engine.sh 3.4.0")
-    shim = Shim(env={"MP_BRIDGE_ENGINE": str(old)})
+    return old
+
+
+def test_a_3_4_0_engine_never_starts_beside_a_3_11_hub(home: Path, palace: Path, running_hub: Hub) -> None:
+    shim = Shim(env={"MP_BRIDGE_ENGINE": str(old_engine())})
     try:
         assert "result" in shim.start()
         add(shim, "a drawer for the hub only, about tides")

@@ -23,9 +23,9 @@ import pytest
 
 from mp_ssh_bridge_broker import lease
 from tests.conftest import BIN, ENGINES
-from tests.helpers import pid_alive, wait_for
+from tests.helpers import wait_for
 from tests.sshd import free_port
-from tests.test_hub import Shim, add, broker_status, doctor_json, found, named
+from tests.test_hub import Shim, add, broker_status, doctor_json, found, named, old_engine
 
 palace_lock = pytest.importorskip("mempalace.palace")  # mine_palace_lock, MineAlreadyRunning
 
@@ -60,6 +60,16 @@ def test_the_lease_file_is_mempalaces_own_for_every_spelling(engine: str, tmp_pa
         assert lease.lock_path(spelling, str(home)) == lease.lock_path(str(real), str(home))
 
 
+def hold_elsewhere(home: Path) -> subprocess.Popen[str]:
+    """Another process holding the palace's lease through mempalace's own `mine_palace_lock` (returns once held)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom mempalace.palace import mine_palace_lock\n"
+         "with mine_palace_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n",
+         str(home / "palace")], stdout=subprocess.PIPE, text=True, env=dict(os.environ, HOME=str(home)))
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_a_held_lease_refuses_mempalaces_lock_and_names_the_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     held = lease.Lease(str(tmp_path / "palace"))
@@ -85,12 +95,8 @@ def test_lent_for_each_write_and_taken_back_after_the_last(tmp_path: Path, monke
     assert held.give_back() and not held.held  # one write still in flight: still lent
     assert held.give_back() and held.held
     held.lend()
-    holder = subprocess.Popen(  # another process takes it while lent: giving back fails and names it
-        [sys.executable, "-c", "import sys, time\nfrom mempalace.palace import mine_palace_lock\n"
-         "with mine_palace_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n",
-         str(tmp_path / "palace")], stdout=subprocess.PIPE, text=True, env=dict(os.environ, HOME=str(tmp_path)))
+    holder = hold_elsewhere(tmp_path)  # another process takes it while lent: giving back fails and names it
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         assert not held.give_back() and not held.held
         assert held.holder().startswith(f"PID {holder.pid} (")
     finally:
@@ -101,14 +107,10 @@ def test_lent_for_each_write_and_taken_back_after_the_last(tmp_path: Path, monke
 
 def test_waiting_holds_the_lease_the_moment_its_holder_exits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom mempalace.palace import mine_palace_lock\n"
-         "with mine_palace_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n",
-         str(tmp_path / "palace")], stdout=subprocess.PIPE, text=True, env=dict(os.environ, HOME=str(tmp_path)))
+    holder = hold_elsewhere(tmp_path)
     held = lease.Lease(str(tmp_path / "palace"))
     taken: list[float] = []
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         held.wait(lambda: taken.append(time.monotonic()))
         time.sleep(0.2)
         assert not taken and not held.held
@@ -154,14 +156,10 @@ def test_a_released_lease_is_not_kept_by_a_waiting_thread(tmp_path: Path, monkey
     """A thread still waiting when the broker lets the lease go (a hand-over) lets go of what it gets, and `settle`
     waits for that: the next owner's own non-blocking lock (a grant's `mempalace mine`) then finds it free."""
     monkeypatch.setenv("HOME", str(tmp_path))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom mempalace.palace import mine_palace_lock\n"
-         "with mine_palace_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n",
-         str(tmp_path / "palace")], stdout=subprocess.PIPE, text=True, env=dict(os.environ, HOME=str(tmp_path)))
+    holder = hold_elsewhere(tmp_path)
     held = lease.Lease(str(tmp_path / "palace"))
     taken: list[bool] = []
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         held.wait(lambda: taken.append(True))
         held.release()  # the hand-over: no longer wanted
         holder.kill()
@@ -245,10 +243,7 @@ def test_no_hub_starts_while_the_broker_owns_the_palace_even_during_a_restart(ho
 
 
 def test_a_3_4_0_engine_gets_the_lease_lent_for_each_write(home: Path, palace: Path) -> None:
-    old = ENGINES["3.4.0"]
-    if not os.access(old, os.X_OK):
-        pytest.skip(f"mempalace 3.4.0 is not installed at {old}: run scripts/setup-engine.sh 3.4.0")
-    shim = Shim(env={"MP_BRIDGE_ENGINE": str(old)})
+    shim = Shim(env={"MP_BRIDGE_ENGINE": str(old_engine())})
     try:
         assert "result" in shim.start()
         assert lease_of(home)["state"] == "lent"
@@ -263,9 +258,11 @@ def test_a_3_4_0_engine_gets_the_lease_lent_for_each_write(home: Path, palace: P
 
 
 def test_a_plain_engine_that_took_the_lease_is_named_by_status_and_doctor(home: Path, palace: Path) -> None:
-    plain = PlainEngine()
+    # a plain mempalace-mcp (not through the bridge) on the same palace, run as an agent would
+    plain = Shim(command=ENGINES["pinned"], env={"MEMPALACE_HUB_FORWARD": "0"})
     try:
-        plain.write()  # it writes first: it holds mempalace's lease for its life
+        assert "result" in plain.start()
+        add(plain, "written by a plain engine")  # it writes first: it holds mempalace's lease for its life
         shim = Shim()
         try:
             assert "result" in shim.start()
@@ -286,36 +283,3 @@ def test_a_plain_engine_that_took_the_lease_is_named_by_status_and_doctor(home: 
             shim.close()
     finally:
         plain.close()
-
-
-class PlainEngine:
-    """A plain `mempalace-mcp` (not through the bridge) on the same palace, which writes once."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([str(ENGINES["pinned"])], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, env=dict(os.environ, MEMPALACE_HUB_FORWARD="0"))
-
-    def write(self) -> None:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        for n, (method, params) in enumerate([
-            ("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
-                            "clientInfo": {"name": "plain", "version": "1"}}),
-            ("tools/call", {"name": "mempalace_add_drawer",
-                            "arguments": {"wing": "w", "room": "r", "content": "written by a plain engine"}}),
-        ], start=1):
-            self.proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": n, "method": method, "params": params}).encode()
-                                  + b"\n")
-            self.proc.stdin.flush()
-            reply = json.loads(self.proc.stdout.readline())
-            assert "result" in reply and not reply["result"].get("isError"), reply
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        assert not pid_alive(self.proc.pid) or self.proc.returncode is not None
