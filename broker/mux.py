@@ -232,7 +232,7 @@ class Job:
     hub_retried: bool = False  # hub mode: sent once more after the hub died before it took the request
     event_wait_until: float | None = None
     progress_token: str | None = None
-    state: str = "queued"  # queued -> running -> done
+    state: str = "queued"  # queued -> running -> done; event_wait: queued -> running -> parked -> queued ... done
     replied: bool = False
     engine_id: int | None = None
     started: float | None = None  # when the engine got it (the last look, for event_wait)
@@ -240,6 +240,7 @@ class Job:
     slices: int = 0  # event_wait: the looks it took (each one engine call)
     look: asyncio.TimerHandle | None = None  # event_wait, parked: its next periodic look (or the final one)
     looked: float = 0.0  # event_wait: when its last look was queued
+    last_look: dict[str, Any] | None = None  # event_wait: the engine's last "timed out" answer (its own shape)
 
     @property
     def tool(self) -> str | None:
@@ -489,6 +490,7 @@ class Mux:
         if wait_ms:
             job.kind = "event_wait"
             job.event_wait_until = now + wait_ms / 1000
+            job.looked = now
         self._rewrite_progress_token(job)
         session.pending.add(_id_key(msg_id), job, size)
         loop = asyncio.get_running_loop()
@@ -540,6 +542,14 @@ class Mux:
         waited = time.monotonic() - job.created
         self.totals["timeouts"] += 1
         limit = self._deadline_source(job.owner)
+        if job.kind == "event_wait" and job.last_look is not None and job.state != "running" and (
+            job.event_wait_until is None or time.monotonic() >= job.event_wait_until
+        ):  # its wait is over and its looks found nothing: the engine's own "timed out", not an error
+            self._unpark(job)
+            self.queue.remove(job)
+            self._reply(job, dict(job.last_look, id=job.client_id, jsonrpc=protocol.JSONRPC))
+            self._finish(job)
+            return
         if job.state in ("queued", "parked"):
             self._unpark(job)
             self.queue.remove(job)
@@ -724,7 +734,7 @@ class Mux:
             return
         finally:
             self.in_flight = None
-            if job.kind == "call" and tools.may_write(job.method, job.params):
+            if job.kind == "call" and self.parked and tools.may_add_events(job.method, job.params):
                 self._wake_parked()  # it may have appended an event a parked long poll waits for: they look now
         self._complete(job, reply, allowed)
 
@@ -815,6 +825,7 @@ class Mux:
             and job.event_wait_until is not None
             and job.event_wait_until - time.monotonic() > 0.005
         ):
+            job.last_look = reply
             self._park(job)  # held here, not at the engine, until an event may have come
             return
         if job.kind == "initialize" and isinstance(res, dict):
@@ -966,9 +977,12 @@ class Mux:
         for job in self.queue.jobs():
             self.queue.remove(job)
             not_executed(job)
+        for job in list(self.parked):  # long polls between two looks: the next broker serves them (mp-shim resends)
+            not_executed(job)
         deadline = time.monotonic() + grace
         while self.in_flight is not None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        flight = self.in_flight  # read before the dispatcher is cancelled (its `finally` clears it)
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             try:
@@ -978,10 +992,10 @@ class Mux:
         taken, self._dispatching = self._dispatching, None
         if taken is not None and taken.state == "queued":  # taken, but still waiting for the engine (or the probe)
             not_executed(taken)
-        for job in self.queue.jobs():  # put back meanwhile (another event_wait slice): never sent again either
+        for job in self.queue.jobs():  # queued meanwhile (a long poll's next look): never sent again either
             self.queue.remove(job)
             not_executed(job)
-        for job in list(self.parked):  # long polls between two looks: the next broker serves them (mp-shim resends)
+        for job in list(self.parked):  # parked during the grace period
             not_executed(job)
         for job in list(self.beside):  # hub mode's long polls: they only read, but say it as for any running call
             self._reply_error(
@@ -991,8 +1005,7 @@ class Mux:
                 {"outcome": "unknown"},
             )
             self._finish(job)
-        flight = self.in_flight
-        if flight is not None:
+        if flight is not None and flight.state != "done":
             self._reply_error(
                 flight,
                 protocol.OUTCOME_UNKNOWN,

@@ -60,7 +60,7 @@ LATEST_PROTOCOL_VERSION = KNOWN_PROTOCOL_VERSIONS[-1]
 
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 
-# mempalace's long poll: the broker slices it, the shim extends its deadline by it.
+# mempalace's long poll: the broker holds it between looks (broker/mux.py `_park`), the shim extends its deadline by it.
 EVENT_WAIT_TOOL = "mempalace_event_wait"
 EVENT_WAIT_DEFAULT_MS = 60_000
 EVENT_WAIT_MAX_MS = 300_000

@@ -209,8 +209,46 @@ def test_a_long_poll_is_held_by_the_broker_and_woken_by_a_write_through_it(broke
         assert got["timed_out"] is False and [e["body"] for e in got["events"]] == ["wake up"], got
         st = await status(broker.endpoint)
         assert st["long_polls_parked"] == 0
+        # a cancelled wait: no reply (per spec), and the broker holds it no longer
+        await a.send(protocol.request(2, "tools/call", wait))
+        for _ in range(200):
+            if (await status(broker.endpoint))["long_polls_parked"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        await a.send(protocol.notification("notifications/cancelled", {"requestId": 2}))
+        for _ in range(200):
+            if (await status(broker.endpoint))["long_polls_parked"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert (await status(broker.endpoint))["long_polls_parked"] == 0
+        assert "result" in await a.call("ping")  # and its connection goes on
         await a.close()
         await b.close()
+
+    run(main())
+
+
+def test_a_parked_long_poll_finds_an_event_that_did_not_come_through_the_broker(broker):
+    """An event appended to the palace's coordination log by another process (mempalace's own CLI does so): the
+    periodic look (`event_wait_poll`, 0.5 s) finds it."""
+    from mempalace.logstream import LOGSTREAM_DB_FILENAME, Logstream
+
+    async def main():
+        a = await RawClient.connect(broker.endpoint)
+        wait = {"name": "mempalace_event_wait", "arguments": {"timeout_ms": 45000, "room": "oob", "stream": "s"}}
+        await a.send(protocol.request(1, "tools/call", wait))
+        st = await status(broker.endpoint)
+        for _ in range(200):
+            if st["long_polls_parked"] == 1:
+                break
+            await asyncio.sleep(0.02)
+            st = await status(broker.endpoint)
+        assert st["long_polls_parked"] == 1, st
+        log = Logstream(db_path=str(Path(st["broker"]["palace"]) / LOGSTREAM_DB_FILENAME))
+        log.append_event(type="note", stream="s", room="oob", from_agent="cli", body="from outside")
+        got = tool_json(await a.recv_id(1, 30))
+        assert got["timed_out"] is False and [e["body"] for e in got["events"]] == ["from outside"], got
+        await a.close()
 
     run(main())
 

@@ -241,7 +241,7 @@ def test_sessions_survive_sshd_restart(
             assert '"success": true' in text_of(
                 s.tool("mempalace_add_drawer", {"wing": "relay", "room": "before", "content": f"before {i}"}))
         wait_id = shims[0].request("tools/call", {"name": "mempalace_event_wait", "arguments": {"timeout_ms": 20000}})
-        time.sleep(0.5)  # the long poll is running on the engine
+        time.sleep(0.5)  # the long poll is pending (held by the host's broker between its looks)
         sshd.kill()
         lost = shims[0].wait_reply(wait_id, timeout=20)
         assert lost["error"]["code"] == protocol.OUTCOME_UNKNOWN, lost

@@ -77,6 +77,14 @@ def test_event_wait_helpers():
     assert tools.event_wait_timeout_ms("tools/list", call) is None
     sliced = tools.event_wait_slice(call, 500)
     assert sliced["arguments"] == {"timeout_ms": 500, "topic": "t"} and call["arguments"]["timeout_ms"] == 999_999
+    assert tools.event_wait_slice(call, 0)["arguments"]["timeout_ms"] == 0  # a look: one read, no wait
+    # which answered calls make the parked long polls look again: those that may append an event
+    wakes = {name: tools.may_add_events("tools/call", {"name": name}) for name in (
+        "mempalace_event_append", "mempalace_task_create", "mempalace_event_ack", "mempalace_some_new_tool",
+        "mempalace_add_drawer", "mempalace_kg_add", "mempalace_status", "mempalace_event_wait")}
+    assert [n for n, w in wakes.items() if w] == [
+        "mempalace_event_append", "mempalace_task_create", "mempalace_event_ack", "mempalace_some_new_tool"]
+    assert not tools.may_add_events("tools/list", None) and tools.may_write("tools/call", {"name": "mempalace_kg_add"})
     timed_out = {"content": [{"type": "text", "text": json.dumps({"timed_out": True, "events": [], "count": 0})}]}
     got = {"content": [{"type": "text", "text": json.dumps({"timed_out": False, "events": [{"id": 1}]})}]}
     assert tools.event_wait_timed_out(timed_out) and not tools.event_wait_timed_out(got)
