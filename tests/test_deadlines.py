@@ -247,3 +247,28 @@ def test_shutdown_leaves_no_task_of_the_broker_pending(home: Path):
         await ro.close()
 
     run(main())
+
+
+def test_the_call_still_running_when_the_shutdown_grace_ends_is_answered(home: Path):
+    """Scripted fake engine: a 3 s call, a 0.3 s grace. Its client is told the outcome is unknown (the dispatcher's
+    cancellation used to clear `in_flight` first, and that call got no answer at all)."""
+    settings = load(engine=FAKE, mempalace_path=home / ".mempalace", shutdown_grace=0.3)
+
+    async def main():
+        mux = Mux(settings)
+        server = Server(mux, settings.max_line_bytes, auth_timeout=30)
+        sock = home / "t.sock"
+        await server.start_unix(sock)
+        mux.start()
+        c = await RawClient.connect(sock)
+        await c.send(protocol.request(1, "tools/call", sleep_call(3)))
+        await until_in_flight(c, "fake_sleep")
+        await server.close()
+        await mux.shutdown(settings.shutdown_grace)
+        running = await c.recv_id(1, 5)
+        assert running["error"]["code"] == protocol.OUTCOME_UNKNOWN, running
+        assert running["error"]["data"]["outcome"] == "unknown"
+        await server.close_connections()
+        await c.close()
+
+    run(main())
