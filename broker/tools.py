@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from mp_ssh_bridge.protocol import event_wait_timeout_ms
-from mp_ssh_bridge_broker.readonly import READ_TOOLS
+from mp_ssh_bridge_broker.readonly import READ_TOOLS, WRITE_TOOLS
 
 COMBINATORS = ("anyOf", "oneOf", "allOf")
 __all__ = ["strip_root_combinators", "event_wait_timeout_ms", "event_wait_slice", "event_wait_timed_out", "may_write",
@@ -52,20 +52,20 @@ def event_wait_slice(params: dict[str, Any], slice_ms: int) -> dict[str, Any]:
     return out
 
 
-# Tools that write the palace (drawers, the knowledge graph, tunnels, settings) but never the coordination log:
-# after them a parked long poll has nothing new to look for. Any other call that may write (event_append,
-# task_create, event_ack, patch_submit, artifact_put, sync, a tool unknown here) wakes the waits.
-NO_EVENT_WRITES = frozenset({
-    "mempalace_add_drawer", "mempalace_checkpoint", "mempalace_create_tunnel", "mempalace_delete_by_source",
-    "mempalace_delete_drawer", "mempalace_delete_drawers", "mempalace_delete_hallway", "mempalace_delete_tunnel",
-    "mempalace_diary_write", "mempalace_hook_settings", "mempalace_kg_add", "mempalace_kg_invalidate",
-    "mempalace_kg_supersede", "mempalace_memories_filed_away", "mempalace_mine", "mempalace_update_drawer",
+# The tools that append to the coordination log (logstream). After any of them, or after a write tool unknown to
+# readonly.WRITE_TOOLS (a newer engine's), a parked long poll looks again; drawer, graph and tunnel writes do not.
+EVENT_WRITES = frozenset({
+    "mempalace_event_append", "mempalace_event_ack", "mempalace_task_create", "mempalace_patch_submit",
+    "mempalace_artifact_put", "mempalace_sync",
 })
 
 
 def may_add_events(method: str, params: Any) -> bool:
     """A call after which a parked `mempalace_event_wait` should look again: it may have appended its event."""
-    return may_write(method, params) and isinstance(params, dict) and params.get("name") not in NO_EVENT_WRITES
+    if not may_write(method, params):
+        return False
+    name = params.get("name")
+    return name in EVENT_WRITES or name not in WRITE_TOOLS
 
 
 def may_write(method: str, params: Any) -> bool:

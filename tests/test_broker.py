@@ -177,6 +177,16 @@ def test_event_wait_does_not_block_other_clients(broker):
     run(main())
 
 
+async def until_parked(endpoint: str, n: int, bound: float = 4.0) -> dict[str, Any]:
+    """broker/status once it holds `n` long polls (or at the bound: the caller asserts)."""
+    deadline = time.monotonic() + bound
+    st = await status(endpoint)
+    while st["long_polls_parked"] != n and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        st = await status(endpoint)
+    return st
+
+
 def test_a_long_poll_is_held_by_the_broker_and_woken_by_a_write_through_it(broker_factory):
     """#14: a pending mempalace_event_wait does not occupy the engine — between its looks (one engine call each,
     no wait there) the broker holds it — and an event appended through the broker wakes it at once. The periodic
@@ -188,12 +198,7 @@ def test_a_long_poll_is_held_by_the_broker_and_woken_by_a_write_through_it(broke
         b = await RawClient.connect(broker.endpoint)
         wait = {"name": "mempalace_event_wait", "arguments": {"timeout_ms": 45000, "room": "r14", "stream": "s14"}}
         await a.send(protocol.request(1, "tools/call", wait))
-        st = await status(broker.endpoint)
-        for _ in range(200):
-            if st["long_polls_parked"] == 1:
-                break
-            await asyncio.sleep(0.02)
-            st = await status(broker.endpoint)
+        st = await until_parked(broker.endpoint, 1)
         assert st["long_polls_parked"] == 1 and st["in_flight"] is None, st
         before = st["totals"]["engine_requests"]
         for _ in range(10):  # the others' calls run on a free engine
@@ -209,18 +214,12 @@ def test_a_long_poll_is_held_by_the_broker_and_woken_by_a_write_through_it(broke
         assert got["timed_out"] is False and [e["body"] for e in got["events"]] == ["wake up"], got
         st = await status(broker.endpoint)
         assert st["long_polls_parked"] == 0
-        # a cancelled wait: no reply (per spec), and the broker holds it no longer
-        await a.send(protocol.request(2, "tools/call", wait))
-        for _ in range(200):
-            if (await status(broker.endpoint))["long_polls_parked"] == 1:
-                break
-            await asyncio.sleep(0.02)
+        # a cancelled wait (on a room with no event yet): no reply (per spec), and the broker holds it no longer
+        quiet = {"name": "mempalace_event_wait", "arguments": {"timeout_ms": 45000, "room": "quiet", "stream": "s14"}}
+        await a.send(protocol.request(2, "tools/call", quiet))
+        assert (await until_parked(broker.endpoint, 1))["long_polls_parked"] == 1
         await a.send(protocol.notification("notifications/cancelled", {"requestId": 2}))
-        for _ in range(200):
-            if (await status(broker.endpoint))["long_polls_parked"] == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert (await status(broker.endpoint))["long_polls_parked"] == 0
+        assert (await until_parked(broker.endpoint, 0))["long_polls_parked"] == 0
         assert "result" in await a.call("ping")  # and its connection goes on
         await a.close()
         await b.close()
@@ -237,12 +236,7 @@ def test_a_parked_long_poll_finds_an_event_that_did_not_come_through_the_broker(
         a = await RawClient.connect(broker.endpoint)
         wait = {"name": "mempalace_event_wait", "arguments": {"timeout_ms": 45000, "room": "oob", "stream": "s"}}
         await a.send(protocol.request(1, "tools/call", wait))
-        st = await status(broker.endpoint)
-        for _ in range(200):
-            if st["long_polls_parked"] == 1:
-                break
-            await asyncio.sleep(0.02)
-            st = await status(broker.endpoint)
+        st = await until_parked(broker.endpoint, 1)
         assert st["long_polls_parked"] == 1, st
         log = Logstream(db_path=str(Path(st["broker"]["palace"]) / LOGSTREAM_DB_FILENAME))
         log.append_event(type="note", stream="s", room="oob", from_agent="cli", body="from outside")
