@@ -35,7 +35,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, overload
 
 from mp_ssh_bridge import config, enginecmd, hub, protocol, walrecover
 from mp_ssh_bridge.settings import BrokerSettings
@@ -43,6 +43,8 @@ from mp_ssh_bridge_broker import enginerecord, guard, hubroute, lease, tools
 from mp_ssh_bridge_broker.tasks import Tasks
 
 log = logging.getLogger("broker.engine")
+
+Reply = dict[str, Any] | protocol.ReplyHead  # an engine's reply: parsed, or passed on as written (`request`)
 
 IDLE_HOURS_ENV = "MEMPALACE_MCP_IDLE_HOURS"  # mempalace-mcp's own idle exit (mcp_server/_guards.py)
 IDLE_HOURS_DEFAULT = 8.0
@@ -118,7 +120,8 @@ class Engine:
         # the palace stopped being the broker's meanwhile; the start then kills what it spawned (StartAborted).
         self.may_run: Callable[[], bool] | None = None
         self._proc: asyncio.subprocess.Process | None = None
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._pending: dict[int, asyncio.Future[Any]] = {}  # a Reply (`request`)
+        self._passthrough: set[int] = set()  # engine ids whose reply is passed on unparsed (`request`)
         self._next_id = 0
         self._start_lock = asyncio.Lock()
         self._tasks = Tasks("engine")  # every task started here: readers, sends, restart
@@ -457,14 +460,22 @@ class Engine:
         except EngineUnavailable:
             pass  # the engine died; its exit fails the pending future with the reason
 
-    async def request(self, method: str, params: Any) -> tuple[int, asyncio.Future[dict[str, Any]]]:
-        """Send one request; returns its engine id and a future of the raw reply."""
+    @overload
+    async def request(self, method: str, params: Any) -> tuple[int, asyncio.Future[dict[str, Any]]]: ...
+    @overload
+    async def request(self, method: str, params: Any, *, passthrough: bool) -> tuple[int, asyncio.Future[Reply]]: ...
+    async def request(self, method: str, params: Any, *, passthrough: bool = False) -> tuple[int, asyncio.Future[Any]]:
+        """Send one request; returns its engine id and a future of the reply: a dict, or with `passthrough` (the
+        caller passes the reply on unchanged but for its id) the engine's own frame, unparsed, when its head
+        says where the id is (`protocol.ReplyHead`)."""
         if not self.running():
             raise EngineUnavailable("engine is not running")
         self._next_id += 1
         engine_id = self._next_id
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[engine_id] = fut
+        if passthrough and self.hub is None:
+            self._passthrough.add(engine_id)
         self._sent_at[engine_id] = self._last_request = time.monotonic()
         if self.hub is not None:
             task = asyncio.get_running_loop().create_task(
@@ -481,6 +492,7 @@ class Engine:
 
     def forget(self, engine_id: int) -> None:
         self._pending.pop(engine_id, None)
+        self._passthrough.discard(engine_id)
         self._sent_at.pop(engine_id, None)
         self._drop_hub_call(engine_id, "its deadline passed")
 
@@ -516,6 +528,7 @@ class Engine:
         self._sent_at.pop(engine_id, None)
         for older in sorted(k for k in self._pending if isinstance(k, int) and k < engine_id):
             fut = self._pending.pop(older)
+            self._passthrough.discard(older)
             logged = self._logged_since(self._sent_at.pop(older, 0.0))
             log.warning("engine dropped request %s without an answer%s", older, f" ({logged})" if logged else "")
             if not fut.done():
@@ -583,6 +596,12 @@ class Engine:
                     break
                 if not line.strip():
                     continue
+                if self._passthrough:
+                    head = protocol.reply_head(line)
+                    if head is not None and head.msg_id in self._passthrough:
+                        self._passthrough.discard(head.msg_id)
+                        self._resolve(head.msg_id, head)  # passed on as the engine wrote it: no parse, no re-encode
+                        continue
                 try:
                     msg = protocol.decode(line, strict=False)  # the engine's NaN is passed on
                 except ValueError:
@@ -592,19 +611,24 @@ class Engine:
                     continue
                 if protocol.is_response(msg):
                     engine_id = msg.get("id")
-                    fut = self._pending.pop(engine_id, None)  # type: ignore[arg-type]
-                    if isinstance(engine_id, int) and fut is not None:
-                        self._answered(engine_id)
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg)
-                    else:
-                        log.debug("dropping engine reply for unknown id %r", msg.get("id"))
+                    if isinstance(engine_id, int):
+                        self._passthrough.discard(engine_id)
+                    self._resolve(engine_id, msg)
                 elif protocol.is_notification(msg):
                     self._on_notification(msg)
                 else:
                     log.debug("ignoring engine message %r", msg.get("method"))
         finally:
             await self._on_exit(proc)
+
+    def _resolve(self, engine_id: Any, reply: Reply) -> None:
+        fut = self._pending.pop(engine_id, None) if protocol.valid_id(engine_id) else None
+        if isinstance(engine_id, int) and fut is not None:
+            self._answered(engine_id)
+        if fut is not None and not fut.done():
+            fut.set_result(reply)
+        else:
+            log.debug("dropping engine reply for unknown id %r", engine_id)
 
     async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None
@@ -653,6 +677,7 @@ class Engine:
                 self._restart_task = self._tasks.spawn(self._restart_after_crash(), name="engine-restart")
         exc = EngineExited(code, self.stderr_tail())
         pending, self._pending = self._pending, {}
+        self._passthrough.clear()
         self._sent_at.clear()
         for fut in pending.values():
             if not fut.done():

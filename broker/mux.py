@@ -31,9 +31,17 @@ from mp_ssh_bridge import enginecmd, protocol
 from mp_ssh_bridge.settings import BrokerSettings
 from mp_ssh_bridge_broker import guard, readonly, startup, tools
 from mp_ssh_bridge_broker.bounds import Bounds, PendingJobs, limit_error, over_queue_limit
-from mp_ssh_bridge_broker.engine import Engine, EngineExited, EngineNoReply, EngineUnavailable, HubGone, HubLeft
+from mp_ssh_bridge_broker.engine import (
+    Engine,
+    EngineExited,
+    EngineNoReply,
+    EngineUnavailable,
+    HubGone,
+    HubLeft,
+    Reply,
+)
 from mp_ssh_bridge_broker.queue import FairQueue
-from mp_ssh_bridge_broker.tasks import Tasks
+from mp_ssh_bridge_broker.tasks import Tasks, within
 
 if TYPE_CHECKING:
     from mp_ssh_bridge_broker.ownership import Ownership
@@ -127,14 +135,30 @@ class ClientSession:
         self.outbox_bytes = 0
         self._drained = asyncio.Event()
         self._drained.set()
+        self._writing = False
         self._writer_task: asyncio.Task[None] | None = None
         if writer is not None:
             self._writer_task = asyncio.create_task(self._write_loop(), name=f"client-{self.id}-writer")
 
     def send(self, message: dict[str, Any]) -> None:
+        if not self.closed:
+            self.send_frame(protocol.encode(message))
+
+    def send_frame(self, data: bytes) -> None:
+        """One whole frame (newline included). Nothing waiting before it and the socket taking bytes: written
+        at once, in this step (most replies: no task switch); otherwise queued for the writer task, in order."""
         if self.closed:
             return
-        data = protocol.encode(message)
+        writer = self._writer
+        if (
+            writer is not None
+            and self._outbox.empty()
+            and not self._writing
+            and writer.transport.get_write_buffer_size() == 0
+            and not writer.transport.is_closing()
+        ):
+            writer.write(data)
+            return
         if self.outbox_bytes + len(data) > self.outbox_max:
             log.warning(
                 "client %s is not reading its replies (%d bytes waiting, max_client_outbox_bytes %d); disconnecting it",
@@ -192,8 +216,10 @@ class ClientSession:
                 self.outbox_bytes -= len(data)
                 if not self.backlogged():
                     self._drained.set()
+                self._writing = True  # until drained: a frame sent meanwhile queues behind this one
                 writer.write(data)
                 await writer.drain()
+                self._writing = False
         except (ConnectionError, OSError):
             pass
         finally:
@@ -658,9 +684,12 @@ class Mux:
         self.in_flight = job
         started = job.started = time.monotonic()
         try:
-            job.engine_id, fut = await self.engine.request(job.method, params)
+            # A tool call's reply is passed on as the engine wrote it (the id swapped in): `_complete`
+            job.engine_id, fut = await self.engine.request(
+                job.method, params, passthrough=job.kind == "call" and job.method == "tools/call"
+            )
             self.totals["engine_requests"] += 1
-            reply = await asyncio.wait_for(asyncio.shield(fut), self.settings.stall_timeout)
+            reply = await within(fut, self.settings.stall_timeout)
         except EngineUnavailable as exc:
             self._reply_error(
                 job, protocol.OUTCOME_UNKNOWN, f"engine failed while receiving the request ({exc}); outcome unknown"
@@ -749,7 +778,7 @@ class Mux:
             try:
                 job.engine_id, fut = await self.engine.request(job.method, params)
                 self.totals["engine_requests"] += 1
-                reply = await asyncio.wait_for(asyncio.shield(fut), remaining + self.settings.stall_timeout)
+                reply = await within(fut, remaining + self.settings.stall_timeout)
             except EngineUnavailable as exc:
                 self._reply_error(
                     job,
@@ -814,9 +843,13 @@ class Mux:
     async def _read_only_tools(self) -> frozenset[str] | None:
         return await asyncio.shield(self._start_read_only_probe())
 
-    def _complete(self, job: Job, reply: dict[str, Any], allowed: frozenset[str] | None = None) -> None:
+    def _complete(self, job: Job, reply: Reply, allowed: frozenset[str] | None = None) -> None:
         if job.replied:
             self._finish(job)  # cancelled or timed out meanwhile: the late reply is dropped
+            return
+        if isinstance(reply, protocol.ReplyHead):  # a tool call's: nothing in it to change but the id
+            self._reply(job, reply)
+            self._finish(job)
             return
         res = reply.get("result")
         if (
@@ -921,16 +954,17 @@ class Mux:
         return startup.level_allows(session.log_level, str(params.get("level")))
 
     # --- replies -------------------------------------------------------------------------
-    def _reply(self, job: Job, message: dict[str, Any]) -> None:
+    def _reply(self, job: Job, message: Reply) -> None:
         if job.replied:
             return
         job.replied = True
         self._unpend(job)
-        if "error" in message:
-            self.totals["errors"] += 1
+        failed = message.error if isinstance(message, protocol.ReplyHead) else "error" in message
+        self.totals["errors" if failed else "responses"] += 1
+        if isinstance(message, protocol.ReplyHead):  # the engine's own frame with the client's id
+            job.owner.send_frame(message.with_id(job.client_id))
         else:
-            self.totals["responses"] += 1
-        job.owner.send(message)
+            job.owner.send(message)
 
     def _reply_error(self, job: Job, code: int, message: str, data: Any = None) -> None:
         self._reply(job, protocol.error(job.client_id, code, message, data))

@@ -61,3 +61,31 @@ class Tasks:
         _, still = await asyncio.wait(tasks, timeout=timeout)
         for task in still:
             log.warning("%s task %s did not end within %.1fs of being cancelled", self.owner, task.get_name(), timeout)
+
+
+async def within(fut: asyncio.Future[T], timeout: float) -> T:
+    """`fut`'s result, waiting at most `timeout` s, without cancelling `fut` when the wait ends (as
+    `asyncio.wait_for(asyncio.shield(fut), timeout)`, at a fraction of its cost: no extra task or future
+    chain on every engine call — one waiter, one timer).
+
+    :raises asyncio.TimeoutError: `fut` was not done in time (it is left running).
+    :raises: whatever `fut` raises; CancelledError when the awaiting task is cancelled (`fut` is not).
+    """
+    if not fut.done():
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        timer = loop.call_later(timeout, wake)
+        fut.add_done_callback(wake)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            fut.remove_done_callback(wake)
+        if not fut.done():
+            raise asyncio.TimeoutError
+    return fut.result()

@@ -20,6 +20,9 @@ if TYPE_CHECKING:  # typing costs every agent start ~3 ms; annotations only
     from typing import Any
 
 
+RECV_BYTES = 262144  # one read from a broker socket, at most
+
+
 class Link:
     """One blocking byte stream to a broker (or a local-owner daemon, which is one)."""
 
@@ -51,9 +54,16 @@ class SocketLink(Link):
         self._frames = FrameBuffer(max_line_bytes)
         self._send_lock = threading.Lock()
         self._closed = False
+        # One receive buffer for the link's life: `sock.recv(n)` would allocate n bytes and shrink them for
+        # every reply (an mmap, mremap and munmap per call at this size); `recv_into` reuses these.
+        self._chunk = bytearray(RECV_BYTES)
+        self._view = memoryview(self._chunk)
+        self._blocking = self.sock.gettimeout() is None
 
     def recv(self, timeout: float | None = None) -> bytes | None:
-        self.sock.settimeout(timeout)
+        if timeout is not None or not self._blocking:  # a blocking socket stays so: no syscall per frame
+            self.sock.settimeout(timeout)
+            self._blocking = timeout is None
         try:
             while True:
                 try:
@@ -62,14 +72,15 @@ class SocketLink(Link):
                     raise _too_long(exc) from exc
                 if frame is not None:
                     return frame
-                chunk = self.sock.recv(262144)
-                if not chunk:
+                n = self.sock.recv_into(self._chunk)
+                if not n:
                     return self._frames.rest()
-                self._frames.feed(chunk)
+                self._frames.feed(self._view[:n])
         finally:
             if timeout is not None and not self._closed:
                 try:
                     self.sock.settimeout(None)
+                    self._blocking = True
                 except OSError:
                     pass
 

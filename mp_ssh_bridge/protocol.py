@@ -114,7 +114,7 @@ class FrameBuffer:
         self._buf = bytearray()
         self._scanned = 0
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | memoryview) -> None:
         self._buf += chunk
 
     def next_frame(self) -> bytes | None:
@@ -154,6 +154,49 @@ def encode(message: Any) -> bytes:
         return text.encode("utf-8") + b"\n"
     except UnicodeEncodeError:
         return json.dumps(message, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+# The head of a response as Python's json.dumps writes it (mempalace-mcp's replies; the broker passes them on
+# with the client's id in place): `{"jsonrpc": "2.0", "id": <int or plain string>, "result"` (or "error").
+_REPLY_HEAD = re.compile(rb'\{"jsonrpc": ?"2\.0", ?"id": ?(-?(?:0|[1-9][0-9]{0,17})|"[^"\\\x00-\x1f]{0,256}"), ?"(result|error)": ?')
+
+
+class ReplyHead:
+    """Where a response frame's id is, read from its head alone (`reply_head`)."""
+
+    __slots__ = ("frame", "msg_id", "start", "end", "error")
+
+    def __init__(self, frame: bytes, msg_id: int | str, start: int, end: int, error: bool) -> None:
+        self.frame = frame
+        self.msg_id = msg_id
+        self.start = start  # the id token is frame[start:end]
+        self.end = end
+        self.error = error  # an "error" response, not a "result"
+
+    def with_id(self, msg_id: object) -> bytes:
+        """The same frame with `msg_id` (a valid id) in place of its own, newline-ended: the rest byte for byte."""
+        token = json.dumps(msg_id, ensure_ascii=False)
+        try:
+            raw = token.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: as `encode` writes it
+            raw = json.dumps(msg_id).encode("ascii")
+        return b"".join((self.frame[: self.start], raw, self.frame[self.end :], b"\n"))
+
+
+def reply_head(frame: bytes) -> ReplyHead | None:
+    """A response's id without parsing the rest (a reply can be megabytes; its head is 40 bytes), or None: then
+    parse it with `decode`. Only the head Python's json.dumps writes for a `{"jsonrpc", "id", "result"|"error"}`
+    dict is read here, and only a frame that ends its object; anything else — another key order, an escaped
+    string id, a float — is left to `decode`."""
+    m = _REPLY_HEAD.match(frame)
+    if m is None or not frame.endswith(b"}"):
+        return None
+    token = m.group(1)
+    try:
+        msg_id: int | str = token[1:-1].decode("utf-8") if token[:1] == b'"' else int(token)
+    except UnicodeDecodeError:
+        return None
+    return ReplyHead(frame, msg_id, m.start(1), m.end(1), m.group(2) == b"error")
 
 
 # Deeper JSON is refused as a parse error: json.loads, json.dumps and repr recurse, and Python's

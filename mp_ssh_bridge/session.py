@@ -51,6 +51,7 @@ from mp_ssh_bridge.protocol import (
     encode,
     error,
     event_wait_timeout_ms,
+    reply_head,
     reply_id,
     valid_id,
 )
@@ -261,7 +262,8 @@ class Shim:
                 if pend.deadline is not None:
                     self._seq += 1
                     heapq.heappush(self._heap, (pend.deadline, self._seq, key, pend))
-                    self._heap_cv.notify()
+                    if self._heap[0][1] == self._seq:  # the earliest now: the deadline thread waits for a later one
+                        self._heap_cv.notify()
         elif isinstance(method, str):
             if method == "notifications/initialized":
                 self.client_initialized = True
@@ -326,6 +328,17 @@ class Shim:
             self.link_lost(link, reason)
 
     def from_broker(self, link: Link, frame: bytes) -> None:
+        head = reply_head(frame)
+        if head is not None and not head.error:  # the usual answer: read no further than its id
+            key = id_key(head.msg_id)
+            with self.lock:
+                pend = self.pending.get(key)
+                plain = pend is not None and pend.link is link and self.next_notice is None and key not in self.swallow
+                if plain:
+                    del self.pending[key]
+            if plain:
+                self.write_out(frame + b"\n")
+                return
         try:
             msg = decode(frame, strict=False)  # the broker passes the engine's output on as it is
         except ValueError:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mp_ssh_bridge import hostinfo, protocol, state
 from mp_ssh_bridge_broker import tools
@@ -289,6 +291,76 @@ def test_the_engines_nan_is_passed_on_but_a_clients_is_refused() -> None:
     assert msg["id"] == 3 and msg["result"]["distance"] != msg["result"]["distance"]  # NaN
     with pytest.raises(ValueError):  # the nesting bound holds either way
         protocol.decode(b"[" * 5000 + b"]" * 5000, strict=False)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_IDS = st.integers(min_value=-(10**20), max_value=10**20) | st.text(max_size=20)
+
+
+@settings(max_examples=400, deadline=None)
+@given(msg_id=_IDS, body=_JSON, failed=st.booleans(), compact=st.booleans(), new_id=_IDS)
+def test_a_reply_read_by_its_head_is_the_reply_parsed(msg_id: object, body: object, failed: bool, compact: bool,
+                                                      new_id: object) -> None:
+    """`reply_head` (the broker passes a tool call's reply on unparsed, the shim reads only its id) agrees with
+    `decode` on every reply json.dumps writes, or declines; `with_id` changes the id and nothing else."""
+    reply = {"jsonrpc": "2.0", "id": msg_id, "error" if failed else "result": body}
+    seps = (",", ":") if compact else (", ", ": ")
+    frame = json.dumps(reply, ensure_ascii=False, separators=seps).encode("utf-8", "surrogatepass")
+    head = protocol.reply_head(frame)
+    if head is None:
+        return
+    parsed = protocol.decode(frame, strict=False)
+    assert head.msg_id == parsed["id"] and type(head.msg_id) is type(parsed["id"]) and head.error == failed
+    swapped = head.with_id(new_id)
+    assert swapped.endswith(b"\n") and swapped.count(b"\n") == frame.count(b"\n") + 1
+    again = protocol.decode(swapped[:-1], strict=False)
+    assert again == dict(parsed, id=new_id) or body != body  # NaN != NaN
+    assert swapped[: head.start] == frame[: head.start] and swapped.endswith(frame[head.end :] + b"\n")
+
+
+def test_what_reply_head_declines() -> None:
+    for frame in (
+        b'{"id": 1, "jsonrpc": "2.0", "result": 1}',  # another key order
+        b'{"jsonrpc": "2.0", "id": 1.5, "result": 1}',  # not an id
+        b'{"jsonrpc": "2.0", "id": "a\\"b", "result": 1}',  # an escaped string: left to json
+        b'{"jsonrpc": "2.0", "id": 01, "result": 1}',  # not JSON
+        b'{"jsonrpc": "2.0", "id": 1, "result": {"cut off"',  # not a whole object
+        b'{"jsonrpc": "2.0", "id": 1, "method": "x"}',  # a request
+        b'{"jsonrpc": "2.0", "id": "\xff", "result": 1}',  # not UTF-8
+    ):
+        assert protocol.reply_head(frame) is None, frame
+    head = protocol.reply_head(b'{"jsonrpc": "2.0", "id": 7, "result": {"x": NaN}}')
+    assert head is not None and head.with_id("s\ud800") == b'{"jsonrpc": "2.0", "id": "s\\ud800", "result": {"x": NaN}}\n'
+
+
+def test_within_waits_a_bounded_time_and_never_cancels_what_it_waits_for() -> None:
+    from mp_ssh_bridge_broker.tasks import within
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        with pytest.raises(asyncio.TimeoutError):
+            await within(fut, 0.05)
+        assert not fut.done()
+        loop.call_later(0.01, fut.set_result, 5)
+        assert await within(fut, 5) == 5 and await within(fut, 0) == 5
+        failing: asyncio.Future[int] = loop.create_future()
+        loop.call_later(0.01, failing.set_exception, KeyError("k"))
+        with pytest.raises(KeyError):
+            await within(failing, 5)
+        held: asyncio.Future[int] = loop.create_future()
+        waiting = asyncio.ensure_future(within(held, 5))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert not held.cancelled() and not held.done()
+
+    asyncio.run(main())
 
 
 def test_follow_goes_on_where_the_tail_stopped(tmp_path: Path) -> None:
