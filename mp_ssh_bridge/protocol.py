@@ -186,16 +186,17 @@ class ReplyHead:
 def reply_head(frame: bytes) -> ReplyHead | None:
     """A response's id without parsing the rest (a reply can be megabytes; its head is 40 bytes), or None: then
     parse it with `decode`. Only the head Python's json.dumps writes for a `{"jsonrpc", "id", "result"|"error"}`
-    dict is read here, and only a frame that ends its object; anything else — another key order, an escaped
-    string id, a float — is left to `decode`."""
+    dict is read here, and only a frame in UTF-8 that ends its object; anything else — another key order, an
+    escaped string id, a float, a byte that is not UTF-8 — is left to `decode`."""
     m = _REPLY_HEAD.match(frame)
     if m is None or not frame.endswith(b"}"):
         return None
-    token = m.group(1)
     try:
-        msg_id: int | str = token[1:-1].decode("utf-8") if token[:1] == b'"' else int(token)
+        frame.decode("utf-8")  # UTF-8 throughout, as `decode` insists: a C scan, far cheaper than a parse
     except UnicodeDecodeError:
         return None
+    token = m.group(1)
+    msg_id: int | str = token[1:-1].decode("utf-8") if token[:1] == b'"' else int(token)
     return ReplyHead(frame, msg_id, m.start(1), m.end(1), m.group(2) == b"error")
 
 

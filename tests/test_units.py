@@ -331,6 +331,7 @@ def test_what_reply_head_declines() -> None:
         b'{"jsonrpc": "2.0", "id": 1, "result": {"cut off"',  # not a whole object
         b'{"jsonrpc": "2.0", "id": 1, "method": "x"}',  # a request
         b'{"jsonrpc": "2.0", "id": "\xff", "result": 1}',  # not UTF-8
+        b'{"jsonrpc": "2.0", "id": 1, "result": "\xe9"}',  # not UTF-8 (a Latin-1 engine's output): refused by decode
     ):
         assert protocol.reply_head(frame) is None, frame
     head = protocol.reply_head(b'{"jsonrpc": "2.0", "id": 7, "result": {"x": NaN}}')
