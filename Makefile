@@ -2,8 +2,9 @@
 #   make demo    set up .venv, then run 4 concurrent MCP sessions through one broker
 #   make test    set up .venv + test fixtures (model, sshd), lint (ruff, mypy), then run pytest
 #   make reliability  the reliability suite in full mode, then docs/RELIABILITY.md from its figures
+#   make bench   every path (direct, broker, container daemon, hub) in one benchmark run: docs/BENCHMARKS.md
 # Variables: PYTEST_ARGS="-k shim -x"   PYTEST_WORKERS=2 (pytest-xdist workers, one test file each at a time;
-#            0 = in this process)   DEMO_ARGS="--raw --keep"
+#            0 = in this process)   DEMO_ARGS="--raw --keep"   BENCH_ARGS="--calls 100 --spawns 4" (or --smoke)
 
 SHELL   := /bin/bash
 VENV    := .venv
@@ -11,14 +12,16 @@ PY      := $(VENV)/bin/python
 PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 DEMO_ARGS   ?=
+BENCH_ARGS  ?=
 
-.PHONY: help setup setup-tests test reliability lint demo demo-raw clean
+.PHONY: help setup setup-tests test reliability bench lint demo demo-raw clean
 
 help:
 	@echo "make demo         set up and run the demo (4 sessions -> mp-shim -> one broker)"
 	@echo "make demo-raw     the same demo with raw socket clients instead of mp-shim"
 	@echo "make test         set up test fixtures, lint (ruff, mypy), then run pytest (PYTEST_ARGS=...)"
 	@echo "make reliability  the reliability suite in full mode (long), then write docs/RELIABILITY.md"
+	@echo "make bench        every path in one benchmark run (long), then docs/BENCHMARKS.md (BENCH_ARGS=...)"
 	@echo "make lint         only ruff and mypy"
 	@echo "make setup        only create .venv and install (model into .demo/home)"
 	@echo "make setup-tests  only prepare tests (.venv, .test-home model, sshd)"
@@ -40,6 +43,10 @@ reliability: setup-tests
 	rm -rf .reliability
 	RELIABILITY=full $(PY) -m pytest -q -m reliability tests $(PYTEST_ARGS); status=$$?; \
 	$(PY) scripts/reliability_report.py; exit $$status
+
+# One run of every path (benchmarks/bench_all.py): docs/BENCHMARKS.md and its plots (docs/bench-*.png).
+bench: setup-tests
+	$(PY) benchmarks/bench_all.py $(BENCH_ARGS)
 
 lint:
 	$(VENV)/bin/ruff check .

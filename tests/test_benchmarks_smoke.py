@@ -1,4 +1,5 @@
-"""Smoke-sized runs of the newer benchmarks (hub mode, the relay floor, long polls), so their harnesses cannot rot.
+"""Smoke-sized runs of the newer benchmarks (hub mode, the relay floor, long polls, every path in one run), so their
+harnesses cannot rot.
 
 Benchmarks print figures; these runs assert only that each completes and writes its report with every path in it
 (no timing is asserted)."""
@@ -55,3 +56,26 @@ def test_longpoll_bench_smoke(home: Path, tmp_path: Path) -> None:
     assert "no wait pending" in text and "a `mempalace_event_wait` pending" in text and "Woken by" in text, text
     rows = series.read_text().splitlines()
     assert rows[0] == "t_s,condition,status_ms" and {r.split(",")[1] for r in rows[1:]} == {"idle", "wait pending"}
+
+
+def test_bench_all_smoke(home: Path, tmp_path: Path) -> None:
+    """benchmarks/bench_all.py at smoke sizes: every path in every figure's table, and both plots drawn."""
+    out = tmp_path / "BENCHMARKS.md"
+    text = run("bench_all.py", "--smoke", "--plots-dir", str(tmp_path), out=out)
+    sections = {}  # "1. Per-call latency …" → its text, up to the next heading
+    for part in text.split("\n## ")[1:]:
+        title = part.split("\n", 1)[0]
+        if title[:1].isdigit():
+            sections[title] = part
+    assert [title.split(".")[0] for title in sections] == ["1", "2", "3", "4", "5", "5b", "6"], list(sections)
+    assert "| (e) floor: two byte relays |" in sections[next(t for t in sections if t.startswith("1."))]
+    assert "per-call overhead through the shim over (a)" in text and "a read behind a burst of writes" in text
+    for title, body in sections.items():
+        for label in ("(a) direct", "(b) shim → broker", "(d) hub"):
+            assert f"| {label} |" in body, f"{label} missing from section {title!r}:\n{body}"
+    for png in ("bench-latency.png", "bench-longpoll.png"):
+        assert (tmp_path / png).stat().st_size > 0, png
+    if not sshd_available():
+        pytest.skip("no OpenSSH sshd here: the container path is skipped (the harness says so in its report)")
+    for title, body in sections.items():
+        assert "| (c) container daemon |" in body, f"(c) missing from section {title!r}:\n{body}"
