@@ -150,23 +150,24 @@ class ClientSession:
         if self.closed:
             return
         writer = self._writer
-        if (
-            writer is not None
-            and self._outbox.empty()
-            and not self._writing
-            and writer.transport.get_write_buffer_size() == 0
-            and not writer.transport.is_closing()
-        ):
-            writer.write(data)
-            return
-        if self.outbox_bytes + len(data) > self.outbox_max:
+        unsent = writer.transport.get_write_buffer_size() if writer is not None else 0  # written, not yet taken
+        if self.outbox_bytes + unsent + len(data) > self.outbox_max:
             log.warning(
                 "client %s is not reading its replies (%d bytes waiting, max_client_outbox_bytes %d); disconnecting it",
                 self.id,
-                self.outbox_bytes,
+                self.outbox_bytes + unsent,
                 self.outbox_max,
             )
             self.abort()
+            return
+        if (
+            writer is not None
+            and not unsent
+            and self._outbox.empty()
+            and not self._writing
+            and not writer.transport.is_closing()
+        ):
+            writer.write(data)
             return
         self.outbox_bytes += len(data)
         if self.backlogged():
@@ -843,14 +844,25 @@ class Mux:
     async def _read_only_tools(self) -> frozenset[str] | None:
         return await asyncio.shield(self._start_read_only_probe())
 
-    def _complete(self, job: Job, reply: Reply, allowed: frozenset[str] | None = None) -> None:
+    def _complete(self, job: Job, answer: Reply, allowed: frozenset[str] | None = None) -> None:
         if job.replied:
             self._finish(job)  # cancelled or timed out meanwhile: the late reply is dropped
             return
-        if isinstance(reply, protocol.ReplyHead):  # a tool call's: nothing in it to change but the id
-            self._reply(job, reply)
-            self._finish(job)
-            return
+        if not isinstance(answer, protocol.ReplyHead):
+            reply = answer
+        else:  # a tool call's: nothing in it to change but the id
+            frame = answer.with_id(job.client_id)
+            if len(frame) <= self.settings.max_line_bytes:  # a longer id could push it over a line's limit
+                self._reply(job, frame, answer.error)
+                self._finish(job)
+                return
+            try:
+                reply = protocol.decode(answer.frame, strict=False)  # re-encoded compactly below, as before
+            except ValueError as exc:
+                self._reply_error(job, protocol.OUTCOME_UNKNOWN, f"the engine's answer could not be read ({exc}); "
+                                  "outcome unknown", {"outcome": "unknown"})
+                self._finish(job)
+                return
         res = reply.get("result")
         if (
             job.kind == "event_wait"
@@ -954,17 +966,19 @@ class Mux:
         return startup.level_allows(session.log_level, str(params.get("level")))
 
     # --- replies -------------------------------------------------------------------------
-    def _reply(self, job: Job, message: Reply) -> None:
+    def _reply(self, job: Job, message: dict[str, Any] | bytes, failed: bool = False) -> None:
+        """Answer `job` once: a message, or a whole frame (the engine's own, the client's id in it) that `failed`
+        or not."""
         if job.replied:
             return
         job.replied = True
         self._unpend(job)
-        failed = message.error if isinstance(message, protocol.ReplyHead) else "error" in message
-        self.totals["errors" if failed else "responses"] += 1
-        if isinstance(message, protocol.ReplyHead):  # the engine's own frame with the client's id
-            job.owner.send_frame(message.with_id(job.client_id))
-        else:
-            job.owner.send(message)
+        if isinstance(message, bytes):
+            self.totals["errors" if failed else "responses"] += 1
+            job.owner.send_frame(message)
+            return
+        self.totals["errors" if "error" in message else "responses"] += 1
+        job.owner.send(message)
 
     def _reply_error(self, job: Job, code: int, message: str, data: Any = None) -> None:
         self._reply(job, protocol.error(job.client_id, code, message, data))

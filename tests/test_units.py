@@ -364,6 +364,44 @@ def test_within_waits_a_bounded_time_and_never_cancels_what_it_waits_for() -> No
     asyncio.run(main())
 
 
+def test_a_clients_frames_keep_their_order_and_their_cap_whether_written_at_once_or_queued() -> None:
+    """ClientSession.send_frame writes a frame straight to the socket only when nothing waits before it; a client
+    that does not read is still cut off at max_client_outbox_bytes (what the socket holds unsent counts too)."""
+    import socket
+
+    from mp_ssh_bridge_broker.mux import ClientSession
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        session = ClientSession("unix", writer, outbox_max=64 * 1024 * 1024)
+        frames = [json.dumps({"n": i, "pad": "x" * (i * 997 % 50_000)}).encode() + b"\n" for i in range(400)]
+        for frame in frames:  # the first go out at once, then the socket fills and the rest queue
+            session.send_frame(frame)
+        theirs.setblocking(False)
+        loop = asyncio.get_running_loop()
+        got = b""
+        while got.count(b"\n") < len(frames):
+            got += await asyncio.wait_for(loop.sock_recv(theirs, 1 << 20), 10)
+        assert [json.loads(line)["n"] for line in got.splitlines()] == list(range(len(frames)))
+        session.close()
+        await session.wait_closed()
+
+        ours, theirs = socket.socketpair()  # a client that never reads
+        reader, writer = await asyncio.open_connection(sock=ours)
+        session = ClientSession("unix", writer, outbox_max=2 * 1024 * 1024)
+        sent = 0
+        while not session.closed and sent < 64:
+            session.send_frame(b"[" + b"0," * 100_000 + b"0]\n")
+            sent += 1
+            await asyncio.sleep(0)
+        assert session.closed and sent < 64, sent  # 64 frames are 12.8 MB: cut off well before
+        await session.wait_closed()
+        theirs.close()
+
+    asyncio.run(main())
+
+
 def test_follow_goes_on_where_the_tail_stopped(tmp_path: Path) -> None:
     """`logs -f`: a line written between the tail and the start of the follow is printed once, never lost (under
     load the follower started after the test's second line had landed, and waited for it forever)."""
