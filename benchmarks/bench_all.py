@@ -1016,6 +1016,12 @@ def report(r: dict[str, Any], rig: Rig, plots: list[Path], plot_note: str, out: 
     def skip_row(lane: Lane, cols: int, why: str | None = None) -> str:
         return f"| {lane.label} | " + " | ".join([f"skipped: {why or lane.skipped}"] + ["–"] * (cols - 2)) + " |"
 
+    def not_run(lane: Lane, cols: int, direct_why: str) -> str | None:
+        """The row of a path a figure between sessions has none for ((a): `direct_why`) or that did not run."""
+        if lane.key == "direct":
+            return skip_row(lane, cols, f"n/a — on a direct engine {direct_why}")
+        return skip_row(lane, cols) if lane.key not in ran else None
+
     lines = [
         "# Benchmarks: every path in one run",
         "",
@@ -1212,11 +1218,8 @@ def report(r: dict[str, Any], rig: Rig, plots: list[Path], plot_note: str, out: 
               "| burst wall median s | acknowledged |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for lane in lanes:
-        if lane.key == "direct":
-            lines.append(skip_row(lane, 8, "n/a — on a direct engine a second session is a second engine"))
-            continue
-        if lane.key not in ran:
-            lines.append(skip_row(lane, 8))
+        if (row := not_run(lane, 8, "a second session is a second engine")) is not None:
+            lines.append(row)
             continue
         x = burst[lane.key]
         write = pct(lat["samples"][lane.key]["add"], 50)
@@ -1237,11 +1240,8 @@ def report(r: dict[str, Any], rig: Rig, plots: list[Path], plot_note: str, out: 
               "p50 pending/idle | p99 pending/idle |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for lane in lanes:
-        if lane.key == "direct":
-            lines.append(skip_row(lane, 9, "n/a — on a direct engine two sessions are two engines"))
-            continue
-        if lane.key not in ran:
-            lines.append(skip_row(lane, 9))
+        if (row := not_run(lane, 9, "two sessions are two engines")) is not None:
+            lines.append(row)
             continue
         s = lp["samples"][lane.key]
         i, p = s["idle"], s["pending"]
