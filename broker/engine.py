@@ -121,7 +121,6 @@ class Engine:
         self.may_run: Callable[[], bool] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}  # a Reply (`request`)
-        self._passthrough: set[int] = set()  # engine ids whose reply is passed on unparsed (`request`)
         self._next_id = 0
         self._start_lock = asyncio.Lock()
         self._tasks = Tasks("engine")  # every task started here: readers, sends, restart
@@ -474,8 +473,7 @@ class Engine:
         engine_id = self._next_id
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[engine_id] = fut
-        if passthrough and self.hub is None:
-            self._passthrough.add(engine_id)
+        fut.passthrough = passthrough  # type: ignore[attr-defined]  # read by _read_stdout with its reply
         self._sent_at[engine_id] = self._last_request = time.monotonic()
         if self.hub is not None:
             task = asyncio.get_running_loop().create_task(
@@ -492,7 +490,6 @@ class Engine:
 
     def forget(self, engine_id: int) -> None:
         self._pending.pop(engine_id, None)
-        self._passthrough.discard(engine_id)
         self._sent_at.pop(engine_id, None)
         self._drop_hub_call(engine_id, "its deadline passed")
 
@@ -528,7 +525,6 @@ class Engine:
         self._sent_at.pop(engine_id, None)
         for older in sorted(k for k in self._pending if isinstance(k, int) and k < engine_id):
             fut = self._pending.pop(older)
-            self._passthrough.discard(older)
             logged = self._logged_since(self._sent_at.pop(older, 0.0))
             log.warning("engine dropped request %s without an answer%s", older, f" ({logged})" if logged else "")
             if not fut.done():
@@ -596,12 +592,11 @@ class Engine:
                     break
                 if not line.strip():
                     continue
-                if self._passthrough:
-                    head = protocol.reply_head(line)
-                    if head is not None and head.msg_id in self._passthrough:
-                        self._passthrough.discard(head.msg_id)
-                        self._resolve(head.msg_id, head)  # passed on as the engine wrote it: no parse, no re-encode
-                        continue
+                head = protocol.reply_head(line)
+                waiting = self._pending.get(head.msg_id) if head is not None else None  # type: ignore[arg-type]
+                if head is not None and getattr(waiting, "passthrough", False):
+                    self._resolve(head.msg_id, head)  # passed on as the engine wrote it: no parse, no re-encode
+                    continue
                 try:
                     msg = protocol.decode(line, strict=False)  # the engine's NaN is passed on
                 except ValueError:
@@ -610,10 +605,7 @@ class Engine:
                 if not isinstance(msg, dict):
                     continue
                 if protocol.is_response(msg):
-                    engine_id = msg.get("id")
-                    if isinstance(engine_id, int):
-                        self._passthrough.discard(engine_id)
-                    self._resolve(engine_id, msg)
+                    self._resolve(msg.get("id"), msg)
                 elif protocol.is_notification(msg):
                     self._on_notification(msg)
                 else:
@@ -677,7 +669,6 @@ class Engine:
                 self._restart_task = self._tasks.spawn(self._restart_after_crash(), name="engine-restart")
         exc = EngineExited(code, self.stderr_tail())
         pending, self._pending = self._pending, {}
-        self._passthrough.clear()
         self._sent_at.clear()
         for fut in pending.values():
             if not fut.done():
