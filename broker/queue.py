@@ -27,7 +27,10 @@ class FairQueue(Generic[J]):
 
     The owner whose job was just taken goes to the back of the line only at the
     next `get`, so a client that shows up while that job runs is served right
-    after it: one running job is all it waits for.
+    after it: one running job is all it waits for. That holds also when the
+    owner's queue was empty as its job was taken and its next request arrives
+    (before the newcomer's) while the job runs: a pipelined burst reaches the
+    broker in pieces, and its first piece is often a single request.
     """
 
     def __init__(self) -> None:
@@ -70,7 +73,11 @@ class FairQueue(Generic[J]):
             self._turns.remove(owner)
         except ValueError:
             pass
-        if not self._turns and not self._has_held:
+        self._settle()
+
+    def _settle(self) -> None:
+        """`_ready` is set exactly while some owner has a job waiting."""
+        if not self._turns and not (self._has_held and self._queues.get(self._held)):
             self._ready.clear()
 
     def get_nowait(self) -> J | None:
@@ -84,10 +91,8 @@ class FairQueue(Generic[J]):
             if not q:
                 continue
             job = q.popleft()
-            if q:
-                self._held, self._has_held = owner, True
-            if not self._turns and not self._has_held:
-                self._ready.clear()
+            self._held, self._has_held = owner, True  # rejoins the line at the next get, even with nothing queued now
+            self._settle()
             return job
         self._ready.clear()
         return None

@@ -45,6 +45,14 @@ def test_fair_queue_round_robin_and_removal():
         assert (await q.get()).n == 0  # "running"
         q.put(J("new", 0))
         assert [(j.owner, j.n) for j in [await q.get() for _ in range(3)]] == [("new", 0), ("busy", 1), ("busy", 2)]
+        # ... also when its next request arrives only after its job was taken (a pipelined burst that reaches the
+        # broker in pieces, the first piece a single request), as long as that is before the next get.
+        q.put(J("w", 0))
+        assert (await q.get()).n == 0  # "running", nothing else queued
+        q.put(J("w", 1))
+        q.put(J("r", 0))
+        q.put(J("w", 2))
+        assert [(j.owner, j.n) for j in [await q.get() for _ in range(3)]] == [("r", 0), ("w", 1), ("w", 2)]
         # The owner holding the last turn can still be cancelled out entirely.
         q.put(J("h", 0))
         q.put(J("h", 1))
