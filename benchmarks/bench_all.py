@@ -18,8 +18,9 @@ palace, so nothing else could write beside it; the hub's registry lives in HOME)
   (e) floor      figure 1 only: the engine behind two processes that only move bytes (benchmarks/floor_relay.py
                  in the shim's and the broker's places), what any two-process design costs at least here.
 
-Figures: (1) per-call latency of status, search and add_drawer through one warm session per path; (2) cold start,
-spawn → first status / first search (background processes warm); (3) RSS and PSS summed over 1, 4, 8 sessions with
+Figures: (1) per-call latency of status, search and add_drawer through one warm session per path, and the CPU the
+processes between client and engine spend per status call (benchmarks/proc_cpu.py); (2) cold start, spawn → first
+status / first search (background processes warm, the paths' order turning each round); (3) RSS and PSS summed over 1, 4, 8 sessions with
 every background process of the path; (4) 4 and 8 concurrent writers × 25 add_drawer: acknowledged, stored (a fresh
 session's drawer count), wall time, ack latency; (5) a reader's status latency while 4 writers are busy; (5b) a
 read sent right behind a pipelined burst of 50 writes, against one write's time; (6) another
@@ -63,6 +64,7 @@ import pytest  # only for tests/platforms' skips, which say why the container si
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks import proc_cpu  # noqa: E402
 from benchmarks.bench_coldstart import stop_broker  # noqa: E402
 from benchmarks.bench_container import BIN, INIT, MODEL_CACHE, Session, daemon_record, stop_daemon  # noqa: E402
 from mp_ssh_bridge import hub, protocol, state  # noqa: E402
@@ -489,6 +491,24 @@ class Rig:
     def running(self) -> list[Lane]:
         return [lane for key in PATHS if (lane := self.lanes.get(key)) is not None and not lane.skipped]
 
+    def path_cpu(self, lane: Lane, session: Sess) -> dict[str, Any]:
+        """CPU seconds so far of each process of the path, split: the hops between the client and the engine,
+        and the engine (the process that runs the tools, with its children)."""
+        mine = tree(session.proc.pid)
+        if lane.key == "direct":
+            hops, engine = [], mine
+        elif lane.key == "hub":
+            hops, engine = mine, self.bg_pids(lane)  # the hub's own routing runs inside the engine's process
+        else:  # the broker (or the floor's second relay) runs the engine as its child
+            top = {"broker": lambda: record_pid(lane.home / ".mempalace" / "broker.json"),
+                   "container": lambda: record_pid(self.ctr_state / "broker.json") if self.ctr_state else None,
+                   "floor": lambda: self.floor_proc.pid if self.floor_proc else None}[lane.key]()
+            engine = tree(top)[1:]
+            hops = [p for p in mine + self.bg_pids(lane) if p not in engine]
+        times, coarse = proc_cpu.cpu_seconds(hops + engine)
+        return {"hops": {pid: times[pid] for pid in hops if pid in times},
+                "engine": sum(times[pid] for pid in engine if pid in times), "coarse": coarse}
+
     def bg_pids(self, lane: Lane) -> list[int]:
         import psutil
 
@@ -593,6 +613,17 @@ def blocks(total: int, size: int) -> list[int]:
     return [min(size, total - i) for i in range(0, total, size)]
 
 
+def cpu_per_call(before: dict[str, Any], after: dict[str, Any], calls: int) -> dict[str, Any]:
+    """CPU seconds per call between two `Rig.path_cpu` samples: each hop role's, all hops', the engine's."""
+    roles: dict[str, float] = {}
+    for pid, t in after["hops"].items():
+        if pid in before["hops"]:
+            name = proc_cpu.role(pid)
+            roles[name] = roles.get(name, 0.0) + (t - before["hops"][pid]) / max(1, calls)
+    return {"roles": roles, "hops": sum(roles.values()), "engine": (after["engine"] - before["engine"]) / max(1, calls),
+            "coarse": before["coarse"] or after["coarse"], "calls": calls}
+
+
 # --------------------------------------------------------------------------- figures
 async def fig_latency(rig: Rig) -> dict[str, Any]:
     """(1) one warm session per path; each call type in turn, one call on each path in turn."""
@@ -606,8 +637,12 @@ async def fig_latency(rig: Rig) -> dict[str, Any]:
             sessions[lane.key] = await Sess.open(lane.argv, lane.env)
         rig.bg_pids(lanes[-1])  # the floor's relay and engine: stopped at the end whatever happens
         kinds = (("status", a.status_calls), ("search", a.calls), ("add", a.calls))
+        cpu: dict[str, Any] = {}
+        work: dict[str, Any] = {}
         for kind, n in kinds:
             for i in range(-a.warmup, n):
+                if kind == "status" and i == 0:
+                    cpu = {lane.key: rig.path_cpu(lane, sessions[lane.key]) for lane in lanes}
                 for lane in lanes:
                     s = sessions[lane.key]
                     if kind == "status":
@@ -622,7 +657,10 @@ async def fig_latency(rig: Rig) -> dict[str, Any]:
                         samples[lane.key][kind].append(dt)
                     else:
                         errors[lane.key][kind].append(str(payload)[:200])
-        return {"samples": samples, "errors": errors}
+            if kind == "status":
+                work = {lane.key: cpu_per_call(cpu[lane.key], rig.path_cpu(lane, sessions[lane.key]), n)
+                        for lane in lanes}
+        return {"samples": samples, "errors": errors, "cpu": work}
     finally:
         await close_all(list(sessions.values()))
 
@@ -636,6 +674,9 @@ async def fig_cold(rig: Rig) -> dict[str, dict[str, list[float]]]:
     if rig.wrapper and "container" in out:
         out["wrapper"] = {"status": [], "search": []}
     for k in range(rig.args.spawns):
+        # The paths' order turns each round: a spawn right after the direct engine's (300 MB freed as it exits)
+        # was ~2 ms slower here, and a fixed order gave that to one path every time.
+        turn = lanes[k % len(lanes):] + lanes[:k % len(lanes)]
         for kind in ("status", "search"):
             if "wrapper" in out:
                 t = time.perf_counter()
@@ -643,7 +684,7 @@ async def fig_cold(rig: Rig) -> dict[str, dict[str, list[float]]]:
                                                             stdout=asyncio.subprocess.DEVNULL)
                 await asyncio.wait_for(proc.wait(), 30)
                 out["wrapper"][kind].append(time.perf_counter() - t)
-            for lane in lanes:
+            for lane in turn:
                 t = time.perf_counter()
                 s = await Sess.open(lane.argv, lane.env)
                 try:
@@ -1007,6 +1048,33 @@ def plot(r: dict[str, Any], plots_dir: Path) -> tuple[list[Path], str]:
     return written, ""
 
 
+def cpu_table(cpu: dict[str, Any], lanes: list[Lane]) -> list[str]:
+    """Figure 1's CPU per status call: what the processes between the client and the engine spend, by role."""
+    if not cpu:
+        return []
+    floor = cpu.get("floor", {}).get("hops")
+    lines = ["CPU per `mempalace_status` call, over the same calls (`benchmarks/proc_cpu.py`: the scheduler's run "
+             "time of every thread, not wall time; the client's own CPU is not counted). Hops are the processes "
+             "between the client and the engine; (d)'s hub routes inside its engine's process, so only its proxy "
+             "is a hop.", "",
+             "| path | calls | hops µs per call | by process, µs | engine µs per call | hops − (e) µs |",
+             "| --- | ---: | ---: | --- | ---: | ---: |"]
+    coarse = False
+    for lane in lanes:
+        w = cpu.get(lane.key)
+        if not w:
+            continue
+        coarse = coarse or w["coarse"]
+        split = ", ".join(f"{name} {v * 1e6:.0f}" for name, v in sorted(w["roles"].items())) or "–"
+        vs = f"{(w['hops'] - floor) * 1e6:+.0f}" if floor is not None and lane.key not in ("floor", "direct") else "–"
+        lines.append(f"| {lane.label} | {w['calls']} | {w['hops'] * 1e6:.0f} | {split} | {w['engine'] * 1e6:.0f} "
+                     f"| {vs} |")
+    lines.append("")
+    if coarse:
+        lines += ["- Some figures are psutil's user + system time, in ticks of 10 ms: coarse over this few calls.", ""]
+    return lines
+
+
 def report(r: dict[str, Any], rig: Rig, plots: list[Path], plot_note: str, out: Path) -> str:
     a = rig.args
     m = r["machine"]
@@ -1084,6 +1152,7 @@ def report(r: dict[str, Any], rig: Rig, plots: list[Path], plot_note: str, out: 
             lines.append(f"- {LABELS[key]}: first error: `{e[0][:160]}`")
         if errs:
             lines.append("")
+    lines += cpu_table(lat.get("cpu") or {}, [lane for lane in lanes + floor if lane.key in ran or lane.key == "floor"])
     # (2)
     cold = r["cold"]
     lines += ["## 2. Cold start: spawn → first result", "",
@@ -1271,8 +1340,15 @@ def report(r: dict[str, Any], rig: Rig, plots: list[Path], plot_note: str, out: 
                     net = f", net of the container stand-in's {fmt_ms(med['wrapper'][kind])} ms"
                 v = mine / med["hub"][kind]
                 text = f"{v:.2f}× ({fmt_ms(mine)} vs {fmt_ms(med['hub'][kind])} ms{net})"
-                if kind == "status":
+                if kind == "status" and key == "broker":
                     target("cold start (spawn → first status) ≤ 0.5× the hub proxy's", key, v, 0.5, text)
+                elif kind == "status":  # the container's own target is against a host session (below)
+                    lines.append(f"| cold start, spawn → first status, against the hub's (reported; the container "
+                                 f"daemon's own target is the next row) | {LABELS[key]} | {text} | – |")
+                    if "broker" in med:
+                        w = mine / med["broker"][kind]
+                        target("container session (daemon warm) ≤ 2× a host session, spawn → first status", key, w,
+                               2.0, f"{w:.2f}× ({fmt_ms(mine)} vs {fmt_ms(med['broker'][kind])} ms{net})")
                 else:  # the search itself (~the same on every path) is most of it: reported, not judged
                     lines.append(f"| cold start, spawn → first search (reported, no limit) | {LABELS[key]} | {text} "
                                  "| – |")
@@ -1301,6 +1377,10 @@ def report(r: dict[str, Any], rig: Rig, plots: list[Path], plot_note: str, out: 
                 over = (pct(lat["samples"][key]["status"], q) - pct(d, q)) * 1000
                 target(f"per-call overhead through the shim over (a), `mempalace_status` p{q} ≤ +{limit} ms", key,
                        over, limit, f"{over:+.2f} ms{floor_text}")
+        if "broker" in ran and "container" in ran:
+            over = (pct(lat["samples"]["container"]["status"], 50) - pct(lat["samples"]["broker"]["status"], 50)) * 1000
+            target("per call, the container path ≤ +0.5 ms over the host path, `mempalace_status` p50", "container",
+                   over, 0.5, f"{over:+.2f} ms")
         for key in [k for k in ("broker", "container", "floor") if k in lat["samples"]]:
             for kind in ("search", "add"):
                 v, d = lat["samples"][key][kind], lat["samples"]["direct"][kind]
@@ -1325,7 +1405,14 @@ def report(r: dict[str, Any], rig: Rig, plots: list[Path], plot_note: str, out: 
         lines += [f"Per-call overhead: (b) adds {over_b:+.2f} ms to `mempalace_status` at p50 over (a); two processes that "
                   f"move bytes and do nothing else, in the shim's and the broker's places, add {over_f:+.2f} ms on this "
                   "machine (e). No design with two processes between the agent and its engine can go below (e)'s "
-                  f"figure here; the bridge's own work is the difference, {over_b - over_f:+.2f} ms.", ""]
+                  f"figure here; the bridge's own work is the difference, {over_b - over_f:+.2f} ms."]
+        cpu = lat.get("cpu") or {}
+        if "broker" in cpu and "floor" in cpu:
+            cb, cf = cpu["broker"], cpu["floor"]
+            lines[-1] += (f" In CPU rather than wall time (the table under figure 1): the shim and the broker spend "
+                          f"{cb['hops'] * 1e6:.0f} µs per call, the two byte relays {cf['hops'] * 1e6:.0f} µs; the rest "
+                          "of a hop's cost is waiting for the scheduler to wake the next process.")
+        lines.append("")
     # plots and notes
     lines += ["## Plots", ""]
     if plots:
@@ -1382,6 +1469,10 @@ def show(key: str, data: Any) -> None:
         for path, per in data["samples"].items():
             log(f"  {LABELS[path]:<24} " + "  ".join(
                 f"{kind} p50 {fmt_ms(pct(v, 50))} p99 {fmt_ms(pct(v, 99))} ms" for kind, v in per.items()))
+        for path, w in data["cpu"].items():
+            log(f"  {LABELS[path]:<24} CPU per status call: hops {w['hops'] * 1e6:.0f} µs ("
+                + ", ".join(f"{name} {v * 1e6:.0f}" for name, v in sorted(w["roles"].items()))
+                + f"), engine {w['engine'] * 1e6:.0f} µs" + (" (coarse)" if w["coarse"] else ""))
     elif key == "cold":
         for path, per in data.items():
             log(f"  {LABELS[path]:<24} " + "  ".join(

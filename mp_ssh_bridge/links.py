@@ -9,8 +9,12 @@ and one max-line rule. Stdlib only at import.
 
 from __future__ import annotations
 
-import socket
 import threading
+
+# The C module under `socket`: the wrapper module, with the selectors, array and enum set-up it brings, costs every
+# agent start ~2 ms, and a UNIX link needs none of it (socket.socket is this class plus conveniences). TCP imports it.
+from _socket import AF_UNIX, SHUT_RDWR, SOCK_STREAM
+from _socket import socket as RawSocket
 
 from mp_ssh_bridge.errors import ShimError
 from mp_ssh_bridge.protocol import LINE_TOO_LONG, FrameBuffer, LineTooLong
@@ -47,7 +51,7 @@ def _too_long(exc: LineTooLong) -> ShimError:
 class SocketLink(Link):
     """A UNIX or TCP stream socket."""
 
-    def __init__(self, sock: socket.socket, endpoint: str, transport: str, max_line_bytes: int) -> None:
+    def __init__(self, sock: RawSocket, endpoint: str, transport: str, max_line_bytes: int) -> None:
         self.sock = sock
         self.endpoint = endpoint
         self.transport = transport
@@ -93,7 +97,7 @@ class SocketLink(Link):
             return
         self._closed = True
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv
+            self.sock.shutdown(SHUT_RDWR)  # wakes a thread blocked in recv
         except OSError:
             pass
         try:
@@ -104,7 +108,7 @@ class SocketLink(Link):
 
 def connect_unix(path: str, timeout: float, max_line_bytes: int, endpoint: str | None = None) -> SocketLink:
     """Connect a UNIX socket; raises OSError."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = RawSocket(AF_UNIX, SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         sock.connect(path)
@@ -116,6 +120,8 @@ def connect_unix(path: str, timeout: float, max_line_bytes: int, endpoint: str |
 
 def connect_tcp(host: str, port: int, timeout: float, max_line_bytes: int, endpoint: str) -> SocketLink:
     """Connect a TCP socket (no delay: one small frame per call); raises OSError."""
+    import socket
+
     sock = socket.create_connection((host, port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return SocketLink(sock, endpoint, "tcp", max_line_bytes)

@@ -22,11 +22,11 @@ one whole frame per write.
 from __future__ import annotations
 
 import errno
-import heapq
 import json
 import os
 import threading
 import time
+from _heapq import heappop, heappush  # heapq's C half: its Python fallbacks are never used
 
 from mp_ssh_bridge import endpoints
 from mp_ssh_bridge.config import Config
@@ -261,7 +261,7 @@ class Shim:
                     self.init_msg = msg
                 if pend.deadline is not None:
                     self._seq += 1
-                    heapq.heappush(self._heap, (pend.deadline, self._seq, key, pend))
+                    heappush(self._heap, (pend.deadline, self._seq, key, pend))
                     if self._heap[0][1] == self._seq:  # the earliest now: the deadline thread waits for a later one
                         self._heap_cv.notify()
         elif isinstance(method, str):
@@ -437,7 +437,7 @@ class Shim:
             with self._heap_cv:
                 now = time.monotonic()
                 while self._heap and self._heap[0][0] <= now:
-                    when, _, key, due = heapq.heappop(self._heap)
+                    when, _, key, due = heappop(self._heap)
                     if self.pending.get(key) is due and due.deadline == when:  # not re-armed (resent) since
                         del self.pending[key]
                         expired.append(due)
@@ -499,7 +499,7 @@ class Shim:
             return
         pend.deadline = now + pend.timeout_s + SHIM_BACKSTOP_GRACE_S
         self._seq += 1
-        heapq.heappush(self._heap, (pend.deadline, self._seq, key, pend))
+        heappush(self._heap, (pend.deadline, self._seq, key, pend))
         self._heap_cv.notify()
 
     def answer_not_resent(self, pend: Pending) -> None:

@@ -70,6 +70,10 @@ def test_bench_all_smoke(home: Path, tmp_path: Path) -> None:
     assert [title.split(".")[0] for title in sections] == ["1", "2", "3", "4", "5", "5b", "6"], list(sections)
     assert "| (e) floor: two byte relays |" in sections[next(t for t in sections if t.startswith("1."))]
     assert "per-call overhead through the shim over (a)" in text and "a read behind a burst of writes" in text
+    cpu_table = text.split("| path | calls | hops µs per call |", 1)[1].split("\n\n", 1)[0]
+    cpu_rows = {line.split(" | ")[0].lstrip("| "): line for line in cpu_table.splitlines() if line.startswith("| (")}
+    assert "broker" in cpu_rows["(b) shim → broker"] and "shim" in cpu_rows["(b) shim → broker"], cpu_rows
+    assert "relay" in cpu_rows["(e) floor: two byte relays"], cpu_rows  # figure 1's CPU per call, by process
     for title, body in sections.items():
         for label in ("(a) direct", "(b) shim → broker", "(d) hub"):
             assert f"| {label} |" in body, f"{label} missing from section {title!r}:\n{body}"
