@@ -91,12 +91,12 @@ LONGER = {
 }
 TOPICS = ("containers", "latency", "ssh tunnels", "embeddings", "writers", "long polls", "memory", "brokers",
           "hubs", "palaces", "drawers", "search", "agents", "sessions", "locks", "leases")
-SMOKE = dict(bursts=1, burst=5, drawers=10, status_calls=5, calls=5, warmup=1, spawns=1, sessions="1,2", writers="2", writes=3,
-             block=3, fair_writers=2, fair_calls=5, fair_block=5, fair_timeout=2.0, lp_calls=5, lp_block=5,
-             wait_ms=500)
-DEFAULTS = dict(bursts=5, burst=50, drawers=200, status_calls=300, calls=100, warmup=10, spawns=10, sessions="1,4,8", writers="4,8",
-                writes=25, block=5, fair_writers=4, fair_calls=100, fair_block=25, fair_timeout=10.0, lp_calls=100,
-                lp_block=20, wait_ms=2000)
+SMOKE = dict(bursts=1, burst=5, drawers=10, status_calls=5, calls=5, warmup=1, rest_s=0.5, spawns=1, sessions="1,2",
+             writers="2", writes=3, block=3, fair_writers=2, fair_calls=5, fair_block=5, fair_timeout=2.0, lp_calls=5,
+             lp_block=5, wait_ms=500)
+DEFAULTS = dict(bursts=5, burst=50, drawers=200, status_calls=300, calls=100, warmup=10, rest_s=5.0, spawns=10,
+                sessions="1,4,8", writers="4,8", writes=25, block=5, fair_writers=4, fair_calls=100, fair_block=25,
+                fair_timeout=10.0, lp_calls=100, lp_block=20, wait_ms=2000)
 CALL_TIMEOUT = 120.0
 
 
@@ -613,15 +613,24 @@ def blocks(total: int, size: int) -> list[int]:
     return [min(size, total - i) for i in range(0, total, size)]
 
 
-def cpu_per_call(before: dict[str, Any], after: dict[str, Any], calls: int) -> dict[str, Any]:
-    """CPU seconds per call between two `Rig.path_cpu` samples: each hop role's, all hops', the engine's."""
+def by_role(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """CPU seconds each hop role spent between two `Rig.path_cpu` samples (processes alive at both)."""
     roles: dict[str, float] = {}
     for pid, t in after["hops"].items():
         if pid in before["hops"]:
             name = proc_cpu.role(pid)
-            roles[name] = roles.get(name, 0.0) + (t - before["hops"][pid]) / max(1, calls)
-    return {"roles": roles, "hops": sum(roles.values()), "engine": (after["engine"] - before["engine"]) / max(1, calls),
-            "coarse": before["coarse"] or after["coarse"], "calls": calls}
+            roles[name] = roles.get(name, 0.0) + t - before["hops"][pid]
+    return roles
+
+
+def cpu_per_call(before: dict[str, Any], after: dict[str, Any], calls: int, wall: float,
+                 rest: dict[str, float]) -> dict[str, Any]:
+    """CPU seconds per call between two `Rig.path_cpu` samples `wall` seconds apart, each hop role's net of what
+    it spends at rest (`rest`: CPU seconds per second with no call on any path, e.g. the broker's timers)."""
+    n = max(1, calls)
+    roles = {name: (t - rest.get(name, 0.0) * wall) / n for name, t in by_role(before, after).items()}
+    return {"roles": roles, "hops": sum(roles.values()), "engine": (after["engine"] - before["engine"]) / n,
+            "rest": sum(rest.values()), "coarse": before["coarse"] or after["coarse"], "calls": calls}
 
 
 # --------------------------------------------------------------------------- figures
@@ -638,11 +647,19 @@ async def fig_latency(rig: Rig) -> dict[str, Any]:
         rig.bg_pids(lanes[-1])  # the floor's relay and engine: stopped at the end whatever happens
         kinds = (("status", a.status_calls), ("search", a.calls), ("add", a.calls))
         cpu: dict[str, Any] = {}
+        rest: dict[str, dict[str, float]] = {}
         work: dict[str, Any] = {}
+        t_cpu = time.perf_counter()
         for kind, n in kinds:
             for i in range(-a.warmup, n):
-                if kind == "status" and i == 0:
+                if kind == "status" and i == 0:  # what the hops spend with no call at all, then the calls' own
+                    at_rest = {lane.key: rig.path_cpu(lane, sessions[lane.key]) for lane in lanes}
+                    await asyncio.sleep(a.rest_s)
+                    rest = {lane.key: {name: t / a.rest_s for name, t in
+                                       by_role(at_rest[lane.key], rig.path_cpu(lane, sessions[lane.key])).items()}
+                            for lane in lanes}
                     cpu = {lane.key: rig.path_cpu(lane, sessions[lane.key]) for lane in lanes}
+                    t_cpu = time.perf_counter()
                 for lane in lanes:
                     s = sessions[lane.key]
                     if kind == "status":
@@ -658,8 +675,9 @@ async def fig_latency(rig: Rig) -> dict[str, Any]:
                     else:
                         errors[lane.key][kind].append(str(payload)[:200])
             if kind == "status":
-                work = {lane.key: cpu_per_call(cpu[lane.key], rig.path_cpu(lane, sessions[lane.key]), n)
-                        for lane in lanes}
+                wall = time.perf_counter() - t_cpu
+                work = {lane.key: cpu_per_call(cpu[lane.key], rig.path_cpu(lane, sessions[lane.key]), n, wall,
+                                               rest[lane.key]) for lane in lanes}
         return {"samples": samples, "errors": errors, "cpu": work}
     finally:
         await close_all(list(sessions.values()))
@@ -1056,9 +1074,13 @@ def cpu_table(cpu: dict[str, Any], lanes: list[Lane]) -> list[str]:
     lines = ["CPU per `mempalace_status` call, over the same calls (`benchmarks/proc_cpu.py`: the scheduler's run "
              "time of every thread, not wall time; the client's own CPU is not counted). Hops are the processes "
              "between the client and the engine; (d)'s hub routes inside its engine's process, so only its proxy "
-             "is a hop.", "",
-             "| path | calls | hops µs per call | by process, µs | engine µs per call | hops − (e) µs |",
-             "| --- | ---: | ---: | --- | ---: | ---: |"]
+             "is a hop. What the hops spend at rest (no call on any path, measured just before; the broker's "
+             "ownership watch and heartbeat, sshd's and the daemon's keepalives) is taken out of the calls' "
+             "figures. On a VM a thread woken from idle is charged for its wake-up too, the more the longer it slept, "
+             "so each figure includes its processes' wake-ups.", "",
+             "| path | calls | hops µs per call | by process, µs | engine µs per call | hops − (e) µs "
+             "| hops at rest, ms CPU per s |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
     coarse = False
     for lane in lanes:
         w = cpu.get(lane.key)
@@ -1068,7 +1090,7 @@ def cpu_table(cpu: dict[str, Any], lanes: list[Lane]) -> list[str]:
         split = ", ".join(f"{name} {v * 1e6:.0f}" for name, v in sorted(w["roles"].items())) or "–"
         vs = f"{(w['hops'] - floor) * 1e6:+.0f}" if floor is not None and lane.key not in ("floor", "direct") else "–"
         lines.append(f"| {lane.label} | {w['calls']} | {w['hops'] * 1e6:.0f} | {split} | {w['engine'] * 1e6:.0f} "
-                     f"| {vs} |")
+                     f"| {vs} | {w['rest'] * 1e3:.1f} |")
     lines.append("")
     if coarse:
         lines += ["- Some figures are psutil's user + system time, in ticks of 10 ms: coarse over this few calls.", ""]
@@ -1409,9 +1431,9 @@ def report(r: dict[str, Any], rig: Rig, plots: list[Path], plot_note: str, out: 
         cpu = lat.get("cpu") or {}
         if "broker" in cpu and "floor" in cpu:
             cb, cf = cpu["broker"], cpu["floor"]
-            lines[-1] += (f" In CPU rather than wall time (the table under figure 1): the shim and the broker spend "
-                          f"{cb['hops'] * 1e6:.0f} µs per call, the two byte relays {cf['hops'] * 1e6:.0f} µs; the rest "
-                          "of a hop's cost is waiting for the scheduler to wake the next process.")
+            lines[-1] += (f" In CPU rather than wall time (the table under figure 1, net of what they spend at rest): "
+                          f"the shim and the broker spend {cb['hops'] * 1e6:.0f} µs per call, the two byte relays "
+                          f"{cf['hops'] * 1e6:.0f} µs.")
         lines.append("")
     # plots and notes
     lines += ["## Plots", ""]
@@ -1472,7 +1494,8 @@ def show(key: str, data: Any) -> None:
         for path, w in data["cpu"].items():
             log(f"  {LABELS[path]:<24} CPU per status call: hops {w['hops'] * 1e6:.0f} µs ("
                 + ", ".join(f"{name} {v * 1e6:.0f}" for name, v in sorted(w["roles"].items()))
-                + f"), engine {w['engine'] * 1e6:.0f} µs" + (" (coarse)" if w["coarse"] else ""))
+                + f"), engine {w['engine'] * 1e6:.0f} µs; hops at rest {w['rest'] * 1e3:.1f} ms/s"
+                + (" (coarse)" if w["coarse"] else ""))
     elif key == "cold":
         for path, per in data.items():
             log(f"  {LABELS[path]:<24} " + "  ".join(
@@ -1501,6 +1524,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--status-calls", type=int, help="figure 1: status calls per path (300; smoke 5)")
     p.add_argument("--calls", type=int, help="figure 1: search and add_drawer calls per path (100; smoke 5)")
     p.add_argument("--warmup", type=int, help="figure 1: warm-up calls per type and path (10; smoke 1)")
+    p.add_argument("--rest-s", type=float, help="figure 1: seconds with no call, for the CPU the hops spend at rest "
+                   "(5; smoke 0.5)")
     p.add_argument("--spawns", type=int, help="figure 2: spawns per path and kind (10; smoke 1)")
     p.add_argument("--sessions", help="figure 3: concurrent session counts (1,4,8; smoke 1,2)")
     p.add_argument("--writers", help="figure 4: concurrent writer counts (4,8; smoke 2)")

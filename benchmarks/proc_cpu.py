@@ -6,6 +6,11 @@ it hardly moves. Hardware instruction counters are not exposed on this machine (
 not supported), so the count is the scheduler's: on Linux the nanosecond run time of every thread
 (`se.sum_exec_runtime` in /proc/<pid>/task/<tid>/sched); elsewhere, or where that file is missing, psutil's
 user + system time (10 ms ticks on Linux: `coarse` says so).
+
+On a VM the scheduler's clock charges a thread for its own wake-up from idle, and the more the longer it slept
+(here: ~0.9 ms per wake after `time.sleep(0.2)`, ~0.06 ms after `time.sleep(0.002)`), so a process woken once
+per call is charged for that too, and one that wakes on a timer spends CPU at rest: measure that rest and take
+it out (bench_all does).
 """
 
 from __future__ import annotations
