@@ -4,7 +4,7 @@ Why: on a 2-vCPU VM the per-call latency a hop adds is mostly wake-ups, and a p5
 millisecond between runs; the CPU the hop's processes spend per call is what the bridge's own code costs, and
 it hardly moves. Hardware instruction counters are not exposed on this machine (`perf stat -e instructions`:
 not supported), so the count is the scheduler's: on Linux the nanosecond run time of every thread
-(`se.sum_exec_runtime` in /proc/<pid>/task/<tid>/sched); elsewhere, or where that file is missing, psutil's
+(`tests.platforms.thread_run_seconds`); elsewhere, or where that file is missing, psutil's
 user + system time (10 ms ticks on Linux: `coarse` says so).
 
 On a VM the scheduler's clock charges a thread for its own wake-up from idle, and the more the longer it slept
@@ -16,28 +16,8 @@ it out (bench_all does).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-
-def _sched_seconds(pid: int) -> float | None:
-    """Run time of every live thread of `pid`, from the scheduler's own accounting; None if unreadable."""
-    total = 0.0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    for tid in tids:
-        try:
-            text = Path(f"/proc/{pid}/task/{tid}/sched").read_text()
-        except OSError:
-            continue  # a thread that ended meanwhile
-        for line in text.splitlines():
-            if line.startswith("se.sum_exec_runtime"):
-                total += float(line.split(":", 1)[1]) / 1000  # milliseconds
-                break
-        else:
-            return None
-    return total
+from tests.platforms import thread_run_seconds  # reads /proc: only tests/platforms.py does (tests/test_portable.py)
 
 
 def cpu_seconds(pids: list[int]) -> tuple[dict[int, float], bool]:
@@ -47,7 +27,7 @@ def cpu_seconds(pids: list[int]) -> tuple[dict[int, float], bool]:
     out: dict[int, float] = {}
     coarse = False
     for pid in pids:
-        fine = _sched_seconds(pid)
+        fine = thread_run_seconds(pid)
         if fine is not None:
             out[pid] = fine
             continue

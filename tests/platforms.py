@@ -49,6 +49,32 @@ def pid_namespace_link() -> str:
     return os.readlink("/proc/self/ns/pid")
 
 
+def thread_run_seconds(pid: int) -> float | None:
+    """CPU seconds of every live thread of `pid` by the scheduler's own nanosecond clock (Linux:
+    `se.sum_exec_runtime` in /proc/<pid>/task/<tid>/sched), or None where that is not readable (another OS, a
+    kernel without it, a process gone): the caller falls back to psutil's coarser user + system time."""
+    if not LINUX:
+        return None
+    total = 0.0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/sched", encoding="ascii", errors="replace") as fh:
+                text = fh.read()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        for line in text.splitlines():
+            if line.startswith("se.sum_exec_runtime"):
+                total += float(line.split(":", 1)[1]) / 1000  # milliseconds
+                break
+        else:
+            return None
+    return total
+
+
 def cpu_model() -> str:
     """The CPU's model name for a benchmark's report (Linux /proc/cpuinfo, macOS sysctl), or the machine type."""
     if LINUX:
@@ -90,5 +116,7 @@ def container_argv(argv: list[str], runtime_dir: str, container_dir: str) -> lis
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("unshare -m needs root and util-linux here")
     os.makedirs(container_dir, mode=0o700, exist_ok=True)
-    mounts = f"mkdir -p '{runtime_dir}' && mount --bind '{container_dir}' '{runtime_dir}'"
+    # The mount point is created on this machine's file system, where the broker's own stand-in directory lives:
+    # owner-only, as the broker would make it (tests/test_reliability_security.py checks it).
+    mounts = f"mkdir -p -m 700 '{runtime_dir}' && mount --bind '{container_dir}' '{runtime_dir}'"
     return ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$0" "$@"', *argv]
