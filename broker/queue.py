@@ -57,18 +57,18 @@ class FairQueue(Generic[J]):
             q.remove(job)
         except ValueError:
             return False
-        if not q:
+        if not q:  # its turn goes; if it had the last turn it keeps that (a new request waits behind newcomers)
             self._drop_turn(job.owner)
         return True
 
     def drop_owner(self, owner: Hashable) -> list[J]:
         q = self._queues.pop(owner, None)
+        if self._has_held and self._held == owner:
+            self._held, self._has_held = None, False
         self._drop_turn(owner)
         return list(q or ())
 
     def _drop_turn(self, owner: Hashable) -> None:
-        if self._has_held and self._held == owner:
-            self._held, self._has_held = None, False
         try:
             self._turns.remove(owner)
         except ValueError:
@@ -76,7 +76,7 @@ class FairQueue(Generic[J]):
         self._settle()
 
     def _settle(self) -> None:
-        """`_ready` is set exactly while some owner has a job waiting."""
+        """Clear `_ready` unless some owner has a job waiting (set by `put`: it is set exactly while one does)."""
         if not self._turns and not (self._has_held and self._queues.get(self._held)):
             self._ready.clear()
 

@@ -83,3 +83,18 @@ def test_bench_all_smoke(home: Path, tmp_path: Path) -> None:
         pytest.skip("no OpenSSH sshd here: the container path is skipped (the harness says so in its report)")
     for title, body in sections.items():
         assert "| (c) container daemon |" in body, f"(c) missing from section {title!r}:\n{body}"
+
+
+def test_balanced_order_gives_every_path_each_neighbour_equally_often() -> None:
+    """Figure 2's spawn order: what ran just before a spawn slows it, so no path may always follow the same one."""
+    from collections import Counter
+
+    from benchmarks.bench_all import balanced_order
+
+    for n in (2, 3, 4, 5):
+        follows: Counter[tuple[int, int]] = Counter()
+        for k in range(n if n % 2 == 0 else 2 * n):
+            row = balanced_order(n, k)
+            assert sorted(row) == list(range(n)), row
+            follows.update(zip(row, row[1:], strict=False))
+        assert len(follows) == n * (n - 1) and len(set(follows.values())) == 1, (n, follows)

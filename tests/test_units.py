@@ -53,6 +53,15 @@ def test_fair_queue_round_robin_and_removal():
         q.put(J("r", 0))
         q.put(J("w", 2))
         assert [(j.owner, j.n) for j in [await q.get() for _ in range(3)]] == [("r", 0), ("w", 1), ("w", 2)]
+        # ... and when its only queued request was cancelled (removed) before it sent the next one.
+        q.put(J("w", 3))
+        q.put(J("w", 4))
+        assert (await q.get()).n == 3  # "running"
+        w4 = next(j for j in q.jobs() if j.n == 4)
+        assert q.remove(w4)
+        q.put(J("w", 5))
+        q.put(J("r", 1))
+        assert [(j.owner, j.n) for j in [await q.get() for _ in range(2)]] == [("r", 1), ("w", 5)]
         # The owner holding the last turn can still be cancelled out entirely.
         q.put(J("h", 0))
         q.put(J("h", 1))
