@@ -20,11 +20,12 @@ palace, so nothing else could write beside it; the hub's registry lives in HOME)
 
 Figures: (1) per-call latency of status, search and add_drawer through one warm session per path, and the CPU the
 processes between client and engine spend per status call (benchmarks/proc_cpu.py); (2) cold start, spawn → first
-status / first search (background processes warm, the paths' order turning each round); (3) RSS and PSS summed over 1, 4, 8 sessions with
-every background process of the path; (4) 4 and 8 concurrent writers × 25 add_drawer: acknowledged, stored (a fresh
-session's drawer count), wall time, ack latency; (5) a reader's status latency while 4 writers are busy; (5b) a
-read sent right behind a pipelined burst of 50 writes, against one write's time; (6) another
-session's status latency while one session's `mempalace_event_wait` is pending, against idle, as a time series.
+status / first search (background processes warm; the paths in a balanced order, a short pause before each spawn);
+(3) RSS and PSS summed over 1, 4, 8 sessions with every background process of the path; (4) 4 and 8 concurrent
+writers × 25 add_drawer: acknowledged, stored (a fresh session's drawer count), wall time, ack latency; (5) a
+reader's status latency while 4 writers are busy; (5b) a read sent right behind a pipelined burst of 50 writes,
+against one write's time; (6) another session's status latency while one session's `mempalace_event_wait` is
+pending, against idle, as a time series.
 
   .venv/bin/python benchmarks/bench_all.py [--smoke] [--out docs/BENCHMARKS.md] [--plots-dir docs] [sizes…]
   make bench BENCH_ARGS="--calls 100 --spawns 4"
